@@ -41,18 +41,25 @@ def _flag_name(field_name: str) -> str:
     return "--" + field_name.replace("_", "-")
 
 
-def add_config_flags(parser: argparse.ArgumentParser, cls) -> list[str]:
-    """One flag per config field marked ``flag=True``; values stay strings until coerced."""
+def add_config_flags(parser: argparse.ArgumentParser, cls, prefix: str = "") -> list[str]:
+    """One flag per config field marked ``flag=True``; values stay strings until coerced.
+
+    Fields of a nested settings group (e.g. ``dist.num_workers``) get a flag named by the
+    field alone (``--num-workers``), so common settings read naturally on the command line.
+    """
     names = []
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        if not f.metadata.get("flag", True) or dataclasses.is_dataclass(hints[f.name]):
+        if not f.metadata.get("flag", True):
+            continue
+        if dataclasses.is_dataclass(hints[f.name]):
+            names += add_config_flags(parser, hints[f.name], prefix=f"{prefix}{f.name}.")
             continue
         tp, _ = _unwrap_optional(hints[f.name])
         default = "required" if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING \
             else f"default: {f.default if f.default is not dataclasses.MISSING else f.default_factory()}"
         help_text = f"{f.metadata.get('help', '')} ({default})"
-        kwargs = dict(dest=f.name, default=None, help=help_text)
+        kwargs = dict(dest=prefix + f.name, default=None, help=help_text)
         if tp is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         else:
@@ -60,7 +67,7 @@ def add_config_flags(parser: argparse.ArgumentParser, cls) -> list[str]:
             if f.metadata.get("choices"):
                 kwargs["choices"] = f.metadata["choices"]
         parser.add_argument(_flag_name(f.name), **kwargs)
-        names.append(f.name)
+        names.append(prefix + f.name)
     return names
 
 

@@ -175,7 +175,7 @@ def load_config(cls, config_file: str | None = None, flags: dict[str, Any] | Non
         tree.update(loaded)
     for key, value in (flags or {}).items():
         if value is not None:
-            tree[key] = value
+            _set_dotted(tree, key, value)
     for key, value in parse_overrides(overrides or []):
         _set_dotted(tree, key, value)
     cfg = build(cls, tree)

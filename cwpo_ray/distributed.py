@@ -1,0 +1,287 @@
+"""Ray Train plumbing shared by the annotator and policy trainers.
+
+``run_trainer`` launches a TorchTrainer; inside the train loop ``setup_engine`` wraps a
+model + optimizer for DDP or DeepSpeed behind one small interface, so a training loop
+is written once. Checkpoints go through ``ray.train.report`` (Ray's own storage and
+failure handling); metrics go to MLflow from rank 0 only (Ray Train V2 has no MLflow
+callback), reusing the driver's run id so a restarted worker keeps logging to it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from cwpo_ray.config import option
+
+STRATEGIES = ("ddp", "deepspeed")
+
+
+@dataclass
+class DistributedConfig:
+    num_workers: int = option(2, "Ray Train workers (processes)")
+    strategy: str = option("ddp", "ddp or deepspeed", choices=STRATEGIES)
+    zero_stage: int = option(2, "DeepSpeed ZeRO stage 0-3")
+    offload_optimizer: bool = option(False, "DeepSpeed: keep optimizer state on the CPU")
+    use_gpu: bool = option(False, "one GPU per worker; bf16 under DeepSpeed")
+    cpus_per_worker: float = option(1.0, "CPUs reserved per worker")
+    max_failures: int = option(2, "worker failures to recover from (from the last checkpoint)")
+    storage_path: str = option("runs/ray", "where Ray Train keeps checkpoints: a folder or s3:// / gs:// URI")
+
+    def validate(self):
+        if self.num_workers < 1:
+            raise ValueError(f"num_workers must be >= 1, got {self.num_workers}")
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ValueError(f"zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
+
+
+def storage_uri(path: str) -> str:
+    """Local folders made absolute (workers may have another cwd); URIs as given."""
+    return path if "://" in path else str(Path(path).resolve())
+
+
+def run_trainer(loop_fn: Callable[[dict], None], loop_config: dict, dist: DistributedConfig, name: str):
+    """Run ``loop_fn`` on ``dist.num_workers`` Ray Train workers; raise if training failed for good."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from cwpo_ray.ray_env import init_ray
+
+    init_ray()
+    env = {"DS_ACCELERATOR": "cuda" if dist.use_gpu else "cpu", "TOKENIZERS_PARALLELISM": "false",
+           "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    for key in ("MLFLOW_TRACKING_URI", "HF_HUB_OFFLINE", "PYTHONPATH"):
+        if os.environ.get(key):
+            env[key] = os.environ[key]
+    trainer = TorchTrainer(
+        loop_fn,
+        train_loop_config={**loop_config, "dist": asdict(dist)},
+        torch_config=TorchConfig(backend="nccl" if dist.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=dist.num_workers, use_gpu=dist.use_gpu,
+                                     resources_per_worker={"CPU": dist.cpus_per_worker}),
+        run_config=RunConfig(
+            name=name,
+            storage_path=storage_uri(dist.storage_path),
+            failure_config=FailureConfig(max_failures=dist.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            worker_runtime_env={"env_vars": env},
+        ),
+    )
+    result = trainer.fit()
+    if result.error:
+        raise result.error
+    return result
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size) inside a Ray Train worker; (0, 1) outside one."""
+    try:
+        import ray.train
+
+        ctx = ray.train.get_context()
+        return ctx.get_world_rank(), ctx.get_world_size()
+    except Exception:  # noqa: BLE001 — outside Ray Train there is no context
+        return 0, 1
+
+
+def device_for(dist: DistributedConfig) -> torch.device:
+    if dist.use_gpu:
+        import ray.train.torch
+
+        return ray.train.torch.get_device()
+    torch.set_num_threads(max(1, int(dist.cpus_per_worker)))
+    return torch.device("cpu")
+
+
+class DDPEngine:
+    """DistributedDataParallel with gradient accumulation, clipping and a scheduler."""
+
+    def __init__(self, model, optimizer, scheduler, accumulation_steps: int = 1, max_grad_norm: float | None = 1.0):
+        import ray.train.torch
+
+        self.module = model
+        self.wrapped = ray.train.torch.prepare_model(model) if world()[1] > 1 else model
+        self.optimizer, self.scheduler = optimizer, scheduler
+        self.accumulation_steps, self.max_grad_norm = accumulation_steps, max_grad_norm
+        self._micro = 0
+
+    def __call__(self, *args, **kwargs):
+        return self.wrapped(*args, **kwargs)
+
+    def train(self):
+        self.wrapped.train()
+
+    def eval(self):
+        self.wrapped.eval()
+
+    def backward_and_step(self, loss: torch.Tensor) -> bool:
+        """Backward one micro-batch; step the optimizer every ``accumulation_steps``. True when it stepped."""
+        (loss / self.accumulation_steps).backward()
+        self._micro += 1
+        if self._micro % self.accumulation_steps:
+            return False
+        if self.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.max_grad_norm)
+        self.optimizer.step()
+        if self.scheduler is not None:
+            self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return True
+
+    def save_checkpoint(self, directory: str, client_state: dict) -> None:
+        if world()[0] == 0:
+            torch.save({"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
+                        "scheduler": self.scheduler.state_dict() if self.scheduler else None,
+                        "client_state": client_state}, Path(directory) / "state.pt")
+
+    def load_checkpoint(self, directory: str) -> dict:
+        state = torch.load(Path(directory) / "state.pt", map_location="cpu", weights_only=False)
+        self.module.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None and state["scheduler"] is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        return state["client_state"]
+
+    def full_state_dict(self) -> dict | None:
+        return self.module.state_dict() if world()[0] == 0 else None
+
+
+class DeepSpeedEngine:
+    """deepspeed.initialize called by us (not prepare_model), as DeepSpeed under Ray Train needs."""
+
+    TAG = "ckpt"
+
+    def __init__(self, model, optimizer, scheduler, dist: DistributedConfig, micro_batch_size: int,
+                 accumulation_steps: int = 1, max_grad_norm: float | None = 1.0):
+        import deepspeed
+
+        config = deepspeed_config(dist, micro_batch_size, accumulation_steps, max_grad_norm, optimizer)
+        if dist.offload_optimizer:
+            optimizer = None  # DeepSpeed builds its CPU optimizer from the config
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config,
+            model_parameters=[p for p in model.parameters() if p.requires_grad])
+        self.module = self.engine.module
+        self.zero_stage = dist.zero_stage
+
+    def __call__(self, *args, **kwargs):
+        return self.engine(*args, **kwargs)
+
+    def train(self):
+        self.engine.train()
+
+    def eval(self):
+        self.engine.eval()
+
+    def backward_and_step(self, loss: torch.Tensor) -> bool:
+        self.engine.backward(loss)
+        boundary = self.engine.is_gradient_accumulation_boundary()
+        self.engine.step()
+        return boundary
+
+    def save_checkpoint(self, directory: str, client_state: dict) -> None:
+        self.engine.save_checkpoint(directory, tag=self.TAG, client_state=client_state)  # every rank
+
+    def load_checkpoint(self, directory: str) -> dict:
+        _, client_state = self.engine.load_checkpoint(directory, tag=self.TAG)
+        return client_state or {}
+
+    def full_state_dict(self) -> dict | None:
+        """Collective under ZeRO-3 (every rank must call); the full weights on rank 0."""
+        if self.zero_stage == 3:
+            return self.engine._zero3_consolidated_16bit_state_dict()
+        return self.module.state_dict() if world()[0] == 0 else None
+
+
+def deepspeed_config(dist: DistributedConfig, micro_batch_size: int, accumulation_steps: int,
+                     max_grad_norm: float | None, optimizer: torch.optim.Optimizer) -> dict:
+    zero: dict[str, Any] = {"stage": dist.zero_stage}
+    if dist.zero_stage == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    config: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": accumulation_steps,
+        "zero_optimization": zero,
+        "bf16": {"enabled": bool(dist.use_gpu)},  # fp32 on CPU
+        "steps_per_print": 10**9,
+        # Our own torch optimizer is passed in; DeepSpeed only "tests" its own under ZeRO.
+        "zero_allow_untested_optimizer": True,
+        "wall_clock_breakdown": False,
+    }
+    if max_grad_norm:
+        config["gradient_clipping"] = max_grad_norm
+    if dist.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu"}
+        group = optimizer.param_groups[0]
+        config["optimizer"] = {"type": "AdamW", "params": {"lr": group["lr"], "weight_decay": group.get("weight_decay", 0.0),
+                                                           "betas": list(group.get("betas", (0.9, 0.999)))}}
+        config["zero_force_ds_cpu_optimizer"] = False
+    return config
+
+
+def setup_engine(model, optimizer, scheduler, dist: DistributedConfig, micro_batch_size: int,
+                 accumulation_steps: int = 1, max_grad_norm: float | None = 1.0):
+    """The model ready to train under ``dist.strategy``; the same interface either way."""
+    if dist.strategy == "deepspeed":
+        return DeepSpeedEngine(model, optimizer, scheduler, dist, micro_batch_size, accumulation_steps, max_grad_norm)
+    return DDPEngine(model, optimizer, scheduler, accumulation_steps, max_grad_norm)
+
+
+def report(metrics: dict, engine=None, client_state: dict | None = None) -> None:
+    """``ray.train.report`` from every worker (it is a barrier), with a checkpoint when ``engine`` is given."""
+    import ray.train
+
+    if engine is None:
+        ray.train.report(metrics)
+        return
+    directory = tempfile.mkdtemp(prefix="cwpo-ckpt-")
+    try:
+        engine.save_checkpoint(directory, client_state or {})
+        has_files = any(Path(directory).iterdir())
+        checkpoint = ray.train.Checkpoint.from_directory(directory) if has_files else None
+        ray.train.report(metrics, checkpoint=checkpoint)
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def resume(engine) -> dict | None:
+    """The client state of the latest checkpoint, loaded into ``engine``; None on a fresh start."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as directory:
+        return engine.load_checkpoint(directory)
+
+
+class RankZeroLogger:
+    """Logs metrics to an existing MLflow run from rank 0 only; a no-op elsewhere."""
+
+    def __init__(self, tracking_uri: str | None, run_id: str | None):
+        self.active = bool(run_id) and world()[0] == 0
+        if self.active:
+            from mlflow.tracking import MlflowClient
+
+            self.client, self.run_id = MlflowClient(tracking_uri), run_id
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        if not self.active:
+            return
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+
+    def log_artifact(self, path: str, artifact_path: str | None = None) -> None:
+        if self.active:
+            self.client.log_artifact(self.run_id, path, artifact_path)

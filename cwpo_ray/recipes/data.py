@@ -1,0 +1,351 @@
+"""Normalize a preference source into labeled / unlabeled / test pair tables.
+
+SOURCE is KIND:WHERE. KIND is the upstream format: hh-rlhf (Anthropic HH-RLHF transcripts),
+tldr (OpenAI summarize_from_feedback comparisons), ultrafeedback (UltraFeedback-binarized
+message lists) or pairs (our columns: id?, prompt, chosen, rejected -- or id?, prompt,
+response_a, response_b, human_choice?). WHERE is a local .parquet / .jsonl(.gz) file or a
+folder of them, or a hub dataset id (read with `datasets`, streaming).
+
+In a local folder, files whose path contains "test" (for tldr also "valid") are the test split,
+the rest is train. On the hub: Anthropic/hh-rlhf train/test, openai/summarize_from_feedback
+(config comparisons) train/validation, HuggingFaceH4/ultrafeedback_binarized train_prefs/test_prefs.
+
+Each train pair goes to labeled or unlabeled by a seeded hash of its id (about
+labeled_fraction labeled); unlabeled pairs show the two responses in a seeded random order,
+the human's choice kept aside in human_choice. Bad rows and duplicates (same prompt and same
+two responses; the test split is read first, so a test pair is never also a train pair) go to
+quarantine.parquet with a reason. Writes OUT/labeled.parquet, OUT/unlabeled.parquet,
+OUT/test.parquet (when there is a test split), OUT/quarantine.parquet and OUT/manifest.json,
+each atomically; a rerun replaces them. Memory stays flat however large the source.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Optional
+
+from cwpo_ray.config import ConfigError, option, to_dict
+from cwpo_ray.sources import (NORMALIZERS, Pair, Unjudged, a_is_chosen, id_key, pair_id, quarantine_id,
+                              raw_json, split_of)
+from cwpo_ray.tables import (LABELED_SCHEMA, QUARANTINE_SCHEMA, TABLE_SUFFIXES, UNLABELED_SCHEMA, ParquetSink,
+                             atomic_path, table_files)
+
+EPILOG = """examples:
+  cwpo data --source hh-rlhf:Anthropic/hh-rlhf --out runs/data/hh
+  cwpo data --source pairs:my_pairs.parquet --out runs/data/mine --labeled-fraction 0.2 --seed 1
+  cwpo data --source tldr:downloads/comparisons/ --out runs/data/tldr max_rows=20000
+"""
+
+KINDS = tuple(NORMALIZERS)
+# kind -> (train split, test split, config name) when WHERE is a hub id.
+HUB_DEFAULTS = {
+    "hh-rlhf": ("train", "test", None),
+    "tldr": ("train", "validation", "comparisons"),
+    "ultrafeedback": ("train_prefs", "test_prefs", None),
+    "pairs": ("train", "test", None),
+}
+TABLES = ("labeled", "unlabeled", "test", "quarantine")
+
+
+def parse_source(source: str) -> tuple[str, str]:
+    """``"KIND:WHERE"`` -> (kind, where); ValueError with one line on a mistake."""
+    kind, sep, where = source.partition(":")
+    kind = kind.strip().lower()
+    if not sep or kind not in KINDS:
+        raise ValueError(f"source: expected KIND:PATH_OR_HUB_ID with KIND one of {', '.join(KINDS)}, got {source!r}")
+    where = where.strip()
+    if not where:
+        raise ValueError(f"source: nothing after {kind + ':'!r} (give a local file/folder or a hub dataset id)")
+    return kind, where
+
+
+def locate(where: str) -> tuple[str, str]:
+    """("local", path) when WHERE exists here, ("hub", id) when it reads as a hub id;
+    ValueError when it reads as a local path that does not exist."""
+    path = os.path.expanduser(where)
+    if os.path.exists(path):
+        return "local", path
+    looks_local = (where.startswith(("/", ".", "~", "\\")) or where.lower().endswith(TABLE_SUFFIXES)
+                   or where.count("/") > 1 or "\\" in where)
+    if looks_local:
+        raise ValueError(f"source: file not found: {where}")
+    return "hub", where
+
+
+@dataclass
+class Config:
+    source: str = option(help="KIND:WHERE; KIND one of hh-rlhf, tldr, ultrafeedback, pairs; WHERE a local "
+                              "file/folder in that format or a hub dataset id")
+    out: str = option(help="output folder for labeled/unlabeled/test/quarantine.parquet and manifest.json")
+    labeled_fraction: float = option(0.3, "fraction of train pairs that keep their human label, in (0, 1)")
+    seed: int = option(0, "seed of the labeled/unlabeled split and of the response order of unlabeled pairs")
+    max_rows: Optional[int] = option(None, "read at most this many rows of each split (train, test)")
+    train_split: str = option("", "hub split read as train (empty: the source's usual name)")
+    test_split: str = option("", "hub split read as test ('none': no test table; empty: the source's usual name)")
+    hub_config: str = option("", "hub dataset config name (empty: 'comparisons' for tldr, none otherwise)")
+    tldr_articles: bool = option(False, "keep TL;DR news-article (CNN/DM) rows instead of quarantining them")
+    batch_size: int = option(4096, "rows per read and write batch (bounds memory)")
+    progress: bool = option(True, "progress bar on stderr (shown only when stderr is a terminal)")
+
+    def validate(self) -> None:
+        kind, where = parse_source(self.source)
+        if not 0.0 < self.labeled_fraction < 1.0:
+            raise ValueError(f"labeled_fraction must be in (0, 1), got {self.labeled_fraction}")
+        if self.max_rows is not None and self.max_rows < 1:
+            raise ValueError(f"max_rows must be at least 1, got {self.max_rows}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
+        if not self.out.strip():
+            raise ValueError("out: an output folder is required")
+        locate(where)
+
+
+# ----------------------------------------------------------------------------- reading
+
+@dataclass
+class Split:
+    name: str            # "train" or "test"
+    rows: Iterable[dict]  # lazily streamed
+    origin: Any           # files or hub split, for the manifest
+    total: Optional[int]  # row count when cheaply known (Parquet metadata), else None
+
+
+def _is_test_file(rel: str, kind: str) -> bool:
+    rel = rel.lower()
+    return "test" in rel or (kind == "tldr" and "valid" in rel)
+
+
+def _parquet_rows(files: list[Path]) -> Optional[int]:
+    if not all(f.name.endswith(".parquet") for f in files):
+        return None
+    import pyarrow.parquet as pq
+
+    return sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+
+
+def _iter_files(files: list[Path], batch_size: int) -> Iterator[dict]:
+    from cwpo_ray.tables import iter_rows
+
+    for f in files:
+        yield from iter_rows(f, batch_size=batch_size)
+
+
+def local_splits(kind: str, path: str, batch_size: int) -> list[Split]:
+    """A file is all train; in a folder, files whose relative path says test (tldr: or valid) are test."""
+    root = Path(path)
+    try:
+        files = table_files(root)
+    except FileNotFoundError as e:
+        raise ConfigError(f"source: {e}") from None
+    if root.is_file():
+        groups = {"train": files}
+    else:
+        groups = {"test": [], "train": []}
+        for f in files:
+            groups["test" if _is_test_file(f.relative_to(root).as_posix(), kind) else "train"].append(f)
+        if not groups["test"]:
+            del groups["test"]
+    return [Split(name, _iter_files(fs, batch_size), [str(f) for f in fs], _parquet_rows(fs))
+            for name, fs in groups.items()]
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+def hub_splits(kind: str, hub_id: str, cfg: Config) -> list[Split]:
+    """Streaming splits of a hub dataset (test first). Needs network and the ``datasets`` package."""
+    try:
+        import datasets
+    except ImportError:
+        raise ConfigError(f"source: {hub_id!r} is not a local path, and reading a hub dataset needs the "
+                          "'datasets' package") from None
+    train, test, name = HUB_DEFAULTS[kind]
+    name = cfg.hub_config or name
+    train = cfg.train_split or train
+    explicit_test = bool(cfg.test_split)
+    test = None if cfg.test_split.lower() == "none" else (cfg.test_split or test)
+
+    def load(split: str):
+        return datasets.load_dataset(hub_id, name, split=split, streaming=True)
+
+    out = []
+    if test:
+        try:
+            out.append(Split("test", load(test), f"{hub_id}:{test}", None))
+        except Exception as e:  # noqa: BLE001 -- report any loader failure as one line
+            if explicit_test or "split" not in str(e).lower():
+                raise ConfigError(f"source: cannot read hub dataset {hub_id!r} split {test!r} "
+                                  f"(not a local path either): {_first_line(e)}") from None
+            print(f"cwpo data: note: {hub_id} has no split {test!r}; no test table", file=sys.stderr)
+    try:
+        out.append(Split("train", load(train), f"{hub_id}:{train}", None))
+    except Exception as e:  # noqa: BLE001
+        raise ConfigError(f"source: cannot read hub dataset {hub_id!r} split {train!r} "
+                          f"(not a local path either): {_first_line(e)}") from None
+    return out
+
+
+def open_source(cfg: Config) -> tuple[str, list[Split]]:
+    kind, where = parse_source(cfg.source)
+    try:
+        place, target = locate(where)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    splits = local_splits(kind, target, cfg.batch_size) if place == "local" else hub_splits(kind, target, cfg)
+    order = {"test": 0, "train": 1}  # test first: a pair in both splits stays in test
+    return kind, sorted(splits, key=lambda s: order[s.name])
+
+
+def _limit(rows: Iterable[dict], n: Optional[int]) -> Iterator[dict]:
+    if n is None:
+        yield from rows
+        return
+    for i, row in enumerate(rows):
+        if i >= n:
+            return
+        yield row
+
+
+def _progress(total: Optional[int], enabled: bool):
+    try:
+        from tqdm import tqdm
+    except ImportError:  # tqdm is a dependency, but a missing progress bar must not stop a run
+        return contextlib.nullcontext(None)
+    return tqdm(total=total, unit=" rows", file=sys.stderr, disable=None if enabled else True,
+                desc="cwpo data", mininterval=0.5, dynamic_ncols=True)
+
+
+# ----------------------------------------------------------------------------- the stage
+
+class _Stage:
+    """Routes each normalized row to its table; owns the dedup keys and the counts."""
+
+    def __init__(self, cfg: Config, kind: str, sinks: dict[str, ParquetSink]):
+        self.cfg, self.sinks = cfg, sinks
+        self.normalize = NORMALIZERS[kind]
+        self.kwargs = {"articles": cfg.tldr_articles} if kind == "tldr" else {}
+        self.seen_content: set[int] = set()  # 64-bit keys: the only state that grows with the input
+        self.seen_ids: set[int] = set()      # only for source ids (derived ids are content keys)
+        self.counts: Counter = Counter()
+        self.reasons: Counter = Counter()
+
+    def quarantine(self, row: Any, reason: str, id: Optional[str] = None) -> None:
+        raw = raw_json(row)
+        self.sinks["quarantine"].write({"id": id if id is not None else quarantine_id(row, raw),
+                                        "reason": reason, "raw": raw})
+        self.counts["quarantined"] += 1
+        self.reasons[reason] += 1
+
+    def add(self, row: Any, split: str) -> None:
+        self.counts["read"] += 1
+        self.counts[f"read_{split}"] += 1
+        result = self.normalize(row, **self.kwargs)
+        if isinstance(result, str):
+            self.quarantine(row, result)
+            return
+        r1, r2 = (result.chosen, result.rejected) if isinstance(result, Pair) else (result.response_a, result.response_b)
+        derived = pair_id(result.prompt, r1, r2)
+        key = int(derived, 16)
+        if key in self.seen_content:
+            self.quarantine(row, "duplicate", result.id)
+            return
+        if result.id != derived:  # a source id: two different pairs must not share it
+            ik = id_key(result.id)
+            if ik in self.seen_ids:
+                self.quarantine(row, "duplicate id", result.id)
+                return
+            self.seen_ids.add(ik)
+        self.seen_content.add(key)
+
+        if split == "test":
+            if isinstance(result, Unjudged):
+                self.quarantine(row, "no human choice (test split)", result.id)
+                return
+            self._write("test", result._asdict())
+        elif isinstance(result, Unjudged):
+            self._write("unlabeled", {**result._asdict(), "human_choice": None})
+        elif split_of(result.id, self.cfg.seed, self.cfg.labeled_fraction) == "labeled":
+            self._write("labeled", result._asdict())
+        else:
+            a_first = a_is_chosen(result.id, self.cfg.seed)
+            a, b = (result.chosen, result.rejected) if a_first else (result.rejected, result.chosen)
+            self._write("unlabeled", {"id": result.id, "prompt": result.prompt, "response_a": a, "response_b": b,
+                                      "human_choice": "a" if a_first else "b"})
+
+    def _write(self, table: str, row: dict) -> None:
+        self.sinks[table].write(row)
+        self.counts[table] += 1
+
+
+def _report(stage: _Stage, out: Path, has_test: bool) -> None:
+    c, w = stage.counts, 12
+    kept = c["labeled"] + c["unlabeled"] + c["test"]
+    read_parts = f"train {c['read_train']}" + (f", test {c['read_test']}" if has_test else "")
+    lines = [f"cwpo data: read {c['read']} rows ({read_parts})"]
+    for table in TABLES:
+        if table == "test" and not has_test:
+            continue
+        n = c["quarantined" if table == "quarantine" else table]
+        lines.append(f"  {table:<{w}}{n:>9}  -> {out / (table + '.parquet')}")
+    for reason, n in sorted(stage.reasons.items(), key=lambda kv: (-kv[1], kv[0])):
+        lines.append(f"    {n:>9}  {reason}")
+    lines.append(f"  read {c['read']} = kept {kept} + quarantined {c['quarantined']} "
+                 f"(of which duplicates {stage.reasons['duplicate'] + stage.reasons['duplicate id']})")
+    print("\n".join(lines), flush=True)
+
+
+def run(cfg: Config) -> int:
+    kind, splits = open_source(cfg)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    has_test = any(s.name == "test" for s in splits)
+    schemas = {"labeled": LABELED_SCHEMA, "unlabeled": UNLABELED_SCHEMA, "test": LABELED_SCHEMA,
+               "quarantine": QUARANTINE_SCHEMA}
+    with contextlib.ExitStack() as stack:
+        sinks = {t: stack.enter_context(ParquetSink(out / f"{t}.parquet", schemas[t], buffer_rows=cfg.batch_size))
+                 for t in TABLES if t != "test" or has_test}
+        stage = _Stage(cfg, kind, sinks)
+        known = [s.total for s in splits]
+        total = None if None in known else sum(min(t, cfg.max_rows or t) for t in known)
+        with _progress(total, cfg.progress) as bar:
+            for split in splits:
+                for row in _limit(split.rows, cfg.max_rows):
+                    stage.add(row, split.name)
+                    if bar is not None:
+                        bar.update(1)
+    # All tables are published (each atomically); now drop a stale test table and write the manifest.
+    if not has_test:
+        with contextlib.suppress(FileNotFoundError):
+            (out / "test.parquet").unlink()
+    c = stage.counts
+    kept = c["labeled"] + c["unlabeled"] + c["test"]
+    if c["read"] != kept + c["quarantined"]:  # every row read lands in exactly one table
+        raise RuntimeError(f"internal error: read {c['read']} != kept {kept} + quarantined {c['quarantined']}")
+    manifest = {
+        "stage": "data",
+        "source": cfg.source,
+        "kind": kind,
+        "splits": {s.name: s.origin for s in splits},
+        "config": to_dict(cfg),
+        "counts": {
+            "read": c["read"], "read_train": c["read_train"], "read_test": c["read_test"],
+            "kept": kept, "labeled": c["labeled"], "unlabeled": c["unlabeled"],
+            "test": c["test"] if has_test else None, "quarantined": c["quarantined"],
+            "duplicates": stage.reasons["duplicate"] + stage.reasons["duplicate id"],
+            "quarantine_reasons": dict(sorted(stage.reasons.items())),
+        },
+        "tables": {t: f"{t}.parquet" for t in TABLES if t != "test" or has_test},
+        "columns": {t: schemas[t].names for t in TABLES if t != "test" or has_test},
+    }
+    with atomic_path(out / "manifest.json") as tmp:
+        tmp.write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
+    _report(stage, out, has_test)
+    return 0
