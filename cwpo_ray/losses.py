@@ -109,5 +109,7 @@ def preference_loss(
                 raise ValueError(f"epsilon must be in [0, 0.5), got {epsilon}")
             per_pair = (-(1 - epsilon) * F.logsigmoid(delta) + epsilon * F.logsigmoid(-delta)) / (1 - 2 * epsilon)
 
-    loss = (weights.to(per_pair.dtype) * per_pair).mean()
+    weights = weights.to(per_pair.dtype)
+    # A weight-0 pair contributes exactly 0, even if its loss overflowed (0 * inf is NaN).
+    loss = torch.where(weights > 0, weights * per_pair, torch.zeros_like(per_pair)).mean()
     return loss, per_pair
