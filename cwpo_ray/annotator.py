@@ -66,6 +66,10 @@ class RewardModel(nn.Module):
         super().__init__()
         if pooling not in POOLINGS:
             raise ValueError(f"unknown pooling {pooling!r}; expected one of {', '.join(POOLINGS)}")
+        if getattr(backbone, "pooler", None) is not None:
+            # BERT-style poolers are never read (the head pools last_hidden_state itself); left in
+            # place they get no gradient, which DDP rejects, and their weights would be saved for nothing.
+            backbone.pooler = None
         self.backbone = backbone
         self.pooling = pooling
         self.head = nn.Linear(backbone.config.hidden_size, 1)
@@ -175,16 +179,36 @@ def new_annotator(source: ModelSource, pooling: str | None = None, max_length: i
     return Annotator(RewardModel(backbone, pooling), tokenizer, meta)
 
 
-def save_annotator(annotator: Annotator, folder: str | Path) -> Path:
-    """Backbone and tokenizer via save_pretrained, the head in its own file, metadata as JSON."""
+def save_annotator(annotator: Annotator, folder: str | Path, state_dict: dict | None = None) -> Path:
+    """Backbone and tokenizer via save_pretrained, the head in its own file, metadata as JSON.
+
+    ``state_dict`` (a full ``RewardModel`` state dict, e.g. gathered from a distributed
+    engine) is saved instead of the model's own parameters when given.
+    """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    annotator.model.backbone.save_pretrained(folder)
+    if state_dict is None:
+        state_dict = annotator.model.state_dict()
+    backbone_sd = {k[len("backbone."):]: v for k, v in state_dict.items() if k.startswith("backbone.")}
+    head_sd = {k[len("head."):]: v.detach().cpu() for k, v in state_dict.items() if k.startswith("head.")}
+    if set(head_sd) != {"weight", "bias"}:
+        raise ValueError(f"state dict has no complete reward head (head keys: {sorted(head_sd)})")
+    annotator.model.backbone.save_pretrained(folder, state_dict=backbone_sd)
     annotator.tokenizer.save_pretrained(folder)
     # The head is saved explicitly: reward heads get lost or re-initialized otherwise (DESIGN.md).
-    torch.save({k: v.detach().cpu() for k, v in annotator.model.head.state_dict().items()}, folder / HEAD_FILE)
+    torch.save(head_sd, folder / HEAD_FILE)
     (folder / META_FILE).write_text(json.dumps(asdict(annotator.meta), indent=2))
     return folder
+
+
+def _load_saved_backbone(source: ModelSource):
+    """The saved backbone, without the BERT-style pooler it was saved without (no 'newly initialized' warning)."""
+    from transformers import AutoModel
+
+    try:
+        return AutoModel.from_pretrained(source.path, dtype=torch.float32, add_pooling_layer=False)
+    except TypeError:  # backbones without a pooler do not take the argument
+        return load_backbone(source)
 
 
 def load_annotator(folder: str | Path, device: str = "cpu") -> Annotator:
@@ -195,7 +219,7 @@ def load_annotator(folder: str | Path, device: str = "cpu") -> Annotator:
             raise FileNotFoundError(f"{folder} is not a complete annotator folder: {name} missing")
     meta = AnnotatorMeta(**json.loads((folder / META_FILE).read_text()))
     source = ModelSource(str(folder))
-    model = RewardModel(load_backbone(source), meta.pooling)
+    model = RewardModel(_load_saved_backbone(source), meta.pooling)
     model.head.load_state_dict(torch.load(folder / HEAD_FILE, map_location="cpu"))
     model.to(device).eval()
     return Annotator(model, load_tokenizer(source), meta)

@@ -1,0 +1,123 @@
+"""Annotator quality: accuracy, calibration (ECE, reliability bins) and accuracy by confidence decile.
+
+Pure numpy: no Ray, no I/O. A pair is described by its *margin* ``r(chosen) - r(rejected)``
+against a reference label (human or gold): the annotator is right when the margin is
+positive. Its probability that its own call is right is ``sigma(|margin|) = (1 + C) / 2``,
+with C the paper's confidence, so calibration compares that probability with accuracy.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+
+def _array(x) -> np.ndarray:
+    a = np.asarray(x, dtype=np.float64).reshape(-1)
+    if not np.isfinite(a).all():
+        raise ValueError("values must be finite")
+    return a
+
+
+def sigmoid(x) -> np.ndarray:
+    x = _array(x)
+    return np.exp(-np.logaddexp(0.0, -x))
+
+
+def bt_loss(margins) -> float:
+    """Mean Bradley-Terry loss ``-log sigma(margin)`` (numerically stable)."""
+    m = _array(margins)
+    return float(np.logaddexp(0.0, -m).mean()) if m.size else float("nan")
+
+
+def correctness(margins) -> np.ndarray:
+    """1 where the annotator agrees with the label, 0 where not, 0.5 on an exact tie."""
+    m = _array(margins)
+    return np.where(m > 0, 1.0, np.where(m < 0, 0.0, 0.5))
+
+
+def accuracy(margins) -> float:
+    m = _array(margins)
+    return float(correctness(m).mean()) if m.size else float("nan")
+
+
+def confidence_of(margins) -> np.ndarray:
+    """The paper's C = 2 (sigma(|m|) - 0.5) = tanh(|m| / 2), in [0, 1]."""
+    return np.tanh(np.abs(_array(margins)) / 2)
+
+
+def reliability_bins(margins, n_bins: int = 10) -> list[dict]:
+    """Equal-width bins of the predicted probability ``sigma(|m|)`` over [0.5, 1].
+
+    Each bin: its range, how many pairs fell in it, their mean predicted probability and
+    their accuracy (None for an empty bin).
+    """
+    m = _array(margins)
+    prob = sigmoid(np.abs(m))
+    right = correctness(m)
+    edges = np.linspace(0.5, 1.0, n_bins + 1)
+    which = np.clip(np.searchsorted(edges, prob, side="right") - 1, 0, n_bins - 1)
+    out = []
+    for b in range(n_bins):
+        sel = which == b
+        n = int(sel.sum())
+        out.append({"lo": float(edges[b]), "hi": float(edges[b + 1]), "count": n,
+                    "mean_prob": float(prob[sel].mean()) if n else None,
+                    "accuracy": float(right[sel].mean()) if n else None})
+    return out
+
+
+def ece(margins, n_bins: int = 10) -> float:
+    """Expected calibration error: sum over bins of (share of pairs) x |accuracy - mean probability|."""
+    bins = reliability_bins(margins, n_bins)
+    total = sum(b["count"] for b in bins)
+    if not total:
+        return float("nan")
+    return float(sum(b["count"] / total * abs(b["accuracy"] - b["mean_prob"]) for b in bins if b["count"]))
+
+
+def accuracy_by_decile(confidences: Sequence[float], correct: Sequence[float], n_groups: int = 10) -> list[dict]:
+    """Pairs sorted by confidence and cut into ``n_groups`` near-equal groups, lowest first.
+
+    ``correct`` is 1/0 (or 0.5 for a tie) per pair. Each group: its index (1 = least
+    confident), size, confidence range and mean, and accuracy.
+    """
+    c, r = _array(confidences), _array(correct)
+    if c.shape != r.shape:
+        raise ValueError(f"confidences and correct differ in length: {c.size} vs {r.size}")
+    order = np.argsort(c, kind="stable")
+    out = []
+    for i, idx in enumerate(np.array_split(order, n_groups), 1):
+        if not idx.size:
+            continue
+        out.append({"decile": i, "count": int(idx.size), "conf_min": float(c[idx].min()),
+                    "conf_max": float(c[idx].max()), "mean_confidence": float(c[idx].mean()),
+                    "accuracy": float(r[idx].mean())})
+    return out
+
+
+def top_fraction_accuracy(confidences, correct, fraction: float) -> float:
+    """Accuracy on the ``fraction`` most confident pairs (the paper's top-k% view)."""
+    c, r = _array(confidences), _array(correct)
+    k = max(1, int(round(fraction * c.size))) if c.size else 0
+    if not k:
+        return float("nan")
+    return float(r[np.argsort(-c, kind="stable")[:k]].mean())
+
+
+def summarize(margins, n_bins: int = 10) -> dict:
+    """Every held-out figure of an annotator from its margins against the labels."""
+    m = _array(margins)
+    conf = confidence_of(m)
+    right = correctness(m)
+    return {
+        "n": int(m.size),
+        "bt_loss": bt_loss(m),
+        "accuracy": accuracy(m),
+        "ece": ece(m, n_bins),
+        "mean_confidence": float(conf.mean()) if m.size else float("nan"),
+        "confidence_weighted_accuracy": float((conf * right).sum() / conf.sum()) if conf.sum() > 0 else float("nan"),
+        "top10_accuracy": top_fraction_accuracy(conf, right, 0.1),
+        "top30_accuracy": top_fraction_accuracy(conf, right, 0.3),
+    }

@@ -1,0 +1,246 @@
+"""Issue 3: the weak annotator -- training on Ray Train, labeling with Ray Data, metrics, round trips."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from cwpo_ray import metrics
+from cwpo_ray.annotator import encode, load_annotator, new_annotator, save_annotator
+from cwpo_ray.cli import main
+from cwpo_ray.models import ModelSource
+from cwpo_ray.tables import count_rows, read_table, write_table
+from tiny_models import NEGATIVE, POSITIVE, TOPICS, synthetic_pairs
+
+
+# ----------------------------------------------------------------------------- data
+
+def words(rng, n_pos: int, n_neg: int) -> str:
+    picked = rng.sample(POSITIVE, n_pos) + rng.sample(NEGATIVE, n_neg)
+    rng.shuffle(picked)
+    return " ".join(picked)
+
+
+def close_pairs(n: int, seed: int) -> list[dict]:
+    """Harder labeled pairs: chosen has two positive words of three, rejected one."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        t = rng.choice(TOPICS)
+        rows.append({"id": f"close-{seed}-{i}", "prompt": f"Tell me about {t}.",
+                     "chosen": f"{t} are {words(rng, 2, 1)}.", "rejected": f"{t} are {words(rng, 1, 2)}."})
+    return rows
+
+
+def eval_pairs(n: int, seed: int) -> list[dict]:
+    """Unlabeled pairs with a hidden human choice: clear pairs (human picks the positive reply)
+    and ambiguous ones (both replies alike, the human flips a coin)."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        t = rng.choice(TOPICS)
+        if i % 2:
+            a, b, choice = f"{t} are {words(rng, 2, 1)}.", f"{t} are {words(rng, 2, 1)}.", rng.choice("ab")
+        else:
+            good, bad = f"{t} are {words(rng, 3, 0)}.", f"{t} are {words(rng, 0, 3)}."
+            flip = rng.random() < 0.5
+            a, b, choice = (bad, good, "b") if flip else (good, bad, "a")
+        if a != b:
+            rows.append({"id": f"u-{seed}-{i}", "prompt": f"Tell me about {t}.", "response_a": a, "response_b": b,
+                         "human_choice": choice})
+    return rows
+
+
+@pytest.fixture(scope="module")
+def labeled(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("labeled") / "labeled.parquet"
+    write_table(pa.Table.from_pylist(synthetic_pairs(160, seed=1) + close_pairs(160, seed=2)), path)
+    return path
+
+
+def train_args(data, model, out, tmp, *extra) -> list[str]:
+    return ["train-annotator", "--data", str(data), "--model", str(model), "--out", str(out),
+            "--lr", "2e-3", "--batch-size", "32", "--num-workers", "2", "--storage-path", str(tmp / "ray"),
+            "--heldout-fraction", "0.2", "--no-progress", *extra]
+
+
+@pytest.fixture(scope="module")
+def trained(ray_cluster, mlflow_server, tiny_encoder, labeled, tmp_path_factory):
+    """DDP on 2 CPU workers, with one worker killed after the first epoch's checkpoint."""
+    tmp = tmp_path_factory.mktemp("train-ddp")
+    out = tmp / "annotator"
+    assert main(train_args(labeled, tiny_encoder, out, tmp, "--epochs", "3", "--strategy", "ddp",
+                           "--run-name", "ddp-test", "fail_at_epoch=1")) == 0
+    return out
+
+
+# ----------------------------------------------------------------------------- pure functions
+
+def test_metrics_hand_values():
+    margins = [2.0, 1.0, -1.0, 0.0]
+    assert metrics.accuracy(margins) == pytest.approx((1 + 1 + 0 + 0.5) / 4)
+    assert metrics.bt_loss([0.0]) == pytest.approx(np.log(2))
+    assert metrics.confidence_of([2.0]) == pytest.approx(2 * (1 / (1 + np.exp(-2)) - 0.5))
+    # one pair per bin, each right: ECE is the mean gap between 1 and its predicted probability
+    probs = metrics.sigmoid(np.abs(margins[:2]))
+    assert metrics.ece(margins[:2]) == pytest.approx(float(np.mean(1 - probs)))
+    # calibrated by construction: labels drawn with the model's own probabilities
+    rng = np.random.default_rng(0)
+    m = rng.normal(0, 2, 20000)
+    signs = np.where(rng.random(m.size) < metrics.sigmoid(np.abs(m)), 1, -1)
+    assert metrics.ece(np.abs(m) * signs) < 0.02
+    deciles = metrics.accuracy_by_decile(np.arange(100) / 100, (np.arange(100) >= 50).astype(float))
+    assert [d["count"] for d in deciles] == [10] * 10
+    assert [d["accuracy"] for d in deciles] == [0.0] * 5 + [1.0] * 5
+    assert metrics.top_fraction_accuracy([0.1, 0.9, 0.8], [0, 1, 0], 1 / 3) == 1.0
+
+
+def test_encode_cuts_prompt_from_the_left(tiny_encoder):
+    tok = new_annotator(ModelSource(str(tiny_encoder)), max_length=16).tokenizer
+    prompt = " ".join(["cats"] * 30) + " rivers"
+    ids, cut = encode(tok, [prompt, "hi"], ["bread music", "rain"], max_length=16)
+    assert cut == [True, False]
+    assert len(ids[0]) == 16
+    text = tok.decode(ids[0], skip_special_tokens=True)
+    assert text.endswith("rivers bread music")  # the end of the prompt and the whole response survive
+    long_response, _ = encode(tok, ["p"], [" ".join(["bees"] * 40)], max_length=16)
+    assert len(long_response[0]) == 16
+
+
+# ----------------------------------------------------------------------------- training
+
+def test_ddp_training_learns_resumes_and_logs(trained, mlflow_server):
+    from mlflow.tracking import MlflowClient
+
+    report = json.loads((trained / "eval.json").read_text())
+    assert [h["epoch"] for h in report["history"]] == [1, 2, 3]
+    best = report["best"]
+    assert best["accuracy"] >= 0.9, report["history"]
+    # the written epoch is the one with the lowest held-out BT loss
+    assert best["bt_loss"] == pytest.approx(min(h["heldout_bt_loss"] for h in report["history"]))
+    meta = json.loads((trained / "annotator.json").read_text())
+    assert meta["metrics"]["epoch"] == best["epoch"] and meta["data_fingerprint"]
+
+    client = MlflowClient(mlflow_server)
+    exp = client.get_experiment_by_name("cwpo")
+    run = client.search_runs([exp.experiment_id], "tags.mlflow.runName = 'ddp-test'")[0]
+    data = run.data.metrics
+    for key in ("train_loss", "heldout_accuracy", "heldout_ece", "best_heldout_accuracy"):
+        assert key in data, sorted(data)
+    assert "resumed_after_epoch" in data  # the worker failure was recovered from a checkpoint
+    assert len(client.get_metric_history(run.info.run_id, "heldout_bt_loss")) >= 3
+    top = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"reliability.png", "confidence_hist.png", "annotator"} <= top
+    inside = {Path(a.path).name for a in client.list_artifacts(run.info.run_id, "annotator")}
+    assert {"annotator.json", "reward_head.pt", "eval.json"} <= inside
+
+
+def test_deepspeed_zero2_trains_on_two_workers(ray_cluster, mlflow_server, tiny_decoder, labeled, tmp_path):
+    out = tmp_path / "annotator"
+    assert main(train_args(labeled, tiny_decoder, out, tmp_path, "--epochs", "1", "--strategy", "deepspeed",
+                           "--zero-stage", "2", "--run-name", "ds-test")) == 0
+    ann = load_annotator(out)
+    assert ann.meta.pooling == "last"
+    rewards, _ = ann.score(["Tell me about cats."] * 2, ["cats are great.", "cats are awful."])
+    assert all(np.isfinite(rewards))
+
+
+# ----------------------------------------------------------------------------- round trip
+
+def test_saved_annotator_reloads_with_identical_scores(ray_cluster, tiny_decoder, tmp_path):
+    torch.manual_seed(3)
+    ann = new_annotator(ModelSource(str(tiny_decoder)), max_length=32)
+    with torch.no_grad():
+        ann.model.head.bias.fill_(0.25)  # a head that differs from any fresh init
+    prompts, responses = ["Tell me about rain."] * 3, ["rain is good.", "rain is bad and wet and cold.", "x"]
+    before, _ = ann.score(prompts, responses)
+    save_annotator(ann, tmp_path / "ann")
+    after, _ = load_annotator(tmp_path / "ann").score(prompts, responses)
+    assert after == before
+
+    @ray_cluster.remote(num_cpus=0.5)
+    def remote_scores(folder, p, r):
+        from cwpo_ray.annotator import load_annotator
+
+        return load_annotator(folder).score(p, r)[0]
+
+    assert ray_cluster.get(remote_scores.remote(str(tmp_path / "ann"), prompts, responses)) == before
+
+
+# ----------------------------------------------------------------------------- annotate
+
+def write_jsonl(path: Path, rows: list) -> None:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+
+
+BAD_ROWS = [
+    "this is not json",
+    {"id": "bad-missing", "prompt": "p", "response_a": "a"},
+    {"id": "bad-type", "prompt": "p", "response_a": 7, "response_b": "b"},
+    {"id": "bad-empty", "prompt": "   ", "response_a": "a", "response_b": "b"},
+    {"id": "bad-same", "prompt": "p", "response_a": "same", "response_b": "same"},
+    [1, 2, 3],
+]
+
+
+def test_annotate_cli_counts_quarantine_and_agreement(ray_cluster, trained, tmp_path):
+    rows = eval_pairs(240, seed=5)
+    shards = tmp_path / "unlabeled"
+    shards.mkdir()
+    write_jsonl(shards / "part-0.jsonl", rows[:120] + BAD_ROWS[:3])
+    write_jsonl(shards / "part-1.jsonl", rows[120:] + BAD_ROWS[3:])
+    out = tmp_path / "out"
+    args = ["annotate", "--data", str(shards), "--annotator", str(trained), "--out", str(out), "--num-actors", "2",
+            "--batch-size", "64", "--export-uncertain", "10"]
+    assert main(args) == 0
+
+    annotated, quarantine = read_table(out / "annotated.parquet"), read_table(out / "quarantine.parquet")
+    assert annotated.num_rows == len(rows) and quarantine.num_rows == len(BAD_ROWS)
+    assert annotated.num_rows + quarantine.num_rows == count_rows(shards)
+    ids = annotated["id"].to_pylist() + quarantine["id"].to_pylist()
+    assert len(set(ids)) == len(ids) and set(annotated["id"].to_pylist()) == {r["id"] for r in rows}
+    reasons = set(quarantine["reason"].to_pylist())
+    assert {"invalid JSON", "missing field: response_b", "not a string: response_a (int)", "empty field: prompt",
+            "identical responses", "not a JSON object (list)"} == reasons
+    assert annotated.schema.names == ["id", "prompt", "chosen", "rejected", "reward_chosen", "reward_rejected",
+                                      "confidence", "annotator"]
+    table = annotated.to_pylist()
+    assert all(r["reward_chosen"] >= r["reward_rejected"] and 0 <= r["confidence"] <= 1 for r in table)
+
+    # confidence is higher where the annotator agrees with the human than where it does not
+    human = {r["id"]: r for r in rows}
+    right = np.array([(r["chosen"] == human[r["id"]]["response_a"]) == (human[r["id"]]["human_choice"] == "a")
+                      for r in table])
+    conf = np.array([r["confidence"] for r in table])
+    assert 0 < right.sum() < len(right)
+    assert conf[right].mean() > conf[~right].mean()
+    report = json.loads((out / "report.json").read_text())
+    assert report["annotated"] == len(rows) and report["quarantined"] == len(BAD_ROWS)
+    agreement = report["human_agreement"]
+    assert agreement["accuracy"] == pytest.approx(right.mean())
+    assert agreement["by_confidence_decile"][-1]["accuracy"] >= agreement["by_confidence_decile"][0]["accuracy"]
+
+    uncertain = read_table(out / "uncertain.parquet")
+    assert uncertain.num_rows == 10
+    assert set(uncertain["id"].to_pylist()) == set(np.array([r["id"] for r in table])[np.argsort(conf)[:10]])
+
+    # a rerun into the same OUT (Parquet input this time, no export) replaces everything
+    write_table(pa.Table.from_pylist(rows[:50]), tmp_path / "small.parquet")
+    assert main(["annotate", "--data", str(tmp_path / "small.parquet"), "--annotator", str(trained),
+                 "--out", str(out), "--num-actors", "1"]) == 0
+    assert count_rows(out / "annotated.parquet") == 50 and count_rows(out / "quarantine.parquet") == 0
+    assert not (out / "uncertain.parquet").exists()
+    # the scores of the Ray actors are those of the annotator loaded here (up to float rounding:
+    # the batches, hence the padding, differ)
+    again = {r["id"]: r for r in read_table(out / "annotated.parquet").to_pylist()}
+    local, _ = load_annotator(trained).score([r["prompt"] for r in rows[:50]], [r["response_a"] for r in rows[:50]])
+    for r, score in zip(rows[:50], local):
+        got = again[r["id"]]
+        assert score == pytest.approx(got["reward_chosen"] if got["chosen"] == r["response_a"]
+                                      else got["reward_rejected"], rel=1e-5, abs=1e-5)
