@@ -1,0 +1,187 @@
+"""Seconds per DPO epoch: `cwpo train-policy` (Ray Train, precomputed reference) vs TRL's DPOTrainer.
+
+Same policy, same pairs, same batch size, same sequences (short enough that neither side
+truncates), same optimizer settings (AdamW, lr, cosine schedule, weight decay 0.05, beta 0.5,
+grad clipping 1.0), plain DPO with uniform weights so the losses are comparable. Both run
+in this one process's machine on the CPU, one after the other.
+
+    python bench/train_policy.py [--models tiny,smollm2-135m] [--pairs 64] [--smollm-pairs 16]
+
+TRL is only needed here: install it beside the project without touching torch/transformers,
+e.g. `pip install --no-deps --target /work/bench-trl trl` and run with
+PYTHONPATH=/work/bench-trl. Prints a Markdown table (and JSON with --json FILE).
+
+Timings: "ours epoch" is the PO loop's logged wall time (steps, metric all-reduce, MLflow logging,
+checkpoints) plus the logged time of the one reference pass; "ours wall" is
+the whole `run(cfg)`, Ray start-up and model loading included. "TRL epoch" is
+`trainer.train()`'s train_runtime (it computes the reference forward inside each step);
+"TRL wall" adds trainer construction (tokenization, model copy for the reference).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tests"))
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+TOPICS = ["cats", "rivers", "bread", "music", "trains", "gardens", "the moon", "chess", "rain", "books"]
+GOOD = ["clear", "kind", "useful", "honest", "warm", "careful", "bright", "calm", "friendly", "helpful"]
+BAD = ["rude", "vague", "wrong", "boring", "cold", "sloppy", "dull", "harsh", "useless", "confusing"]
+
+
+def make_pairs(n: int, words: int, seed: int = 0) -> list[dict]:
+    """Pairs whose responses start with a space (TRL joins prompt + response without one)."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        topic = rng.choice(TOPICS)
+        good = " ".join(rng.choice(GOOD) for _ in range(words))
+        bad = " ".join(rng.choice(BAD) for _ in range(words))
+        rows.append({"id": f"b{i}", "prompt": f"Question: what do you think about {topic}? Answer:",
+                     "chosen": f" I find {topic} {good}.", "rejected": f" I find {topic} {bad}."})
+    return rows
+
+
+def model_folder(name: str, work: Path):
+    """(model spec for our recipe, ModelSource for TRL)."""
+    from cwpo_ray.models import resolve_model
+
+    if name == "tiny":
+        from tiny_models import build_tiny_decoder
+
+        folder = build_tiny_decoder(work / "tiny")
+        return str(folder), resolve_model(str(folder))
+    # Dequantize once and save a plain fp32 folder: both trainers then load the very same weights,
+    # and TRL refuses a model that still carries GGUF's quantizer ("purely quantized models").
+    from cwpo_ray.models import load_causal_lm, load_tokenizer
+    from cwpo_ray.recipes.train_policy import plain_weights
+
+    folder = work / name
+    source = resolve_model(name)
+    plain_weights(load_causal_lm(source)).save_pretrained(folder)
+    load_tokenizer(source).save_pretrained(folder)
+    return str(folder), resolve_model(str(folder))
+
+
+def run_ours(spec: str, pairs_path: Path, out: Path, args, batch: int, n_pairs: int) -> dict:
+    from mlflow.tracking import MlflowClient
+
+    from cwpo_ray.config import load_config
+    from cwpo_ray.recipes import train_policy
+    from cwpo_ray.tracking import tracking_uri
+
+    cfg = load_config(train_policy.Config, flags=dict(
+        data=str(pairs_path), model=spec, out=str(out), loss="dpo", weighting="none", sft_epochs=0, epochs=1,
+        lr=args.lr, warmup_steps=0, batch_size=batch, max_length=args.max_length,
+        max_prompt_length=args.max_length // 2, num_workers=1, strategy="ddp", cpus_per_worker=float(os.cpu_count()),
+        checkpoint_every=10**6, max_failures=0, progress=False, experiment="bench-train-policy", ref_batch_size=batch))
+    t0 = time.perf_counter()
+    train_policy.run(cfg)
+    wall = time.perf_counter() - t0
+    run_id = (out / "mlflow_run_id").read_text().strip()
+    client = MlflowClient(tracking_uri())
+    losses = sorted(client.get_metric_history(run_id, "loss"), key=lambda m: m.step)
+    loop_s = client.get_metric_history(run_id, "loop_seconds")[-1].value
+    ref_s = client.get_metric_history(run_id, "reference/seconds")[0].value
+    return {"epoch_s": loop_s + ref_s, "loop_s": loop_s, "ref_s": ref_s, "wall_s": wall,
+            "mean_loss": sum(m.value for m in losses) / len(losses), "final_loss": losses[-1].value,
+            "steps": len(losses), "pairs": n_pairs}
+
+
+def run_trl(source, rows: list[dict], out: Path, args, batch: int, precompute: bool) -> dict:
+    import torch
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    from cwpo_ray.models import load_causal_lm, load_tokenizer
+
+    t0 = time.perf_counter()
+    torch.manual_seed(0)
+    model, tok = load_causal_lm(source), load_tokenizer(source)
+    config = DPOConfig(output_dir=str(out), per_device_train_batch_size=batch, num_train_epochs=1,
+                       learning_rate=args.lr, lr_scheduler_type="cosine", warmup_steps=0, weight_decay=0.05,
+                       beta=0.5, loss_type=["sigmoid"], max_length=args.max_length, max_grad_norm=1.0,
+                       precompute_ref_log_probs=precompute, precompute_ref_batch_size=batch,
+                       logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, bf16=False,
+                       dataloader_drop_last=True, disable_tqdm=True, seed=0)
+    data = Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows])
+    trainer = DPOTrainer(model=model, args=config, train_dataset=data, processing_class=tok)
+    t1 = time.perf_counter()
+    result = trainer.train()
+    wall = time.perf_counter() - t0
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    return {"epoch_s": result.metrics["train_runtime"], "wall_s": wall, "setup_s": t1 - t0,
+            "mean_loss": result.training_loss, "final_loss": losses[-1] if losses else float("nan"),
+            "steps": trainer.state.global_step, "pairs": len(rows)}
+
+
+def bench_model(name: str, n_pairs: int, words: int, args, work: Path) -> list[dict]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = make_pairs(n_pairs, words)
+    pairs_path = work / f"{name}-pairs.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), pairs_path)
+    spec, source = model_folder(name, work)
+    results = []
+    for rep in range(args.repeats):
+        trl_default = run_trl(source, rows, work / f"trl-{name}-{rep}", args, args.batch_size, precompute=False)
+        results.append({"model": name, "who": "TRL DPOTrainer", **trl_default})
+        if args.trl_precompute:
+            trl_pre = run_trl(source, rows, work / f"trlpre-{name}-{rep}", args, args.batch_size, precompute=True)
+            results.append({"model": name, "who": "TRL, precompute_ref_log_probs", **trl_pre})
+        ours = run_ours(spec, pairs_path, work / f"ours-{name}-{rep}", args, args.batch_size, n_pairs)
+        results.append({"model": name, "who": "cwpo train-policy", **ours})
+    return results
+
+
+def table(results: list[dict]) -> str:
+    lines = ["| model | trainer | pairs | steps | s/epoch | wall s | mean loss | final loss |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        lines.append(f"| {r['model']} | {r['who']} | {r['pairs']} | {r['steps']} | {r['epoch_s']:.2f} | "
+                     f"{r['wall_s']:.1f} | {r['mean_loss']:.4f} | {r['final_loss']:.4f} |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", default="tiny,smollm2-135m")
+    p.add_argument("--pairs", type=int, default=64, help="pairs for the tiny model")
+    p.add_argument("--smollm-pairs", type=int, default=16, help="pairs for SmolLM2-135M")
+    p.add_argument("--words", type=int, default=12, help="adjectives per response (sets the sequence length)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--lr", type=float, default=5e-6)
+    p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--trl-precompute", action="store_true", help="also time TRL with precompute_ref_log_probs")
+    p.add_argument("--json", default="")
+    args = p.parse_args()
+    with tempfile.TemporaryDirectory(prefix="bench-policy-") as tmp:
+        work = Path(tmp)
+        os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{work / 'mlflow.db'}")
+        results = []
+        for name in args.models.split(","):
+            n = args.pairs if name == "tiny" else args.smollm_pairs
+            results += bench_model(name, n, args.words, args, work)
+            print(table(results), flush=True)
+    print("\n" + table(results))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

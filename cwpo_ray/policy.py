@@ -1,0 +1,226 @@
+"""Policy-side mechanics of SFT and preference optimization: pure torch, no Ray, no I/O.
+
+A pair is scored as two sequences, ``prompt + chosen`` and ``prompt + rejected``; only the
+response tokens carry loss. Truncation rule (one rule everywhere: SFT, reference pass, PO):
+the prompt is cut from the LEFT to ``max_prompt_length`` tokens (the end of a prompt, next
+to the answer, matters most), then the response (with EOS appended) is cut from the RIGHT
+so that prompt + response fits ``max_length``. At least one response token always stays.
+
+The losses themselves live in ``cwpo_ray.losses``; this module only feeds them.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Lengths:
+    """Token limits of one sequence (prompt + response)."""
+
+    max_prompt_length: int = 256
+    max_length: int = 512
+
+    def __post_init__(self):
+        if not 1 <= self.max_prompt_length < self.max_length:
+            raise ValueError(f"need 1 <= max_prompt_length < max_length, got {self.max_prompt_length}, "
+                             f"{self.max_length}")
+
+
+# ----------------------------------------------------------------------------- tokenizing
+
+def truncate(prompt_ids: list[int], response_ids: list[int], lengths: Lengths) -> tuple[list[int], list[int]]:
+    """Apply the truncation rule to one sequence."""
+    prompt_ids = prompt_ids[-lengths.max_prompt_length:] if prompt_ids else []
+    room = max(lengths.max_length - len(prompt_ids), 1)
+    return prompt_ids, response_ids[:room]
+
+
+def encode_responses(tokenizer, prompts: list[str], responses: list[str], lengths: Lengths,
+                     add_eos: bool = True) -> tuple[list[list[int]], list[int]]:
+    """Token ids of ``prompt + response`` for each row, and each row's prompt length in tokens.
+
+    Prompt and response are tokenized separately (as TRL does) so the boundary is exact;
+    the prompt gets the tokenizer's special tokens (e.g. BOS), the response EOS so the
+    model learns to stop.
+    """
+    prompt_ids = tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
+    response_ids = tokenizer(list(responses), add_special_tokens=False)["input_ids"]
+    eos = [tokenizer.eos_token_id] if add_eos and tokenizer.eos_token_id is not None else []
+    ids, prompt_lens = [], []
+    for p, r in zip(prompt_ids, response_ids):
+        p, r = truncate(list(p), list(r) + eos, lengths)
+        if not r:
+            raise ValueError("a response has no tokens (empty text and no EOS token)")
+        ids.append(p + r)
+        prompt_lens.append(len(p))
+    return ids, prompt_lens
+
+
+def collate(ids: list[list[int]], prompt_lens: list[int], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded ``input_ids``, ``attention_mask`` and ``response_mask`` (1 on response tokens)."""
+    width = max(len(x) for x in ids)
+    input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(ids), width), dtype=torch.long)
+    response = torch.zeros((len(ids), width), dtype=torch.bool)
+    for i, (x, p) in enumerate(zip(ids, prompt_lens)):
+        input_ids[i, :len(x)] = torch.tensor(x, dtype=torch.long)
+        attention[i, :len(x)] = 1
+        response[i, p:len(x)] = True
+    return {"input_ids": input_ids, "attention_mask": attention, "response_mask": response}
+
+
+def pair_batch(tokenizer, prompts, chosen, rejected, lengths: Lengths) -> dict[str, torch.Tensor]:
+    """Chosen rows then rejected rows in ONE padded batch, so a pair costs one forward pass."""
+    c_ids, c_plen = encode_responses(tokenizer, prompts, chosen, lengths)
+    r_ids, r_plen = encode_responses(tokenizer, prompts, rejected, lengths)
+    return collate(c_ids + r_ids, c_plen + r_plen, tokenizer.pad_token_id)
+
+
+def sft_batch(tokenizer, prompts, responses, lengths: Lengths) -> dict[str, torch.Tensor]:
+    ids, plen = encode_responses(tokenizer, prompts, responses, lengths)
+    return collate(ids, plen, tokenizer.pad_token_id)
+
+
+# ----------------------------------------------------------------------------- log-probs
+
+def _innermost(model):
+    """The Hugging Face model under DDP / DeepSpeed / PEFT wrappers (for signature checks only)."""
+    seen = 0
+    while seen < 8:
+        seen += 1
+        if hasattr(model, "get_base_model"):
+            model = model.get_base_model()
+        elif hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
+            model = model.module
+        else:
+            return model
+    return model
+
+
+def _accepts(model, name: str) -> bool:
+    return name in inspect.signature(_innermost(model).forward).parameters
+
+
+def sequence_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum of log p(token) over each row's response tokens, and the number of those tokens.
+
+    ``model`` is a causal LM or anything that forwards like one (a DDP / DeepSpeed engine).
+
+    Logits are only computed from the first position that predicts a response token on
+    (``logits_to_keep``): prompt positions never need the LM head, which on a 49k-token
+    vocabulary is a large share of the compute. ``logsumexp`` instead of a full
+    log-softmax keeps one float per position instead of a vocabulary-wide tensor.
+    """
+    input_ids, mask = batch["input_ids"], batch["response_mask"]
+    device = next(_innermost(model).parameters()).device
+    input_ids, mask, attention = input_ids.to(device), mask.to(device), batch["attention_mask"].to(device)
+    labels, label_mask = input_ids[:, 1:], mask[:, 1:]  # position t predicts token t+1
+    start = int(label_mask.float().argmax(dim=1).min())  # earliest label position in the batch
+    keep = input_ids.shape[1] - start
+    kwargs = {"logits_to_keep": keep} if _accepts(model, "logits_to_keep") else {}
+    logits = model(input_ids=input_ids, attention_mask=attention, use_cache=False, **kwargs).logits
+    if not kwargs:
+        logits = logits[:, start:]
+    logits = logits[:, :-1].float()  # the last position predicts past the end
+    labels, label_mask = labels[:, start:], label_mask[:, start:]
+    token_logps = torch.gather(logits, 2, labels.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    token_logps = torch.where(label_mask, token_logps, torch.zeros_like(token_logps))
+    return token_logps.sum(-1), label_mask.sum(-1)
+
+
+# ----------------------------------------------------------------------------- losses
+
+def sft_loss(model, batch) -> tuple[torch.Tensor, int]:
+    """Token-mean negative log-likelihood of the response tokens, and the token count."""
+    logps, counts = sequence_logps(model, batch)
+    n = int(counts.sum())
+    return -logps.sum() / max(n, 1), n
+
+
+def po_loss(model, batch, ref_chosen, ref_rejected, weights, *, loss_type: str, beta: float,
+            epsilon: float = 0.1) -> tuple[torch.Tensor, dict[str, float]]:
+    """Weighted PO loss of one pair batch (from ``pair_batch``) and TRL-named metrics.
+
+    ``ref_*`` are the precomputed reference log-probs, ``weights`` the per-pair weights
+    (confidence, or ones): the loss is ``mean(weights * per_pair)`` as in the paper.
+    """
+    from cwpo_ray.losses import implicit_rewards, preference_loss
+
+    logps, counts = sequence_logps(model, batch)
+    n = logps.shape[0] // 2
+    device, dtype = logps.device, logps.dtype
+    ref_chosen, ref_rejected, weights = (torch.as_tensor(t, dtype=dtype, device=device)
+                                         for t in (ref_chosen, ref_rejected, weights))
+    loss, per_pair = preference_loss(
+        logps[:n], logps[n:], ref_chosen, ref_rejected, loss_type=loss_type, beta=beta, weights=weights,
+        epsilon=epsilon, chosen_lengths=counts[:n].to(dtype), rejected_lengths=counts[n:].to(dtype))
+    r_chosen = implicit_rewards(logps[:n], ref_chosen, beta)
+    r_rejected = implicit_rewards(logps[n:], ref_rejected, beta)
+    metrics = {
+        "loss": float(loss.detach()),
+        "loss_unweighted": float(per_pair.detach().mean()),
+        "rewards/chosen": float(r_chosen.mean()),
+        "rewards/rejected": float(r_rejected.mean()),
+        "rewards/margins": float((r_chosen - r_rejected).mean()),
+        "rewards/accuracies": float((r_chosen > r_rejected).float().mean()),
+        "confidence/mean": float(weights.mean()),
+        "tokens": float(counts.sum()),
+    }
+    return loss, metrics
+
+
+@torch.no_grad()
+def reference_logps(model, tokenizer, prompts, chosen, rejected, lengths: Lengths) -> dict[str, list]:
+    """Reference log-probs of a pair batch, computed once without gradients."""
+    batch = pair_batch(tokenizer, prompts, chosen, rejected, lengths)
+    logps, counts = sequence_logps(model, batch)
+    n = len(prompts)
+    return {"ref_chosen_logps": logps[:n].tolist(), "ref_rejected_logps": logps[n:].tolist(),
+            "chosen_tokens": counts[:n].tolist(), "rejected_tokens": counts[n:].tolist()}
+
+
+# ----------------------------------------------------------------------------- weights
+
+WEIGHTINGS = ("none", "confidence", "topk:F")
+
+
+def parse_weighting(spec: str) -> tuple[str, float | None]:
+    """``none`` | ``confidence`` | ``topk:F`` with F in (0, 1] -> (kind, fraction)."""
+    spec = spec.strip().lower()
+    if spec in ("none", "confidence"):
+        return spec, None
+    if spec.startswith("topk:"):
+        try:
+            fraction = float(spec[5:])
+        except ValueError:
+            fraction = -1.0
+        if 0 < fraction <= 1:
+            return "topk", fraction
+    raise ValueError(f"weighting must be none, confidence or topk:F with F in (0, 1], got {spec!r}")
+
+
+def pair_weights(confidence: list[float] | None, spec: str, n: int) -> tuple[list[int], list[float]]:
+    """Which rows to keep and their weights.
+
+    ``confidence`` is None for human-labeled tables (weights 1 whatever the spec says,
+    except topk, which needs confidences). topk keeps the ceil(F * n) most confident
+    pairs (ties broken by row order) with uniform weights.
+    """
+    kind, fraction = parse_weighting(spec)
+    if confidence is None:
+        if kind == "topk":
+            raise ValueError("weighting topk:F needs an annotated table (a confidence column)")
+        return list(range(n)), [1.0] * n  # human labels
+    if len(confidence) != n:
+        raise ValueError(f"{len(confidence)} confidences for {n} rows")
+    if kind == "none":
+        return list(range(n)), [1.0] * n
+    if kind == "confidence":
+        return list(range(n)), [float(c) for c in confidence]
+    k = max(1, -(-int(round(fraction * n * 1e6)) // 1_000_000))  # ceil, robust to 0.3 * 10 = 3.0000000004
+    order = sorted(range(n), key=lambda i: (-confidence[i], i))[:k]
+    return sorted(order), [1.0] * k

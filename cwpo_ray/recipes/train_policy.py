@@ -1,0 +1,457 @@
+"""Train the strong policy: optional SFT, then confidence-weighted DPO / IPO / rDPO (Ray Train).
+
+PAIRS (--data) is an annotated table (id, prompt, chosen, rejected, reward_chosen,
+reward_rejected, confidence, annotator) or a labeled table (id, prompt, chosen, rejected:
+human labels, weight 1). Pair weights (--weighting): `confidence` = the annotator's
+confidence C (the paper's CW-PO; 1 for a labeled table), `none` = uniform weights,
+`topk:F` = keep only the fraction F most confident pairs, uniform weights. The loss is
+mean(weight * per-pair loss) over the batch, as in the paper.
+
+Steps, all under --out DIR:
+  1. DIR/train_pairs.parquet: the kept pairs and their `weight`.
+  2. SFT on (prompt, chosen) for --sft-epochs epochs (0 skips it) -> DIR/sft.
+  3. PO from the same start (DIR/sft, else --model), which is also the reference: before
+     the first step the training workers score every pair once without gradients
+     (DIR/reference.parquet), so PO never holds a second model in memory.
+     -> DIR/policy (merged LoRA if --lora), loadable with AutoModelForCausalLM as is.
+
+Truncation rule: the prompt is cut from the LEFT to --max-prompt-length tokens, then the
+response (EOS appended) is cut from the RIGHT so prompt + response fits --max-length; at
+least one response token is kept. The loss covers response tokens only.
+
+Batches: each step takes --batch-size pairs per worker (the global batch is the same data
+whatever the worker count); an epoch drops the last incomplete global batch. Checkpoints
+every --checkpoint-every steps; a failed worker is restarted (--max-failures) and training
+resumes from the last checkpoint at its step, with the optimizer and schedule state.
+Rerunning the same command into the same DIR continues where it stopped (--no-resume
+starts over). DIR must be on storage every worker can read and write. Metrics go to MLflow
+(MLFLOW_TRACKING_URI, else ./mlflow/store) with TRL's names.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional
+
+from cwpo_ray.config import option
+from cwpo_ray.losses import LOSS_TYPES
+
+EPILOG = """examples:
+  cwpo train-policy --data runs/annotated.parquet --model smollm2-135m --out runs/cw-dpo
+  cwpo train-policy --data runs/data/unlabeled_human.parquet --model smollm2-135m --out runs/human-ipo \\
+      --loss ipo --weighting none --num-workers 4 --strategy deepspeed --zero-stage 3
+  cwpo train-policy --data runs/annotated.parquet --model my/folder --out runs/top30 --weighting topk:0.3 --lora
+"""
+
+
+@dataclass
+class Config:
+    data: str = option(help="annotated or labeled pair table (.parquet/.jsonl file or folder)", must_exist=True)
+    model: str = option(help="policy start: a local folder, a hub id, a .gguf file, or smollm2-135m")
+    out: str = option(help="output folder (sft/, policy/, train_pairs.parquet, reference.parquet, manifest.json)")
+    gguf_file: Optional[str] = option(None, "GGUF file inside --model's folder")
+    loss: str = option("dpo", "per-pair loss", choices=LOSS_TYPES)
+    weighting: str = option("confidence", "pair weights: none, confidence or topk:F")
+    beta: float = option(0.5, "PO temperature beta")
+    epsilon: float = option(0.1, "rDPO label-noise rate")
+    epochs: int = option(1, "PO epochs")
+    lr: float = option(5e-6, "PO peak learning rate (cosine schedule after warm-up)")
+    warmup_steps: int = option(100, "linear warm-up steps (capped at 10%% of the steps when there are fewer)")
+    weight_decay: float = option(0.05, "AdamW weight decay (PO and SFT)")
+    batch_size: int = option(8, "pairs per worker per step")
+    max_length: int = option(512, "max tokens of prompt + response")
+    max_prompt_length: int = option(256, "max prompt tokens (cut from the left)")
+    max_steps: Optional[int] = option(None, "stop each stage after this many steps (smoke tests, benchmarks)")
+    sft_epochs: int = option(3, "SFT epochs on (prompt, chosen) before PO; 0 skips SFT")
+    sft_lr: float = option(1e-5, "SFT peak learning rate")
+    lora: bool = option(False, "train LoRA adapters (merged into the saved model)")
+    lora_r: int = option(8, "LoRA rank")
+    lora_alpha: int = option(16, "LoRA alpha")
+    lora_dropout: float = option(0.05, "LoRA dropout")
+    lora_targets: str = option("", "comma-separated module names for LoRA (empty: peft's default for the model)")
+    num_workers: int = option(2, "Ray Train workers")
+    strategy: str = option("deepspeed", "deepspeed or ddp", choices=("deepspeed", "ddp"))
+    zero_stage: int = option(2, "DeepSpeed ZeRO stage 0-3")
+    offload_optimizer: bool = option(False, "DeepSpeed: optimizer state on the CPU")
+    use_gpu: bool = option(False, "one GPU per worker (bf16 under DeepSpeed); else fp32 on CPU")
+    cpus_per_worker: float = option(1.0, "CPUs per training worker")
+    max_failures: int = option(2, "worker failures to recover from")
+    checkpoint_every: int = option(50, "checkpoint every N optimizer steps (and at the end)")
+    resume: bool = option(True, "continue from DIR's last checkpoints; --no-resume starts over")
+    ref_batch_size: int = option(16, "pairs per worker per batch in the reference log-prob pass")
+    seed: int = option(0, "seed of initialization, data order and LoRA")
+    experiment: str = option("cwpo", "MLflow experiment")
+    run_name: str = option("", "MLflow run name (default: train-policy-LOSS-WEIGHTING)")
+    parent_run_id: str = option("", "MLflow parent run id (the pipeline's)")
+    progress: bool = option(True, "tqdm progress bar on rank 0")
+    fail_at_step: int = option(-1, "testing: the last worker fails once at this PO step", flag=False)
+
+    def validate(self) -> None:
+        from cwpo_ray.policy import Lengths, parse_weighting
+
+        parse_weighting(self.weighting)
+        Lengths(self.max_prompt_length, self.max_length)
+        for name in ("epochs", "batch_size", "num_workers", "checkpoint_every", "ref_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.sft_epochs < 0 or self.warmup_steps < 0:
+            raise ValueError("sft_epochs and warmup_steps must be >= 0")
+        if not self.beta > 0 or not 0 <= self.epsilon < 0.5:
+            raise ValueError(f"need beta > 0 and 0 <= epsilon < 0.5, got {self.beta}, {self.epsilon}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"max_steps must be at least 1, got {self.max_steps}")
+
+
+# ----------------------------------------------------------------------------- the recipe
+
+def run(cfg: Config) -> int:
+    from cwpo_ray import tracking
+    from cwpo_ray.models import ModelSource, resolve_model
+
+    out = Path(cfg.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    if not cfg.resume:
+        for stale in ("ray", "sft", "policy", "reference.parquet", "mlflow_run_id"):
+            _remove(out / stale)
+    start = resolve_model(cfg.model, cfg.gguf_file)
+    n_pairs = write_train_pairs(cfg, out / "train_pairs.parquet")
+
+    # A rerun into the same DIR continues the same MLflow run, as a restarted worker does.
+    run_id_file = out / "mlflow_run_id"
+    old_run_id = _existing_run(run_id_file, tracking.tracking_uri())
+    with tracking.start_run(cfg.experiment, cfg.run_name or f"train-policy-{cfg.loss}-{cfg.weighting}",
+                            run_id=old_run_id, parent_run_id=cfg.parent_run_id or None,
+                            tags={"stage": "train-policy"}) as mlrun:
+        run_id_file.write_text(mlrun.info.run_id)
+        if old_run_id is None:
+            tracking.log_config(cfg)
+        common = _loop_config(cfg, mlrun.info.run_id, tracking.tracking_uri())
+
+        # SFT on (prompt, chosen): the PO start and its reference.
+        if cfg.sft_epochs > 0:
+            train_stage(cfg, "sft", start, out / "train_pairs.parquet", out / "sft", n_pairs, common)
+            start = ModelSource(str(out / "sft"))
+
+        # Confidence-weighted PO; its workers first compute the reference log-probs once
+        # (DIR/reference.parquet), so PO never holds a second model.
+        result = train_stage(cfg, "po", start, out / "train_pairs.parquet", out / "policy", n_pairs, common)
+
+    manifest = {"stage": "train-policy", "config": asdict(cfg), "pairs": n_pairs, "start": str(start),
+                "sft": str(out / "sft") if cfg.sft_epochs > 0 else None, "policy": str(out / "policy"),
+                "reference_table": str(out / "reference.parquet"), "mlflow_run_id": mlrun.info.run_id,
+                "final_metrics": {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}}
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    print(f"train-policy: {n_pairs} pairs -> {out / 'policy'} (MLflow run {mlrun.info.run_id})")
+    return 0
+
+
+# ----------------------------------------------------------------------------- data
+
+def write_train_pairs(cfg: Config, path: Path) -> int:
+    """The kept pairs with their weight column; returns how many."""
+    import pyarrow as pa
+
+    from cwpo_ray.policy import pair_weights
+    from cwpo_ray.tables import LABELED_COLUMNS, read_table, require_columns, write_table
+
+    names = require_columns(cfg.data, LABELED_COLUMNS)
+    annotated = "confidence" in names
+    table = read_table(cfg.data, columns=list(LABELED_COLUMNS) + (["confidence"] if annotated else []))
+    confidence = table.column("confidence").to_pylist() if annotated else None
+    if confidence is not None and any(c is None or not 0 <= c <= 1 for c in confidence):
+        raise ValueError(f"{cfg.data}: confidence must be in [0, 1] on every row")
+    keep, weights = pair_weights(confidence, cfg.weighting, table.num_rows)
+    table = table.select(list(LABELED_COLUMNS)).take(keep).append_column("weight", pa.array(weights, pa.float64()))
+    if table.num_rows < cfg.batch_size * cfg.num_workers:
+        raise ValueError(f"{table.num_rows} pairs is fewer than one global batch "
+                         f"({cfg.batch_size} x {cfg.num_workers} workers)")
+    write_table(table, path)
+    return table.num_rows
+
+
+def ensure_reference(engine, tokenizer, rows: dict, lc: dict, rank: int, world_size: int) -> dict:
+    """``rows`` with ref_chosen_logps / ref_rejected_logps (and token counts), computed once.
+
+    Computed here, by the training workers themselves, before the first PO step: they
+    already hold the start model, which IS the reference, so the pass costs no second
+    model and no extra processes, and it runs under the same placement (ZeRO-3 sharding,
+    GPUs) as training, so a reference too big for one device still fits. Each worker scores
+    every world_size-th pair without gradients; rank 0 writes the table, so a resumed or
+    repeated run reads it back instead of recomputing.
+    """
+    import torch.distributed as td
+
+    from cwpo_ray import policy
+    from cwpo_ray.tables import read_table, write_table
+
+    path = Path(lc["reference_table"])
+    if path.exists():
+        return read_table(path).to_pydict()
+    t0 = time.perf_counter()
+    lengths = policy.Lengths(lc["max_prompt_length"], lc["max_length"])
+    n, bs = len(rows["id"]), lc["ref_batch_size"]
+    mine = list(range(rank, n, world_size))
+    # Every worker runs the same number of forwards (ZeRO-3 forwards are collective): a
+    # worker that runs out repeats row 0 and throws the result away.
+    n_batches = -(-(-(-n // world_size)) // bs)
+    scored: dict[int, dict] = {}
+    engine.eval()
+    for b in range(n_batches):
+        idx = mine[b * bs:(b + 1) * bs]
+        use = idx or [0]
+        out = policy.reference_logps(engine, tokenizer, [rows["prompt"][i] for i in use],
+                                     [rows["chosen"][i] for i in use], [rows["rejected"][i] for i in use], lengths)
+        for j, i in enumerate(idx):
+            scored[i] = {k: v[j] for k, v in out.items()}
+    engine.train()
+    if world_size > 1 and td.is_initialized():
+        parts: list = [None] * world_size
+        td.all_gather_object(parts, scored)
+        scored = {i: v for part in parts for i, v in part.items()}
+    for key in ("ref_chosen_logps", "ref_rejected_logps", "chosen_tokens", "rejected_tokens"):
+        rows[key] = [scored[i][key] for i in range(n)]
+    if rank == 0:
+        import pyarrow as pa
+
+        write_table(pa.Table.from_pydict(rows), path)
+        print(f"train-policy: reference log-probs of {n} pairs in {time.perf_counter() - t0:.1f}s -> {path}")
+    return rows
+
+
+# ----------------------------------------------------------------------------- Ray Train
+
+def _loop_config(cfg: Config, run_id: str, tracking_uri: str) -> dict:
+    keys = ("loss", "ref_batch_size", "beta", "epsilon", "weight_decay", "batch_size", "max_length", "max_prompt_length", "lora",
+            "lora_r", "lora_alpha", "lora_dropout", "lora_targets", "seed", "checkpoint_every", "progress",
+            "fail_at_step")
+    return {**{k: getattr(cfg, k) for k in keys}, "run_id": run_id, "tracking_uri": tracking_uri,
+            "reference_table": str(Path(cfg.out).resolve() / "reference.parquet")}
+
+
+def train_stage(cfg: Config, mode: str, source, table: Path, save_to: Path, n_pairs: int, common: dict):
+    """One Ray Train run (SFT or PO) of ``train_loop``; the model is saved to ``save_to``."""
+    from cwpo_ray.distributed import DistributedConfig, run_trainer
+
+    epochs, lr = (cfg.sft_epochs, cfg.sft_lr) if mode == "sft" else (cfg.epochs, cfg.lr)
+    plan = StepPlan(n_pairs, cfg.batch_size, cfg.num_workers, epochs, cfg.seed, cfg.max_steps)
+    warmup = cfg.warmup_steps if cfg.warmup_steps < plan.total_steps else plan.total_steps // 10
+    print(f"train-policy {mode}: {n_pairs} pairs, {plan.total_steps} steps ({plan.steps_per_epoch}/epoch), "
+          f"global batch {plan.global_batch}, warm-up {warmup}, lr {lr}")
+    dist = DistributedConfig(num_workers=cfg.num_workers, strategy=cfg.strategy, zero_stage=cfg.zero_stage,
+                             offload_optimizer=cfg.offload_optimizer, use_gpu=cfg.use_gpu,
+                             cpus_per_worker=cfg.cpus_per_worker, max_failures=cfg.max_failures,
+                             storage_path=str(Path(cfg.out).resolve() / "ray"))
+    loop_config = {**common, "mode": mode, "model_path": source.path, "gguf_file": source.gguf_file,
+                   "table": str(table), "save_to": str(save_to), "lr": lr, "warmup_steps": warmup,
+                   "plan": asdict(plan)}
+    return run_trainer(train_loop, loop_config, dist, name=mode)
+
+
+@dataclass
+class StepPlan:
+    """Which rows each worker trains on at each step: deterministic, so a resumed run sees the same data."""
+
+    n: int
+    batch_size: int
+    world: int
+    epochs: int
+    seed: int
+    max_steps: Optional[int] = None
+
+    @property
+    def global_batch(self) -> int:
+        return self.batch_size * self.world
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.n // self.global_batch
+
+    @property
+    def total_steps(self) -> int:
+        total = self.steps_per_epoch * self.epochs
+        return min(total, self.max_steps) if self.max_steps else total
+
+    def rows(self, step: int, rank: int) -> list[int]:
+        import torch
+
+        epoch, i = divmod(step, self.steps_per_epoch)
+        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 1000 + epoch))
+        start = i * self.global_batch + rank * self.batch_size
+        return order[start:start + self.batch_size].tolist()
+
+
+def train_loop(lc: dict) -> None:
+    """Runs on every Ray Train worker: SFT (lc['mode'] == 'sft') or PO, with checkpoints and resume."""
+    import torch
+    from transformers import get_cosine_schedule_with_warmup
+
+    from cwpo_ray.distributed import DistributedConfig, RankZeroLogger, device_for, report, resume, setup_engine, world
+    from cwpo_ray.models import ModelSource, load_causal_lm, load_tokenizer
+    from cwpo_ray.tables import read_table
+
+    dist = DistributedConfig(**lc["dist"])
+    rank, world_size = world()
+    device = device_for(dist)
+    plan = StepPlan(**lc["plan"])
+    source = ModelSource(lc["model_path"], lc["gguf_file"])
+    torch.manual_seed(lc["seed"])
+    tokenizer = load_tokenizer(source)
+    model = _with_lora(plain_weights(load_causal_lm(source)), lc).to(device)
+    rows = read_table(lc["table"]).to_pydict()
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lc["lr"], weight_decay=lc["weight_decay"])
+    scheduler = get_cosine_schedule_with_warmup(optimizer, lc["warmup_steps"], plan.total_steps)
+    engine = setup_engine(model, optimizer, scheduler, dist, micro_batch_size=plan.batch_size)
+    start = (resume(engine) or {}).get("step", 0)
+    logger = RankZeroLogger(lc["tracking_uri"], lc["run_id"])
+    if lc["mode"] == "po":
+        t0 = time.perf_counter()
+        rows = ensure_reference(engine, tokenizer, rows, lc, rank, world_size)
+        if start == 0:
+            logger.log_metrics({"reference/seconds": time.perf_counter() - t0}, step=0)
+    prefix = "sft/" if lc["mode"] == "sft" else ""
+
+    engine.train()
+    bar = _progress_bar(lc, rank, plan, start)
+    loop_start = time.perf_counter()
+    for step in range(start, plan.total_steps):
+        _maybe_fail(lc, step, rank, world_size)
+        t0 = time.perf_counter()
+        loss, metrics = step_loss(engine, tokenizer, rows, plan.rows(step, rank), lc)
+        engine.backward_and_step(loss)
+        metrics = _mean_over_workers(metrics, world_size, device)
+        seconds = time.perf_counter() - t0
+        metrics.update({"pairs_per_s": plan.global_batch / seconds, "tokens_per_s": metrics.pop("tokens") / seconds,
+                        "learning_rate": scheduler.get_last_lr()[0], "epoch": (step + 1) / plan.steps_per_epoch})
+        logger.log_metrics({prefix + k: v for k, v in metrics.items()}, step=step + 1)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{metrics['loss']:.4f}")
+        if (step + 1) % lc["checkpoint_every"] == 0 or step + 1 == plan.total_steps:
+            report({**metrics, "step": step + 1}, engine, {"step": step + 1})
+    if bar is not None:
+        bar.close()
+    # Whole-loop time (logging and checkpoints included), what a trainer's "runtime" reports.
+    logger.log_metrics({prefix + "loop_seconds": time.perf_counter() - loop_start}, step=plan.total_steps)
+    save_final_model(engine, tokenizer, source, lc, rank)
+
+
+def step_loss(engine, tokenizer, rows: dict, idx: list[int], lc: dict):
+    """The loss of one worker's batch and its metrics (token count as 'tokens', summed later)."""
+    from cwpo_ray import policy
+
+    lengths = policy.Lengths(lc["max_prompt_length"], lc["max_length"])
+    pick = lambda col: [rows[col][i] for i in idx]  # noqa: E731
+    if lc["mode"] == "sft":
+        batch = policy.sft_batch(tokenizer, pick("prompt"), pick("chosen"), lengths)
+        loss, tokens = policy.sft_loss(engine, batch)
+        return loss, {"loss": float(loss.detach()), "tokens": float(tokens)}
+    batch = policy.pair_batch(tokenizer, pick("prompt"), pick("chosen"), pick("rejected"), lengths)
+    return policy.po_loss(engine, batch, pick("ref_chosen_logps"), pick("ref_rejected_logps"), pick("weight"),
+                          loss_type=lc["loss"], beta=lc["beta"], epsilon=lc["epsilon"])
+
+
+def _mean_over_workers(metrics: dict, world_size: int, device) -> dict:
+    """Every worker's metrics averaged (token counts summed): what rank 0 logs is the global batch's."""
+    import torch
+    import torch.distributed as td
+
+    if world_size == 1 or not td.is_initialized():
+        return metrics
+    keys = sorted(metrics)
+    t = torch.tensor([metrics[k] for k in keys], dtype=torch.float64, device=device)
+    td.all_reduce(t)
+    return {k: float(v) if k == "tokens" else float(v) / world_size for k, v in zip(keys, t.tolist())}
+
+
+def save_final_model(engine, tokenizer, source, lc: dict, rank: int) -> None:
+    """save_pretrained (+ tokenizer) from rank 0, LoRA merged, published atomically."""
+    from cwpo_ray.models import load_causal_lm
+    from cwpo_ray.tables import atomic_path
+
+    state = engine.full_state_dict()  # collective under ZeRO-3: every rank calls it
+    if rank != 0:
+        return
+    # A fresh, unwrapped, unpartitioned copy to load the weights into: it is the same for
+    # DDP and every ZeRO stage, and LoRA merges into it.
+    model = _with_lora(plain_weights(load_causal_lm(source)), lc)
+    missing, unexpected = model.load_state_dict({k: v.float().cpu() for k, v in state.items()}, strict=False)
+    tied = set(getattr(model, "_tied_weights_keys", None) or {}) | {"lm_head.weight"}
+    if unexpected or any(not any(k.endswith(t) for t in tied) for k in missing):
+        raise RuntimeError(f"final weights do not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    if lc["lora"]:
+        model = model.merge_and_unload()
+    with atomic_path(lc["save_to"]) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+
+
+def plain_weights(model):
+    """Forget that the weights came from a GGUF file.
+
+    transformers dequantizes GGUF to ordinary fp32 tensors but keeps a GGUF "quantizer" on the
+    model, and then refuses to save_pretrained it ("not serializable"); TRL refuses to train it.
+    The weights are plain, so drop the marker (and its config entry) to save a normal folder.
+    """
+    if getattr(getattr(model, "hf_quantizer", None), "quantization_config", None) is not None \
+            and str(getattr(model.hf_quantizer.quantization_config, "quant_method", "")).lower().endswith("gguf"):
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+    return model
+
+
+def _with_lora(model, lc: dict):
+    if not lc["lora"]:
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    targets = [t.strip() for t in lc["lora_targets"].split(",") if t.strip()] or None
+    return get_peft_model(model, LoraConfig(r=lc["lora_r"], lora_alpha=lc["lora_alpha"], lora_dropout=lc["lora_dropout"],
+                                            target_modules=targets, task_type="CAUSAL_LM"))
+
+
+def _progress_bar(lc: dict, rank: int, plan: StepPlan, start: int):
+    if rank != 0 or not lc["progress"]:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=plan.total_steps, initial=start, desc=lc["mode"], unit="step", mininterval=1.0)
+
+
+def _maybe_fail(lc: dict, step: int, rank: int, world_size: int) -> None:
+    """Testing hook: the last worker raises once at PO step ``fail_at_step`` (a marker file makes it once)."""
+    if lc["mode"] != "po" or step != lc["fail_at_step"] or rank != world_size - 1:
+        return
+    marker = Path(lc["save_to"]).parent / f".failed-at-{step}"
+    if not marker.exists():
+        marker.write_text("injected failure\n")
+        raise RuntimeError(f"injected worker failure at step {step}")
+
+
+def _existing_run(run_id_file: Path, uri: str) -> Optional[str]:
+    """The run id saved by an earlier attempt, if that run exists on the current tracking server."""
+    if not run_id_file.exists():
+        return None
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    run_id = run_id_file.read_text().strip()
+    try:
+        MlflowClient(uri).get_run(run_id)
+        return run_id
+    except MlflowException:
+        return None
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists():
+        path.unlink()
+
