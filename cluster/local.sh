@@ -1,0 +1,227 @@
+#!/usr/bin/env bash
+# A multi-node Ray cluster on one machine, every address on 127.0.0.1, for testing
+# `ray job submit` and multi-node training / Ray Data without a real cluster.
+#
+#   cluster/local.sh up [N]    head + N worker nodes (default 1); prints RAY_ADDRESS for `ray job submit`
+#   cluster/local.sh status    `ray status` of that cluster
+#   cluster/local.sh down      stop exactly the processes of that cluster (never `ray stop`, which
+#                              would also stop every other Ray on the machine)
+#   cluster/local.sh env       print the env file's path (source it to talk to the cluster)
+#
+# State lives in CWPO_LOCAL_CLUSTER_DIR (default: ${TMPDIR:-/tmp}/cwpo-local-cluster-$USER):
+#   env         RAY_ADDRESS (dashboard, for `ray job submit`), CWPO_RAY_GCS_ADDRESS (for ray.init /
+#               `ray status`), RAY_AUTH_MODE / RAY_AUTH_TOKEN_PATH, ... -- `set -a; . env; set +a`
+#   auth_token  the cluster's own token (Ray 2.60 token authentication), not ~/.ray/auth_token
+#   ray/        the cluster's Ray temp dir (sessions, logs), so it never meets a test's ray.init
+#   pids        the cluster's process ids at `up` (for reference: `down` finds them afresh as the
+#               processes that name ray/ on their command line, and their descendants)
+#
+# Knobs (environment): CWPO_NODE_CPUS (logical CPUs per node, default 1),
+# CWPO_OBJECT_STORE_BYTES (per node, default 200 MB), RAY (the ray executable, default
+# .venv/bin/ray next to this repo, else the one on PATH). Variables already exported when you run
+# `up` (e.g. MLFLOW_TRACKING_URI, HF_HUB_OFFLINE) are inherited by every job's driver and worker.
+set -euo pipefail
+
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+DIR="${CWPO_LOCAL_CLUSTER_DIR:-${TMPDIR:-/tmp}/cwpo-local-cluster-${USER:-$(id -un)}}"
+ENV_FILE="$DIR/env"
+if [ -z "${RAY:-}" ]; then
+  if [ -x "$REPO/.venv/bin/ray" ]; then RAY="$REPO/.venv/bin/ray"; else RAY="$(command -v ray || true)"; fi
+fi
+[ -n "$RAY" ] && [ -x "$RAY" ] || { echo "local.sh: no ray executable (set RAY=...)" >&2; exit 2; }
+BIN="$(dirname "$RAY")"
+PY="$BIN/python"
+[ -x "$PY" ] || PY="$(command -v python3)"
+# The venv first on PATH: the raylets' workers and every job's `python jobs/...` use it.
+export PATH="$BIN:$PATH"
+export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0   # else Ray binds the external interface
+export RAY_USAGE_STATS_ENABLED=0
+
+die() { echo "local.sh: $*" >&2; exit 1; }
+
+# N free TCP ports on 127.0.0.1 (all bound at once, so they are distinct).
+free_ports() {
+  "$PY" - "$1" <<'EOF'
+import socket, sys
+socks = []
+for _ in range(int(sys.argv[1])):
+    s = socket.socket(); s.bind(("127.0.0.1", 0)); socks.append(s)
+print(" ".join(str(s.getsockname()[1]) for s in socks))
+EOF
+}
+
+# Every process whose command line names our temp dir (gcs, raylets, dashboard, agents, workers)
+# or that is a descendant of one: the cluster, and nothing else.
+cluster_pids() {
+  "$PY" - "$DIR/ray" <<'EOF'
+import os, sys
+mark = sys.argv[1].encode()
+procs = {}
+for p in os.listdir("/proc"):
+    if not p.isdigit():
+        continue
+    try:
+        cmd = open(f"/proc/{p}/cmdline", "rb").read()
+        ppid = int(open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()[1])
+    except OSError:
+        continue
+    procs[int(p)] = (mark in cmd, ppid)
+ours = {p for p, (m, _) in procs.items() if m}
+changed = True
+while changed:
+    changed = False
+    for p, (_, ppid) in procs.items():
+        if p not in ours and ppid in ours:
+            ours.add(p); changed = True
+ours.discard(os.getpid())
+print(" ".join(map(str, sorted(ours))))
+EOF
+}
+
+load_env() {
+  [ -f "$ENV_FILE" ] || die "no local cluster (no $ENV_FILE); run: cluster/local.sh up"
+  set -a; . "$ENV_FILE"; set +a
+}
+
+start_node() {  # start_node LOG ARGS...: one `ray start`, its output kept for errors
+  local log="$1"; shift
+  if ! "$RAY" start "$@" >"$log" 2>&1; then
+    cat "$log" >&2
+    return 1
+  fi
+}
+
+# A worker node on loopback. Plain `ray start --address=127.0.0.1:P` cannot do it on Linux:
+# with RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 it refuses to join ("multi-node clusters are not
+# supported"), and with =1 it rewrites 127.0.0.1 (head address and node IP) to the machine's
+# external IP, where the head does not listen and which we must not bind. So run Ray's own CLI
+# with the join check off and "localhost" resolving to 127.0.0.1; the node's processes keep
+# RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0.
+start_worker() {
+  local log="$1"; shift
+  if ! "$PY" - "$@" >"$log" 2>&1 <<'PYEOF'
+import sys
+import ray._private.ray_constants as ray_constants
+import ray._private.services as services
+from ray.scripts import scripts
+
+ray_constants.ENABLE_RAY_CLUSTER = True
+services.get_node_ip_address = lambda address=None: "127.0.0.1"  # what localhost resolves to
+sys.argv = ["ray", "start", *sys.argv[1:]]
+sys.exit(scripts.main())
+PYEOF
+  then
+    cat "$log" >&2
+    return 1
+  fi
+}
+
+cmd_up() {
+  local workers="${1:-1}" cpus="${CWPO_NODE_CPUS:-1}" store="${CWPO_OBJECT_STORE_BYTES:-200000000}"
+  [[ "$workers" =~ ^[0-9]+$ ]] || die "up: N must be a number of worker nodes, got '$workers'"
+  if [ -f "$ENV_FILE" ] && [ -n "$(cluster_pids)" ]; then
+    die "a local cluster is already running (state in $DIR); cluster/local.sh down first"
+  fi
+  rm -rf "$DIR"
+  mkdir -p "$DIR/ray"
+  chmod 700 "$DIR"
+  "$PY" -c 'import secrets; print(secrets.token_hex(32))' > "$DIR/auth_token"
+  chmod 600 "$DIR/auth_token"
+  export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH="$DIR/auth_token"
+  unset RAY_AUTH_TOKEN RAY_ADDRESS
+
+  read -r gcs dash client <<<"$(free_ports 3)"
+  local common=(--node-ip-address=127.0.0.1 --temp-dir="$DIR/ray" --num-cpus="$cpus" --num-gpus=0
+                --object-store-memory="$store" --disable-usage-stats)
+  # Per-node agent ports: the defaults (52365, ...) would collide between nodes on one machine.
+  node_ports() { read -r a g r m <<<"$(free_ports 4)"
+    echo "--dashboard-agent-listen-port=$a --dashboard-agent-grpc-port=$g --runtime-env-agent-port=$r --metrics-export-port=$m"; }
+
+  # shellcheck disable=SC2046
+  start_node "$DIR/head.log" --head --port="$gcs" --include-dashboard=true --dashboard-host=127.0.0.1 \
+    --dashboard-port="$dash" --ray-client-server-port="$client" "${common[@]}" $(node_ports) \
+    2>/dev/null || grep -q "timed out during startup" "$DIR/head.log" \
+    || { cat "$DIR/head.log" >&2; cmd_down >/dev/null 2>&1 || true; die "the head node did not start (log above)"; }
+  # `ray start` gives a raylet 30 s to register with the GCS and then reports failure, but leaves
+  # the node running; on a loaded machine that takes longer, so a timeout is not fatal here:
+  # the wait below decides.
+  local i
+  for ((i = 1; i <= workers; i++)); do
+    # shellcheck disable=SC2046
+    start_worker "$DIR/worker-$i.log" --address="127.0.0.1:$gcs" "${common[@]}" $(node_ports) 2>/dev/null \
+      || grep -q "timed out during startup" "$DIR/worker-$i.log" \
+      || { cat "$DIR/worker-$i.log" >&2; cmd_down >/dev/null 2>&1 || true; die "worker node $i did not start (log above)"; }
+  done
+  cat > "$ENV_FILE" <<EOF
+# cwpo local Ray cluster: $((workers + 1)) nodes on 127.0.0.1 (cluster/local.sh). Source with: set -a; . $ENV_FILE; set +a
+RAY_ADDRESS=http://127.0.0.1:$dash
+CWPO_RAY_GCS_ADDRESS=127.0.0.1:$gcs
+CWPO_RAY_DASHBOARD=http://127.0.0.1:$dash
+CWPO_RAY_NODES=$((workers + 1))
+CWPO_LOCAL_CLUSTER_DIR=$DIR
+RAY_AUTH_MODE=token
+RAY_AUTH_TOKEN_PATH=$DIR/auth_token
+RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
+EOF
+  # Wait until every node has registered (a worker's raylet may register after `ray start` returned).
+  local alive
+  alive="$("$PY" - "127.0.0.1:$gcs" "$((workers + 1))" "${CWPO_NODE_WAIT_S:-180}" 2>/dev/null <<'PYEOF' || true
+import sys, time
+import ray
+ray.init(address=sys.argv[1], logging_level="ERROR", log_to_driver=False)
+want, deadline = int(sys.argv[2]), time.monotonic() + float(sys.argv[3])
+while True:
+    alive = sum(1 for n in ray.nodes() if n["Alive"])
+    if alive >= want or time.monotonic() > deadline:
+        break
+    time.sleep(1)
+print(alive)
+PYEOF
+)"
+  alive="${alive##*$'\n'}"
+  if [ "$alive" != "$((workers + 1))" ]; then
+    for ((i = 1; i <= workers; i++)); do tail -n 5 "$DIR/worker-$i.log" >&2 || true; done
+    cmd_down >/dev/null 2>&1 || true
+    die "only ${alive:-0} of $((workers + 1)) nodes registered (logs above)"
+  fi
+  cluster_pids > "$DIR/pids"
+  echo "local Ray cluster up: $((workers + 1)) nodes x $cpus CPU on 127.0.0.1 (state in $DIR)"
+  echo "  RAY_ADDRESS=http://127.0.0.1:$dash      # dashboard, for \`ray job submit\`"
+  echo "  GCS address 127.0.0.1:$gcs             # for ray.init / \`ray status\`"
+  echo "  token auth: RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=$DIR/auth_token"
+  echo "submit a job:"
+  echo "  set -a; . $ENV_FILE; set +a"
+  echo "  ray job submit --working-dir . --runtime-env jobs/runtime_env.yaml -- python jobs/pipeline.py --config jobs/configs/benchmark_cpu.yaml"
+}
+
+cmd_status() {
+  load_env
+  local pids; pids="$(cluster_pids)"
+  [ -n "$pids" ] || die "the cluster in $DIR is not running (stale env file; cluster/local.sh down cleans it)"
+  echo "RAY_ADDRESS=$RAY_ADDRESS  (GCS $CWPO_RAY_GCS_ADDRESS, $(wc -w <<<"$pids") processes)"
+  "$RAY" status --address="$CWPO_RAY_GCS_ADDRESS"
+}
+
+cmd_down() {
+  [ -d "$DIR" ] || { echo "no local cluster in $DIR"; return 0; }
+  local pids; pids="$(cluster_pids)"
+  if [ -n "$pids" ]; then
+    # shellcheck disable=SC2086
+    kill -TERM $pids 2>/dev/null || true
+    local deadline=$((SECONDS + 15))
+    while [ -n "$(cluster_pids)" ] && [ $SECONDS -lt $deadline ]; do sleep 0.5; done
+    pids="$(cluster_pids)"
+    # shellcheck disable=SC2086
+    [ -z "$pids" ] || kill -KILL $pids 2>/dev/null || true
+  fi
+  rm -rf "$DIR"
+  echo "local Ray cluster stopped"
+}
+
+case "${1:-}" in
+  up) shift; cmd_up "$@" ;;
+  down) cmd_down ;;
+  status) cmd_status ;;
+  env) load_env >/dev/null; echo "$ENV_FILE" ;;
+  *) echo "usage: cluster/local.sh up [N] | down | status | env" >&2; exit 2 ;;
+esac
