@@ -66,11 +66,10 @@ def model_folder(name: str, work: Path):
     # Dequantize once and save a plain fp32 folder: both trainers then load the very same weights,
     # and TRL refuses a model that still carries GGUF's quantizer ("purely quantized models").
     from cwpo_ray.models import load_causal_lm, load_tokenizer
-    from cwpo_ray.recipes.train_policy import plain_weights
 
     folder = work / name
     source = resolve_model(name)
-    plain_weights(load_causal_lm(source)).save_pretrained(folder)
+    load_causal_lm(source).save_pretrained(folder)
     load_tokenizer(source).save_pretrained(folder)
     return str(folder), resolve_model(str(folder))
 

@@ -76,7 +76,8 @@ def load_causal_lm(source: ModelSource, dtype=None):
     import torch
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(source.path, torch_dtype=dtype or torch.float32, **source.kwargs())
+    model = AutoModelForCausalLM.from_pretrained(source.path, torch_dtype=dtype or torch.float32, **source.kwargs())
+    return plain_weights(model)
 
 
 def load_backbone(source: ModelSource, dtype=None):
@@ -84,7 +85,23 @@ def load_backbone(source: ModelSource, dtype=None):
     import torch
     from transformers import AutoModel
 
-    return AutoModel.from_pretrained(source.path, torch_dtype=dtype or torch.float32, **source.kwargs())
+    return plain_weights(AutoModel.from_pretrained(source.path, torch_dtype=dtype or torch.float32, **source.kwargs()))
+
+
+def plain_weights(model):
+    """Forget that the weights came from a GGUF file.
+
+    transformers dequantizes GGUF to ordinary fp32 tensors but keeps a GGUF "quantizer" on the
+    model, and then refuses to save_pretrained it ("not serializable"). The weights are plain,
+    so drop the marker (and its config entry) and the model saves as a normal folder.
+    """
+    quantizer = getattr(model, "hf_quantizer", None)
+    method = str(getattr(getattr(quantizer, "quantization_config", None), "quant_method", "")).lower()
+    if method.endswith("gguf"):
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+    return model
 
 
 def is_encoder(config) -> bool:

@@ -16,7 +16,9 @@ def init_ray(num_cpus: int | None = None, log_to_driver: bool = True):
         return ray
     runtime_env = {"env_vars": {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "TOKENIZERS_PARALLELISM": "false"}}
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=log_to_driver, runtime_env=runtime_env)
+        # Inside `ray job submit` the job's runtime_env already applies; repeating one of its
+        # env_vars here makes Ray refuse the driver, so join as is.
+        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=log_to_driver)
     else:
         ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=num_cpus,
                  log_to_driver=log_to_driver, runtime_env=runtime_env)

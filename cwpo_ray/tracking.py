@@ -45,6 +45,9 @@ def set_experiment(name: str):
 
 
 def git_commit() -> str:
+    """The code's commit; ``CWPO_GIT_COMMIT`` wins (Ray jobs run from a copy without .git)."""
+    if os.environ.get("CWPO_GIT_COMMIT"):
+        return os.environ["CWPO_GIT_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
                               cwd=Path(__file__).resolve().parent).stdout.strip() or "unknown"

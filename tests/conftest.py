@@ -54,7 +54,7 @@ def mlflow_server(tmp_path_factory):
     uri = f"http://127.0.0.1:{port}"
     import urllib.request
 
-    deadline = time.time() + 90
+    deadline = time.time() + 300
     while True:
         try:
             urllib.request.urlopen(f"{uri}/health", timeout=2)

@@ -300,7 +300,7 @@ def train_loop(lc: dict) -> None:
     source = ModelSource(lc["model_path"], lc["gguf_file"])
     torch.manual_seed(lc["seed"])
     tokenizer = load_tokenizer(source)
-    model = _with_lora(plain_weights(load_causal_lm(source)), lc).to(device)
+    model = _with_lora(load_causal_lm(source), lc).to(device)
     rows = read_table(lc["table"]).to_pydict()
 
     params = [p for p in model.parameters() if p.requires_grad]
@@ -379,7 +379,7 @@ def save_final_model(engine, tokenizer, source, lc: dict, rank: int) -> None:
         return
     # A fresh, unwrapped, unpartitioned copy to load the weights into: it is the same for
     # DDP and every ZeRO stage, and LoRA merges into it.
-    model = _with_lora(plain_weights(load_causal_lm(source)), lc)
+    model = _with_lora(load_causal_lm(source), lc)
     missing, unexpected = model.load_state_dict({k: v.float().cpu() for k, v in state.items()}, strict=False)
     tied = set(getattr(model, "_tied_weights_keys", None) or {}) | {"lm_head.weight"}
     if unexpected or any(not any(k.endswith(t) for t in tied) for k in missing):
@@ -389,21 +389,6 @@ def save_final_model(engine, tokenizer, source, lc: dict, rank: int) -> None:
     with atomic_path(lc["save_to"]) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-
-
-def plain_weights(model):
-    """Forget that the weights came from a GGUF file.
-
-    transformers dequantizes GGUF to ordinary fp32 tensors but keeps a GGUF "quantizer" on the
-    model, and then refuses to save_pretrained it ("not serializable"); TRL refuses to train it.
-    The weights are plain, so drop the marker (and its config entry) to save a normal folder.
-    """
-    if getattr(getattr(model, "hf_quantizer", None), "quantization_config", None) is not None \
-            and str(getattr(model.hf_quantizer.quantization_config, "quant_method", "")).lower().endswith("gguf"):
-        model.hf_quantizer = None
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-    return model
 
 
 def _with_lora(model, lc: dict):
