@@ -1,0 +1,174 @@
+"""Sampling responses from a causal LM: vLLM on a GPU, batched transformers otherwise.
+
+One entry point, ``generate(model, prompts, settings)``, returns ``n`` responses per prompt in
+prompt order. Prompts go through the tokenizer's chat template when it has one (instruct
+models answer in their trained format), batches are left-padded (a decoder continues from
+the last position, so padding must sit on the left), and every batch is seeded from its
+index so the output does not depend on how batches were spread over processes.
+
+``engine="ray"`` spreads the transformers path over a Ray Data actor pool with fractional
+CPUs (an actor at a whole CPU starved the read/write tasks on 2 cores; DESIGN.md).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Sequence
+
+
+@dataclass(frozen=True)
+class GenSettings:
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 40
+    n: int = 1                 # responses per prompt
+    batch_size: int = 16       # prompts per forward batch
+    seed: int = 0
+    engine: str = "auto"       # auto | vllm | transformers | ray
+    num_actors: int = 2        # ray engine only
+    threads: int = 0           # torch threads per process (0: leave torch's default)
+
+
+def batch_seed(seed: int, start: int) -> int:
+    """The sampling seed of the batch that starts at prompt ``start``: by position, so a batch
+    draws the same responses whichever process (or rerun) generates it."""
+    return seed * 1_000_003 + start
+
+
+def vllm_usable() -> bool:
+    """vLLM only when it is installed and a GPU is present (it has no CPU path here)."""
+    try:
+        import importlib.util
+
+        import torch
+
+        return importlib.util.find_spec("vllm") is not None and torch.cuda.is_available()
+    except Exception:
+        return False
+
+
+def chat_texts(tokenizer, prompts: Sequence[str]) -> list[str]:
+    """The model's own chat format when it has one, else the bare prompt."""
+    if getattr(tokenizer, "chat_template", None):
+        return [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                              add_generation_prompt=True) for p in prompts]
+    return list(prompts)
+
+
+class TransformersGenerator:
+    """Batched sampling with transformers on CPU (or one GPU when present)."""
+
+    def __init__(self, model: str, gguf_file: str | None = None, threads: int = 0):
+        import torch
+
+        from cwpo_ray.models import ModelSource, load_causal_lm, load_tokenizer, resolve_model
+
+        if threads:
+            torch.set_num_threads(threads)
+        source = resolve_model(model, gguf_file) if not isinstance(model, ModelSource) else model
+        self.tokenizer = load_tokenizer(source, padding_side="left")
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.model = load_causal_lm(source).to(self.device).eval()
+
+    def generate_batch(self, prompts: Sequence[str], s: GenSettings, batch_seed: int) -> list[list[str]]:
+        import torch
+
+        enc = self.tokenizer(chat_texts(self.tokenizer, prompts), return_tensors="pt", padding=True,
+                             add_special_tokens=not getattr(self.tokenizer, "chat_template", None)).to(self.device)
+        torch.manual_seed(batch_seed)
+        sample = s.temperature > 0
+        with torch.no_grad():
+            out = self.model.generate(
+                **enc, do_sample=sample, temperature=s.temperature if sample else None,
+                top_p=s.top_p if sample else None, top_k=0 if sample else None,
+                max_new_tokens=s.max_new_tokens, num_return_sequences=s.n,
+                pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id)
+        texts = self.tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        texts = [t.strip() for t in texts]
+        return [texts[i * s.n:(i + 1) * s.n] for i in range(len(prompts))]
+
+    def generate(self, prompts: Sequence[str], s: GenSettings, progress: bool = False) -> list[list[str]]:
+        out: list[list[str]] = []
+        starts = range(0, len(prompts), s.batch_size)
+        for k, i in enumerate(starts):
+            out += self.generate_batch(prompts[i:i + s.batch_size], s, batch_seed=batch_seed(s.seed, i))
+            if progress:
+                print(f"  generated {min(i + s.batch_size, len(prompts))}/{len(prompts)} prompts", flush=True)
+        return out
+
+
+class _RayGenerateBatch:
+    """Ray Data actor: one model per actor, reused across batches. A row is one whole prompt
+    batch (its start index and its prompts), so batches are the same as in one process."""
+
+    def __init__(self, model: str, gguf_file: str | None, settings: dict):
+        self.settings = GenSettings(**settings)
+        self.gen = TransformersGenerator(model, gguf_file, threads=self.settings.threads or 1)
+
+    def __call__(self, batch: dict) -> dict:
+        import json
+
+        out = []
+        for start, prompts in zip(batch["start"], batch["prompts"]):
+            responses = self.gen.generate_batch(json.loads(prompts), self.settings,
+                                                batch_seed=batch_seed(self.settings.seed, int(start)))
+            out.append(json.dumps(responses))
+        return {"start": batch["start"], "responses": out}
+
+
+def _generate_ray(model: str, gguf_file: str | None, prompts: Sequence[str], s: GenSettings) -> list[list[str]]:
+    import dataclasses
+    import json
+
+    import ray
+
+    from cwpo_ray.ray_env import init_ray
+
+    init_ray()
+    starts = range(0, len(prompts), s.batch_size)
+    ds = ray.data.from_items([{"start": i, "prompts": json.dumps(list(prompts[i:i + s.batch_size]))} for i in starts])
+    ds = ds.repartition(len(starts))
+    ds = ds.map_batches(_RayGenerateBatch, batch_size=1, batch_format="numpy",
+                        fn_constructor_kwargs={"model": model, "gguf_file": gguf_file,
+                                               "settings": dataclasses.asdict(s)},
+                        compute=ray.data.ActorPoolStrategy(size=s.num_actors), num_cpus=0.5)
+    rows = sorted(ds.take_all(), key=lambda r: int(r["start"]))
+    return [r for row in rows for r in json.loads(row["responses"])]
+
+
+def _generate_vllm(model: str, gguf_file: str | None, prompts: Sequence[str], s: GenSettings) -> list[list[str]]:
+    from vllm import LLM, SamplingParams
+
+    from cwpo_ray.models import load_tokenizer, resolve_model
+
+    source = resolve_model(model, gguf_file)
+    path = os.path.join(source.path, source.gguf_file) if source.gguf_file else source.path
+    llm = LLM(model=path, tokenizer=source.path, seed=s.seed, dtype="auto")
+    texts = chat_texts(load_tokenizer(source), prompts)
+    params = SamplingParams(n=s.n, temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_new_tokens,
+                            seed=s.seed)
+    outputs = llm.generate(texts, params)
+    return [[c.text.strip() for c in o.outputs] for o in outputs]
+
+
+def pick_engine(engine: str) -> str:
+    if engine == "auto":
+        return "vllm" if vllm_usable() else "transformers"
+    if engine not in ("vllm", "transformers", "ray"):
+        raise ValueError(f"engine must be auto, vllm, transformers or ray, got {engine!r}")
+    return engine
+
+
+def generate(model: str, prompts: Sequence[str], s: GenSettings, gguf_file: str | None = None,
+             progress: bool = False) -> list[list[str]]:
+    """``s.n`` responses for each prompt, in prompt order."""
+    prompts = list(prompts)
+    if not prompts:
+        return []
+    engine = pick_engine(s.engine)
+    if engine == "vllm":
+        return _generate_vllm(model, gguf_file, prompts, s)
+    if engine == "ray":
+        return _generate_ray(model, gguf_file, prompts, s)
+    return TransformersGenerator(model, gguf_file, threads=s.threads).generate(prompts, s, progress=progress)

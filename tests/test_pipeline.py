@@ -1,0 +1,198 @@
+"""Judges, evaluation metrics, the benchmark builder, `cwpo evaluate`, and the whole pipeline on
+tiny models (real Ray cluster, real MLflow server), then `cwpo compare` from its MLflow run."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import yaml
+
+from cwpo_ray import cli
+from cwpo_ray.eval_metrics import bootstrap_ci, gra, gra_with_ci, implicit_reward_accuracy, wins
+from cwpo_ray.judges import load_judge
+from cwpo_ray.recipes import build_benchmark as bb
+from cwpo_ray.tables import read_table, write_table
+
+
+def length_judge(pairs):
+    """A judge for load_judge("test_pipeline:length_judge"): longer responses are better."""
+    return [float(len(r)) for _, r in pairs]
+
+
+# ----------------------------------------------------------------------------- judges
+
+def test_vader_judge_hand_values():
+    judge = load_judge("vader")
+    scores = judge([("q", "good"), ("q", "This is terrible."), ("q", "The table is in the room.")])
+    assert scores[0] == pytest.approx(0.4404)  # VADER's published compound score of "good"
+    assert scores[1] < 0
+    assert scores[2] == 0.0
+
+
+def test_load_judge_callable_and_errors():
+    judge = load_judge("test_pipeline:length_judge")
+    assert judge([("p", "abc"), ("p", "")]) == [3.0, 0.0]
+    with pytest.raises(ModuleNotFoundError):
+        load_judge("no_such_module_xyz:fn")
+
+
+def test_reward_model_judge_reads_logit_zero(tiny_encoder, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_encoder, num_labels=1)
+    model.save_pretrained(tmp_path)
+    for f in tiny_encoder.glob("*token*"):
+        (tmp_path / f.name).write_bytes(f.read_bytes())
+    scores = load_judge(str(tmp_path))([("tell me about cats", "cats are great"), ("hi", "bad")])
+    assert len(scores) == 2 and all(math.isfinite(s) for s in scores) and scores[0] != scores[1]
+
+
+# ----------------------------------------------------------------------------- metrics
+
+def test_gra_ties_count_half():
+    assert wins([1, 2, 3], [0, 2, 4]).tolist() == [1.0, 0.5, 0.0]
+    assert gra([1, 2, 3], [0, 2, 4]) == 0.5
+    assert gra([1, 1], [0, 0]) == 1.0
+    with pytest.raises(ValueError):
+        gra([1], [1, 2])
+
+
+def test_bootstrap_ci_hand_values():
+    assert bootstrap_ci([0.7] * 50) == pytest.approx((0.7, 0.7))  # no spread, no interval
+    lo, hi = bootstrap_ci([0, 1] * 100, seed=1)
+    assert lo < 0.5 < hi and hi - lo == pytest.approx(2 * 1.96 * 0.5 / math.sqrt(200), abs=0.03)
+    assert bootstrap_ci([0, 1] * 100, seed=1) == (lo, hi)  # seeded
+    r = gra_with_ci([1, 0, 1, 1], [0, 0, 0, 0])
+    assert r["gra"] == 0.875 and r["n"] == 4 and r["gra_lo"] <= 0.875 <= r["gra_hi"]
+
+
+def test_implicit_reward_accuracy():
+    # margins: (0-(-1)) - (0-0) = 1 > 0; (0-0) - (0-0) = 0 -> half; (-2-0) - (0-0) < 0
+    assert implicit_reward_accuracy([0, 0, -2], [0, 0, 0], [-1, 0, 0], [0, 0, 0]) == pytest.approx(0.5)
+
+
+# ----------------------------------------------------------------------------- benchmark builder
+
+def test_prompts_are_distinct_and_seeded():
+    a = bb.make_prompts(500, seed=3)
+    assert len(set(a)) == 500 and a == bb.make_prompts(500, seed=3) and a != bb.make_prompts(500, seed=4)
+
+
+def test_human_noise_is_tuned_to_the_target():
+    rng = np.random.default_rng(0)
+    ga, gb = rng.uniform(-1, 1, 2000), rng.uniform(-1, 1, 2000)
+    u = rng.random(2000)
+    t = bb.tune_temperature(ga, gb, u, 0.675)
+    assert bb.agreement(ga, gb, u, t) == pytest.approx(0.675, abs=2 / 2000)
+    assert bb.agreement(ga, gb, u, t / 10) > bb.agreement(ga, gb, u, t * 10)  # more noise, less agreement
+    choices = bb.human_choices(ga, gb, u, 1e-6)  # no noise: humans follow gold
+    assert all((c == "a") == (x > y) for c, x, y in zip(choices, ga, gb))
+
+
+def test_build_benchmark_tiny(tiny_decoder, tmp_path):
+    out = tmp_path / "bench"
+    assert cli.main(["build-benchmark", "--out", str(out), "--model", str(tiny_decoder), "--num-prompts", "16",
+                     "--test-prompts", "4", "--max-new-tokens", "8", "--batch-size", "8"]) == 0
+    pairs, test = read_table(out / "pairs.parquet").to_pylist(), read_table(out / "test.parquet").to_pylist()
+    report = json.loads((out / "_benchmark.json").read_text())
+    assert len(test) == 4 and len(pairs) == report["train_pairs"] >= 8
+    assert set(pairs[0]) == {"id", "prompt", "response_a", "response_b", "human_choice", "gold_a", "gold_b"}
+    assert all(r["gold_chosen"] >= r["gold_rejected"] for r in test)
+    assert not (out / "_generations.jsonl").exists()
+    # `cwpo data` reads the folder: pairs -> labeled/unlabeled, test.parquet -> test
+    assert cli.main(["data", "--source", f"pairs:{out}", "--out", str(tmp_path / "data")]) == 0
+    manifest = json.loads((tmp_path / "data" / "manifest.json").read_text())
+    assert manifest["counts"]["test"] == 4 and manifest["counts"]["quarantined"] == 0
+
+
+# ----------------------------------------------------------------------------- evaluate
+
+def synthetic_benchmark(folder, n_train: int = 48, n_test: int = 12, seed: int = 0):
+    """A pairs: table with hidden human labels and gold scores, and a test table."""
+    from tiny_models import synthetic_pairs
+
+    judge = load_judge("vader")
+    rng = random.Random(seed)
+    rows = []
+    for r in synthetic_pairs(n_train, seed=seed):
+        a, b = (r["chosen"], r["rejected"]) if rng.random() < 0.5 else (r["rejected"], r["chosen"])
+        ga, gb = judge([(r["prompt"], a), (r["prompt"], b)])
+        human = ("a" if ga > gb else "b") if rng.random() < 0.8 else ("b" if ga > gb else "a")
+        rows.append({"id": r["id"], "prompt": r["prompt"], "response_a": a, "response_b": b, "human_choice": human,
+                     "gold_a": ga, "gold_b": gb})
+    folder.mkdir(parents=True, exist_ok=True)
+    write_table(pa.Table.from_pylist(rows), folder / "pairs.parquet")
+    test = [dict(r, id=f"t-{r['id']}") for r in synthetic_pairs(n_test, seed=seed + 100)]
+    write_table(pa.Table.from_pylist(test), folder / "test.parquet")
+    return folder
+
+
+def test_evaluate_policy_against_itself_is_exactly_half(tiny_decoder, tmp_path):
+    bench = synthetic_benchmark(tmp_path / "bench", n_train=4, n_test=10)
+    out = tmp_path / "eval"
+    assert cli.main(["evaluate", "--policy", str(tiny_decoder), "--reference", str(tiny_decoder),
+                     "--prompts", str(bench / "test.parquet"), "--out", str(out), "--max-new-tokens", "6",
+                     "--batch-size", "4", "--engine", "transformers"]) == 0
+    m = json.loads((out / "eval.json").read_text())["metrics"]
+    # Same model, same seed: identical responses, every prompt a tie; identical log-probs, every margin 0.
+    assert m["gra"] == 0.5 and m["gra_lo"] == m["gra_hi"] == 0.5 and m["n"] == 10
+    assert m["gold_policy"] == m["gold_reference"]
+    assert m["pair_accuracy"] == 0.5 and m["n_pairs"] == 10
+    responses = read_table(out / "responses.parquet").to_pylist()
+    assert len(responses) == 10 and all(r["policy_response"] == r["reference_response"] for r in responses)
+
+
+# ----------------------------------------------------------------------------- the pipeline
+
+def tiny_preset(tmp_path, bench, tiny_encoder, tiny_decoder) -> dict:
+    return {
+        "out": str(tmp_path / "run"), "source": f"pairs:{bench}", "test": str(bench / "test.parquet"),
+        "experiment": "cwpo-tiny", "run_name": "tiny", "labeled_fraction": 0.4,
+        "arms": ["human", "human_labeled_only", "ws", "cw"], "losses": ["dpo"], "sft": "shared", "seed": 0,
+        "annotator": {"model": str(tiny_encoder), "epochs": 2, "lr": 1e-3, "batch_size": 8, "max_length": 32,
+                      "num_workers": 1},
+        "policy": {"model": str(tiny_decoder), "sft_epochs": 1, "epochs": 1, "lr": 1e-3, "warmup_steps": 0,
+                   "batch_size": 4, "max_length": 32, "max_prompt_length": 16, "num_workers": 1},
+        "evaluate": {"judge": "vader", "max_new_tokens": 6, "batch_size": 6, "engine": "transformers"},
+    }
+
+
+def test_pipeline_tiny_end_to_end(ray_cluster, mlflow_server, tiny_encoder, tiny_decoder, tmp_path, capsys):
+    from mlflow.tracking import MlflowClient
+
+    bench = synthetic_benchmark(tmp_path / "bench")
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(tiny_preset(tmp_path, bench, tiny_encoder, tiny_decoder)))
+    assert cli.main(["pipeline", "--config", str(config)]) == 0
+
+    run_dir = tmp_path / "run"
+    runs = json.loads((run_dir / "mlflow_runs.json").read_text())
+    client = MlflowClient(mlflow_server)
+    parent = client.get_run(runs["parent"])
+    for arm in ("human", "human_labeled_only", "ws", "cw"):
+        assert 0.0 <= parent.data.metrics[f"{arm}.dpo.gra"] <= 1.0
+        child = client.get_run(runs["children"][f"{arm}/dpo"]["run_id"])
+        assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert {"eval/gra", "eval/gra_lo", "eval/gra_hi", "eval/gold_policy", "human_labels_used"} <= set(child.data.metrics)
+        assert (run_dir / "arms" / f"{arm}-dpo" / "eval" / "eval.json").exists()
+    assert "annotator.gold_accuracy" in parent.data.metrics and "annotator.heldout_accuracy" in parent.data.metrics
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"compare.md", "compare.png"} <= artifacts
+
+    # A rerun of the same config reuses every stage (markers) and logs to the same runs.
+    capsys.readouterr()
+    assert cli.main(["pipeline", "--config", str(config)]) == 0
+    log = capsys.readouterr().out
+    assert log.count("reusing") == 4 + 4  # data, annotator, annotate, sft + four arms
+    assert json.loads((run_dir / "mlflow_runs.json").read_text())["parent"] == runs["parent"]
+
+    # `cwpo compare` renders the table from the MLflow run.
+    assert cli.main(["compare", "--experiment", "cwpo-tiny", "--out", str(tmp_path / "cmp"), "--no-log"]) == 0
+    table = (tmp_path / "cmp" / "compare.md").read_text()
+    assert all(f"| {arm} | dpo |" in table for arm in ("human", "human_labeled_only", "ws", "cw"))
+    assert (tmp_path / "cmp" / "compare.png").stat().st_size > 1000
