@@ -20,6 +20,8 @@ def init_ray(num_cpus: int | None = None, log_to_driver: bool = True):
         # env_vars here makes Ray refuse the driver, so join as is.
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=log_to_driver)
     else:
-        ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=num_cpus,
+        # The dashboard serves Ray's state API, which Ray Train polls (without it: a warning every
+        # few seconds); it binds loopback only.
+        ray.init(_node_ip_address="127.0.0.1", include_dashboard=True, dashboard_host="127.0.0.1", num_cpus=num_cpus,
                  log_to_driver=log_to_driver, runtime_env=runtime_env)
     return ray
