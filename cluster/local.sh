@@ -12,7 +12,8 @@
 #   env         RAY_ADDRESS (dashboard, for `ray job submit`), CWPO_RAY_GCS_ADDRESS (for ray.init /
 #               `ray status`), RAY_AUTH_MODE / RAY_AUTH_TOKEN_PATH, ... -- `set -a; . env; set +a`
 #   auth_token  the cluster's own token (Ray 2.60 token authentication), not ~/.ray/auth_token
-#   ray/        the cluster's Ray temp dir (sessions, logs), so it never meets a test's ray.init
+#   ray/        the head node's Ray temp dir (sessions, logs), so it never meets a test's ray.init;
+#   ray-wN/     worker node N's own (nodes on one machine must not share runtime_resources/)
 #   pids        the cluster's process ids at `up` (for reference: `down` finds them afresh as the
 #               processes that name ray/ on their command line, and their descendants)
 #
@@ -131,7 +132,7 @@ cmd_up() {
   unset RAY_AUTH_TOKEN RAY_ADDRESS
 
   read -r gcs dash client <<<"$(free_ports 3)"
-  local common=(--node-ip-address=127.0.0.1 --temp-dir="$DIR/ray" --num-cpus="$cpus" --num-gpus=0
+  local common=(--node-ip-address=127.0.0.1 --num-cpus="$cpus" --num-gpus=0
                 --object-store-memory="$store" --disable-usage-stats)
   # Per-node agent ports: the defaults (52365, ...) would collide between nodes on one machine.
   node_ports() { read -r a g r m <<<"$(free_ports 4)"
@@ -139,7 +140,7 @@ cmd_up() {
 
   # shellcheck disable=SC2046
   start_node "$DIR/head.log" --head --port="$gcs" --include-dashboard=true --dashboard-host=127.0.0.1 \
-    --dashboard-port="$dash" --ray-client-server-port="$client" "${common[@]}" $(node_ports) \
+    --dashboard-port="$dash" --ray-client-server-port="$client" --temp-dir="$DIR/ray" "${common[@]}" $(node_ports) \
     2>/dev/null || grep -q "timed out during startup" "$DIR/head.log" \
     || { cat "$DIR/head.log" >&2; cmd_down >/dev/null 2>&1 || true; die "the head node did not start (log above)"; }
   # `ray start` gives a raylet 30 s to register with the GCS and then reports failure, but leaves
@@ -148,7 +149,11 @@ cmd_up() {
   local i
   for ((i = 1; i <= workers; i++)); do
     # shellcheck disable=SC2046
-    start_worker "$DIR/worker-$i.log" --address="127.0.0.1:$gcs" "${common[@]}" $(node_ports) 2>/dev/null \
+    # Each node its own temp dir, as on separate machines: nodes sharing one would share
+    # runtime_resources/, and a node's agent deleting its unused copy of a job's working_dir
+    # would pull it from under a driver still running in it on the other node.
+    start_worker "$DIR/worker-$i.log" --address="127.0.0.1:$gcs" --temp-dir="$DIR/ray-w$i" "${common[@]}" \
+      $(node_ports) 2>/dev/null \
       || grep -q "timed out during startup" "$DIR/worker-$i.log" \
       || { cat "$DIR/worker-$i.log" >&2; cmd_down >/dev/null 2>&1 || true; die "worker node $i did not start (log above)"; }
   done

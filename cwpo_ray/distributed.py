@@ -105,12 +105,14 @@ def device_for(dist: DistributedConfig) -> torch.device:
 class DDPEngine:
     """DistributedDataParallel with gradient accumulation, clipping and a scheduler."""
 
-    def __init__(self, model, optimizer, scheduler, accumulation_steps: int = 1, max_grad_norm: float | None = 1.0):
+    def __init__(self, model, optimizer, make_scheduler, accumulation_steps: int = 1,
+                 max_grad_norm: float | None = 1.0):
         import ray.train.torch
 
         self.module = model
         self.wrapped = ray.train.torch.prepare_model(model) if world()[1] > 1 else model
-        self.optimizer, self.scheduler = optimizer, scheduler
+        self.optimizer = optimizer
+        self.scheduler = make_scheduler(optimizer) if make_scheduler else None
         self.accumulation_steps, self.max_grad_norm = accumulation_steps, max_grad_norm
         self._micro = 0
 
@@ -160,15 +162,17 @@ class DeepSpeedEngine:
 
     TAG = "ckpt"
 
-    def __init__(self, model, optimizer, scheduler, dist: DistributedConfig, micro_batch_size: int,
+    def __init__(self, model, optimizer, make_scheduler, dist: DistributedConfig, micro_batch_size: int,
                  accumulation_steps: int = 1, max_grad_norm: float | None = 1.0):
         import deepspeed
 
         config = deepspeed_config(dist, micro_batch_size, accumulation_steps, max_grad_norm, optimizer)
-        if dist.offload_optimizer:
-            optimizer = None  # DeepSpeed builds its CPU optimizer from the config
+        if "optimizer" in config:
+            optimizer = None  # DeepSpeed builds its fused CPU Adam from the config
+        # The schedule is built on the optimizer DeepSpeed really steps (a factory, not an object
+        # made on ours: under offload that one would never be stepped and the LR would stay flat).
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config,
+            model=model, optimizer=optimizer, lr_scheduler=make_scheduler, config=config,
             model_parameters=[p for p in model.parameters() if p.requires_grad])
         self.module = self.engine.module
         self.zero_stage = dist.zero_stage
@@ -221,19 +225,28 @@ def deepspeed_config(dist: DistributedConfig, micro_batch_size: int, accumulatio
         config["gradient_clipping"] = max_grad_norm
     if dist.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu"}
-        group = optimizer.param_groups[0]
-        config["optimizer"] = {"type": "AdamW", "params": {"lr": group["lr"], "weight_decay": group.get("weight_decay", 0.0),
-                                                           "betas": list(group.get("betas", (0.9, 0.999)))}}
+        # Our torch AdamW steps the CPU copy as is on CPU workers. On GPUs, DeepSpeed's fused CPU
+        # Adam (the same AdamW math, built as a C++ op) is much faster at that, so it gets the job.
         config["zero_force_ds_cpu_optimizer"] = False
+        if dist.use_gpu:
+            group = optimizer.param_groups[0]
+            config["optimizer"] = {"type": "AdamW", "params": {
+                "lr": group["lr"], "weight_decay": group.get("weight_decay", 0.0),
+                "betas": list(group.get("betas", (0.9, 0.999))), "eps": group.get("eps", 1e-8)}}
     return config
 
 
-def setup_engine(model, optimizer, scheduler, dist: DistributedConfig, micro_batch_size: int,
+def setup_engine(model, optimizer, make_scheduler, dist: DistributedConfig, micro_batch_size: int,
                  accumulation_steps: int = 1, max_grad_norm: float | None = 1.0):
-    """The model ready to train under ``dist.strategy``; the same interface either way."""
+    """The model ready to train under ``dist.strategy``; the same interface either way.
+
+    ``make_scheduler(optimizer)`` builds the LR schedule (or is None) on whichever optimizer
+    ends up stepping. ``engine.scheduler`` and ``engine.optimizer`` are the live ones.
+    """
     if dist.strategy == "deepspeed":
-        return DeepSpeedEngine(model, optimizer, scheduler, dist, micro_batch_size, accumulation_steps, max_grad_norm)
-    return DDPEngine(model, optimizer, scheduler, accumulation_steps, max_grad_norm)
+        return DeepSpeedEngine(model, optimizer, make_scheduler, dist, micro_batch_size, accumulation_steps,
+                               max_grad_norm)
+    return DDPEngine(model, optimizer, make_scheduler, accumulation_steps, max_grad_norm)
 
 
 def report(metrics: dict, engine=None, client_state: dict | None = None) -> None:

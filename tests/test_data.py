@@ -458,3 +458,29 @@ def test_memory_stays_flat_as_the_input_grows(tmp_path):
     assert growth_kb < 0.25 * added_kb, (
         f"peak RSS grew {growth_kb / 1024:.1f} MiB for {added_kb / 1024:.1f} MiB more input "
         f"({peak_small / 1024:.0f} -> {peak_large / 1024:.0f} MiB)")
+
+
+def test_a_killed_run_publishes_nothing_and_a_rerun_completes(tmp_path):
+    """SIGKILL `cwpo data` while it writes: no table appears under its final name; the rerun counts add up."""
+    import signal
+    import time
+
+    n = 30_000
+    source = write_hh_volume(tmp_path / "hh.jsonl", n)
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "cwpo_ray.cli", "data", "--source", f"hh-rlhf:{source}", "--out", str(out),
+           "--no-progress"]
+    proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while not list(out.glob(".*.tmp-*")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run ended before it could be killed: " + proc.stderr.read().decode()[-500:]
+    time.sleep(0.5)  # well inside the writing
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert [p.name for p in out.iterdir() if not p.name.startswith(".")] == []  # only hidden temporaries
+    assert subprocess.run(cmd, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True,
+                          timeout=300).returncode == 0
+    counts = json.loads((out / "manifest.json").read_text())["counts"]
+    assert counts["read"] == n and counts["kept"] + counts["quarantined"] == n

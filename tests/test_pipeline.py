@@ -196,3 +196,28 @@ def test_pipeline_tiny_end_to_end(ray_cluster, mlflow_server, tiny_encoder, tiny
     table = (tmp_path / "cmp" / "compare.md").read_text()
     assert all(f"| {arm} | dpo |" in table for arm in ("human", "human_labeled_only", "ws", "cw"))
     assert (tmp_path / "cmp" / "compare.png").stat().st_size > 1000
+
+
+def test_a_stage_that_dies_midway_is_rerun_not_reused(tmp_path):
+    """The marker is written last: partial output without it is never taken as done."""
+    from cwpo_ray.recipes.pipeline import stage
+
+    folder = tmp_path / "annotate"
+    calls = []
+
+    def dies_midway():
+        (folder / "annotated.parquet").write_text("half")
+        raise KeyboardInterrupt  # as a Ctrl-C or a lost driver would stop it
+
+    def works():
+        calls.append(1)
+        (folder / "annotated.parquet").write_text("whole")
+        return {"pairs": 3}
+
+    with pytest.raises(KeyboardInterrupt):
+        stage(folder, "fp1", dies_midway)
+    assert not (folder / ".stage.json").exists()
+    assert stage(folder, "fp1", works) == {"pairs": 3} and calls == [1]  # rerun, not reused
+    assert stage(folder, "fp1", dies_midway) == {"pairs": 3}  # done: reused, work not called
+    assert stage(folder, "fp2", works) == {"pairs": 3} and calls == [1, 1]  # another config: redone
+    assert (folder / "annotated.parquet").read_text() == "whole"

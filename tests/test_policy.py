@@ -1,8 +1,9 @@
 """Policy training: tokenization and log-prob mechanics, weighted PO steps, and the Ray Train recipe.
 
-The recipe tests share one tiny preference task and run 4 short Ray Train stages in all:
-SFT + PO under DDP (learning), the same PO under DeepSpeed ZeRO-2 (same loss curve), and
-ZeRO-2 again with an injected worker failure (resumes at the saved step, same curve).
+The recipe tests share one tiny preference task and run 5 short Ray Train stages in all:
+SFT + PO under DDP (learning), the same PO under DeepSpeed ZeRO-2 (same loss curve), under
+ZeRO-3 with optimizer offload and gradient accumulation and a killed worker (resumes at the
+saved step, same curve), and LoRA on one worker.
 """
 
 from __future__ import annotations
@@ -266,9 +267,14 @@ def test_deepspeed_zero2_and_ddp_give_the_same_loss_curve(ddp_run, zero2_run, ml
     assert ddp[-1][1] < ddp[0][1]
 
 
-def test_resume_after_worker_failure_continues_at_the_saved_step(ddp_run, zero2_run, mlflow_server):
+def test_zero3_offload_accumulation_resumes_after_a_killed_worker(ddp_run, zero2_run, mlflow_server):
+    """ZeRO-3 with the optimizer offloaded, 2 micro-batches of 2 instead of one batch of 4 (the same
+    global batch, hence the same updates), and the last worker's process killed at step 6."""
+    from transformers import AutoModelForCausalLM
+
     root, ddp_out, _ = ddp_run
-    out, run_id = _po_from_sft(root, ddp_out, "zero2-failure", strategy="deepspeed", zero_stage=2,
+    out, run_id = _po_from_sft(root, ddp_out, "zero3-offload-failure", strategy="deepspeed", zero_stage=3,
+                               offload_optimizer=True, batch_size=2, grad_accumulation=2,
                                fail_at_step=5, checkpoint_every=2, max_failures=1)
     assert (out / ".failed-at-5").exists()  # the failure did happen
     curve = _curve(mlflow_server, run_id)
@@ -277,10 +283,29 @@ def test_resume_after_worker_failure_continues_at_the_saved_step(ddp_run, zero2_
     steps = [s for s, _ in curve]
     assert steps == [1, 2, 3, 4, 5, 5] + list(range(6, 9))
     expected = dict(_curve(mlflow_server, zero2_run[1]))
-    # after the restart every step matches the uninterrupted run: the weights, AdamW moments and
+    # after the restart every step matches the uninterrupted ZeRO-2 run: the weights, AdamW moments and
     # the LR schedule all came back from the checkpoint (a fresh optimizer would change them)
     for step, value in curve:
         assert value == pytest.approx(expected[step], rel=CURVE_RTOL), step
+    lr = dict(_curve(mlflow_server, run_id, "learning_rate"))
+    assert lr == pytest.approx(dict(_curve(mlflow_server, zero2_run[1], "learning_rate")), rel=1e-9)
+    # ZeRO-3 shards the weights; the saved model is whole and equals the ZeRO-2 run's
+    final = AutoModelForCausalLM.from_pretrained(out / "policy").state_dict()
+    reference = AutoModelForCausalLM.from_pretrained(zero2_run[0] / "policy").state_dict()
+    for name, tensor in reference.items():
+        assert torch.allclose(final[name], tensor, rtol=1e-3, atol=1e-5), name
+
+
+def test_lora_trains_adapters_and_saves_a_merged_model(ddp_run, tiny_decoder):
+    """LoRA on q/v projections: only those matrices change; the saved folder is a plain transformers model."""
     from transformers import AutoModelForCausalLM
 
-    assert AutoModelForCausalLM.from_pretrained(out / "policy") is not None
+    root, ddp_out, _ = ddp_run
+    out = root / "lora"
+    _run(root / "pairs.parquet", ddp_out / "sft", out, sft_epochs=0, epochs=1, num_workers=1, batch_size=8,
+         strategy="ddp", lora=True, lora_r=4, lr=5e-2)
+    start = AutoModelForCausalLM.from_pretrained(ddp_out / "sft").state_dict()
+    tuned = AutoModelForCausalLM.from_pretrained(out / "policy").state_dict()
+    assert set(tuned) == set(start)  # merged: no lora_A / lora_B keys left
+    changed = {name for name in start if not torch.equal(start[name], tuned[name])}
+    assert changed and all(name.endswith(("q_proj.weight", "v_proj.weight")) for name in changed), changed

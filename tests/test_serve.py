@@ -266,3 +266,115 @@ def test_cli_help_and_bad_flag(capsys):
         main(["serve", "--help"])
     assert exit_.value.code == 0 and "CWPO_API_TOKEN" in capsys.readouterr().out
     assert main(["serve", "--annotator", str(REPO), "--port", "0"]) == 2
+
+
+# ----------------------------------------------------------------------------- fuzzing from the schema
+
+
+def _fuzz(url: str, headers: dict, check, examples: int) -> int:
+    """Every operation of the app's own OpenAPI schema, valid and invalid data; returns the calls made."""
+    import schemathesis
+    from hypothesis import HealthCheck, given, settings
+    from schemathesis import GenerationMode
+
+    schema = schemathesis.openapi.from_url(f"{url}/openapi.json", headers=AUTH, timeout=30)
+    operations = [result.ok() for result in schema.get_all_operations()]
+    assert {op.label for op in operations} == {"POST /v1/annotate", "GET /v1/health", "GET /v1/info"}
+    calls = 0
+    for op in operations:
+        for mode in GenerationMode:
+            @settings(max_examples=examples, deadline=None, database=None, derandomize=True,
+                      suppress_health_check=list(HealthCheck))
+            @given(case=op.as_strategy(generation_mode=mode))
+            def call(case):
+                nonlocal calls
+                calls += 1
+                response = case.call(base_url=url, headers=headers, timeout=60)
+                check(op.label, case, response)
+
+            call()
+    return calls
+
+
+def test_schema_fuzz_with_token_never_5xx(server):
+    """schemathesis, valid and invalid data: never a 5xx; errors carry a JSON body; 200s match the schema."""
+    def check(label, case, response):
+        assert response.status_code < 500, (label, case.body, response.text)
+        if response.status_code >= 400:
+            assert "error" in response.json(), (label, case.body, response.text)
+        elif label == "POST /v1/annotate":
+            results = response.json()["results"]
+            assert results and all(r["preferred"] in ("a", "b") and 0 <= r["confidence"] < 1 for r in results)
+
+    assert _fuzz(server, AUTH, check, examples=25) > 50
+
+
+def test_schema_fuzz_without_token_is_always_401(server):
+    """The same generated requests without the token: nothing but /v1/health answers, and never a 5xx."""
+    def check(label, case, response):
+        if label == "GET /v1/health":
+            assert response.status_code == 200
+        else:
+            assert response.status_code == 401, (label, case.body, response.text)
+
+    assert _fuzz(server, {"Authorization": ""}, check, examples=10) > 20
+
+
+# ----------------------------------------------------------------------------- faults (last: restarts the replica)
+
+
+def _replica_pids() -> set[int]:
+    import psutil
+
+    pids = set()
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        cmdline = " ".join(proc.info["cmdline"] or [])
+        if "ServeReplica" in cmdline and "Annotator" in cmdline:
+            pids.add(proc.info["pid"])
+    return pids
+
+
+def test_killed_replica_recovers_and_in_flight_requests_get_a_clean_error(server, annotator_dir):
+    import signal
+    import threading
+    import time
+
+    (pid,) = _replica_pids()
+    pairs = as_request(synthetic_pairs(MAX_PAIRS, seed=9))
+    want = expected_labels(annotator_dir, pairs)
+    outcomes: list[tuple[float, int, str]] = []
+    stop = threading.Event()
+
+    def client():
+        while not stop.is_set():
+            try:
+                r = post(server, {"pairs": pairs})
+                outcomes.append((time.monotonic(), r.status_code, r.text))
+            except requests.RequestException as e:  # a reset connection would be an unclean error
+                outcomes.append((time.monotonic(), -1, repr(e)))
+
+    threads = [threading.Thread(target=client) for _ in range(8)]
+    for t in threads:
+        t.start()
+    time.sleep(3)
+    killed_at = time.monotonic()
+    os.kill(pid, signal.SIGKILL)
+    deadline = killed_at + 180
+    while time.monotonic() < deadline and not any(s == 200 and at > killed_at + 1 for at, s, _ in outcomes):
+        time.sleep(0.5)
+    time.sleep(1)
+    stop.set()
+    for t in threads:
+        t.join(timeout=120)
+
+    before = [o for o in outcomes if o[0] < killed_at]
+    after = [o for o in outcomes if o[0] >= killed_at]
+    assert before and all(s == 200 for _, s, _ in before)
+    errors = [(s, text) for _, s, text in after if s != 200]
+    # In flight when the replica died: a 5xx from Serve's proxy with a body, never a hang or a reset.
+    assert all(500 <= s < 600 and text for s, text in errors), errors[:3]
+    assert any(s == 200 for _, s, _ in after), "no request succeeded after the replica was killed"
+    (new_pid,) = _replica_pids()
+    assert new_pid != pid
+    got = post(server, {"pairs": pairs}).json()["results"]
+    assert [g["reward_a"] for g in got] == want["reward_a"] and [g["preferred"] for g in got] == want["preferred"]

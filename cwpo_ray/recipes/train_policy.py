@@ -19,8 +19,10 @@ Truncation rule: the prompt is cut from the LEFT to --max-prompt-length tokens, 
 response (EOS appended) is cut from the RIGHT so prompt + response fits --max-length; at
 least one response token is kept. The loss covers response tokens only.
 
-Batches: each step takes --batch-size pairs per worker (the global batch is the same data
-whatever the worker count); an epoch drops the last incomplete global batch. Checkpoints
+Batches: each optimizer step takes --grad-accumulation micro-batches of --batch-size pairs per
+worker (the global batch is the same data whatever the worker count, and N workers x K
+micro-batches give the same update as N*K workers); an epoch drops the last incomplete
+global batch. Checkpoints
 every --checkpoint-every steps; a failed worker is restarted (--max-failures) and training
 resumes from the last checkpoint at its step, with the optimizer and schedule state.
 Rerunning the same command into the same DIR continues where it stopped (--no-resume
@@ -31,6 +33,7 @@ starts over). DIR must be on storage every worker can read and write. Metrics go
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -62,7 +65,9 @@ class Config:
     lr: float = option(5e-6, "PO peak learning rate (cosine schedule after warm-up)")
     warmup_steps: int = option(100, "linear warm-up steps (capped at 10%% of the steps when there are fewer)")
     weight_decay: float = option(0.05, "AdamW weight decay (PO and SFT)")
-    batch_size: int = option(8, "pairs per worker per step")
+    batch_size: int = option(8, "pairs per worker per forward pass (micro-batch)")
+    grad_accumulation: int = option(1, "micro-batches per optimizer step (global batch = batch_size x "
+                                       "grad_accumulation x num_workers)")
     max_length: int = option(512, "max tokens of prompt + response")
     max_prompt_length: int = option(256, "max prompt tokens (cut from the left)")
     max_steps: Optional[int] = option(None, "stop each stage after this many steps (smoke tests, benchmarks)")
@@ -95,7 +100,7 @@ class Config:
 
         parse_weighting(self.weighting)
         Lengths(self.max_prompt_length, self.max_length)
-        for name in ("epochs", "batch_size", "num_workers", "checkpoint_every", "ref_batch_size"):
+        for name in ("epochs", "batch_size", "grad_accumulation", "num_workers", "checkpoint_every", "ref_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.sft_epochs < 0 or self.warmup_steps < 0:
@@ -166,9 +171,9 @@ def write_train_pairs(cfg: Config, path: Path) -> int:
         raise ValueError(f"{cfg.data}: confidence must be in [0, 1] on every row")
     keep, weights = pair_weights(confidence, cfg.weighting, table.num_rows)
     table = table.select(list(LABELED_COLUMNS)).take(keep).append_column("weight", pa.array(weights, pa.float64()))
-    if table.num_rows < cfg.batch_size * cfg.num_workers:
-        raise ValueError(f"{table.num_rows} pairs is fewer than one global batch "
-                         f"({cfg.batch_size} x {cfg.num_workers} workers)")
+    if table.num_rows < cfg.batch_size * cfg.grad_accumulation * cfg.num_workers:
+        raise ValueError(f"{table.num_rows} pairs is fewer than one global batch ({cfg.batch_size} x "
+                         f"{cfg.grad_accumulation} micro-batches x {cfg.num_workers} workers)")
     write_table(table, path)
     return table.num_rows
 
@@ -237,7 +242,7 @@ def train_stage(cfg: Config, mode: str, source, table: Path, save_to: Path, n_pa
     from cwpo_ray.distributed import DistributedConfig, run_trainer
 
     epochs, lr = (cfg.sft_epochs, cfg.sft_lr) if mode == "sft" else (cfg.epochs, cfg.lr)
-    plan = StepPlan(n_pairs, cfg.batch_size, cfg.num_workers, epochs, cfg.seed, cfg.max_steps)
+    plan = StepPlan(n_pairs, cfg.batch_size, cfg.num_workers, epochs, cfg.seed, cfg.max_steps, cfg.grad_accumulation)
     warmup = cfg.warmup_steps if cfg.warmup_steps < plan.total_steps else plan.total_steps // 10
     print(f"train-policy {mode}: {n_pairs} pairs, {plan.total_steps} steps ({plan.steps_per_epoch}/epoch), "
           f"global batch {plan.global_batch}, warm-up {warmup}, lr {lr}")
@@ -261,10 +266,11 @@ class StepPlan:
     epochs: int
     seed: int
     max_steps: Optional[int] = None
+    accumulation: int = 1
 
     @property
     def global_batch(self) -> int:
-        return self.batch_size * self.world
+        return self.batch_size * self.accumulation * self.world
 
     @property
     def steps_per_epoch(self) -> int:
@@ -275,13 +281,16 @@ class StepPlan:
         total = self.steps_per_epoch * self.epochs
         return min(total, self.max_steps) if self.max_steps else total
 
-    def rows(self, step: int, rank: int) -> list[int]:
+    def rows(self, step: int, rank: int) -> list[list[int]]:
+        """This worker's micro-batches of optimizer step ``step``."""
         import torch
 
         epoch, i = divmod(step, self.steps_per_epoch)
         order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 1000 + epoch))
-        start = i * self.global_batch + rank * self.batch_size
-        return order[start:start + self.batch_size].tolist()
+        per_worker = self.batch_size * self.accumulation
+        start = i * self.global_batch + rank * per_worker
+        mine = order[start:start + per_worker].tolist()
+        return [mine[k:k + self.batch_size] for k in range(0, per_worker, self.batch_size)]
 
 
 def train_loop(lc: dict) -> None:
@@ -305,8 +314,9 @@ def train_loop(lc: dict) -> None:
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lc["lr"], weight_decay=lc["weight_decay"])
-    scheduler = get_cosine_schedule_with_warmup(optimizer, lc["warmup_steps"], plan.total_steps)
-    engine = setup_engine(model, optimizer, scheduler, dist, micro_batch_size=plan.batch_size)
+    engine = setup_engine(model, optimizer, lambda opt: get_cosine_schedule_with_warmup(
+        opt, lc["warmup_steps"], plan.total_steps), dist, micro_batch_size=plan.batch_size,
+        accumulation_steps=plan.accumulation)
     start = (resume(engine) or {}).get("step", 0)
     logger = RankZeroLogger(lc["tracking_uri"], lc["run_id"])
     if lc["mode"] == "po":
@@ -322,12 +332,16 @@ def train_loop(lc: dict) -> None:
     for step in range(start, plan.total_steps):
         _maybe_fail(lc, step, rank, world_size)
         t0 = time.perf_counter()
-        loss, metrics = step_loss(engine, tokenizer, rows, plan.rows(step, rank), lc)
-        engine.backward_and_step(loss)
+        metrics = {}
+        for micro in plan.rows(step, rank):
+            loss, micro_metrics = step_loss(engine, tokenizer, rows, micro, lc)
+            engine.backward_and_step(loss)  # steps the optimizer after the last micro-batch
+            for k, v in micro_metrics.items():  # token counts summed, the rest averaged
+                metrics[k] = metrics.get(k, 0.0) + (v if k == "tokens" else v / plan.accumulation)
         metrics = _mean_over_workers(metrics, world_size, device)
         seconds = time.perf_counter() - t0
         metrics.update({"pairs_per_s": plan.global_batch / seconds, "tokens_per_s": metrics.pop("tokens") / seconds,
-                        "learning_rate": scheduler.get_last_lr()[0], "epoch": (step + 1) / plan.steps_per_epoch})
+                        "learning_rate": engine.scheduler.get_last_lr()[0], "epoch": (step + 1) / plan.steps_per_epoch})
         logger.log_metrics({prefix + k: v for k, v in metrics.items()}, step=step + 1)
         if bar is not None:
             bar.update(1)
@@ -410,13 +424,18 @@ def _progress_bar(lc: dict, rank: int, plan: StepPlan, start: int):
 
 
 def _maybe_fail(lc: dict, step: int, rank: int, world_size: int) -> None:
-    """Testing hook: the last worker raises once at PO step ``fail_at_step`` (a marker file makes it once)."""
+    """Testing hook: the last worker's process dies once at PO step ``fail_at_step`` (a marker makes it once).
+
+    It waits first: Ray Train's controller collects a reported checkpoint on its next poll
+    (every 2 s), and a checkpoint not yet collected is lost with the worker.
+    """
     if lc["mode"] != "po" or step != lc["fail_at_step"] or rank != world_size - 1:
         return
     marker = Path(lc["save_to"]).parent / f".failed-at-{step}"
     if not marker.exists():
         marker.write_text("injected failure\n")
-        raise RuntimeError(f"injected worker failure at step {step}")
+        time.sleep(8)
+        os._exit(1)  # no exception, no cleanup: as if the process were killed
 
 
 def _existing_run(run_id_file: Path, uri: str) -> Optional[str]:
