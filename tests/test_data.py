@@ -466,7 +466,8 @@ def test_a_killed_run_publishes_nothing_and_a_rerun_completes(tmp_path):
     import time
 
     n = 30_000
-    source = write_hh_volume(tmp_path / "hh.jsonl", n)
+    source = tmp_path / "hh.jsonl"
+    write_hh_volume(source, n)
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "cwpo_ray.cli", "data", "--source", f"hh-rlhf:{source}", "--out", str(out),
            "--no-progress"]
