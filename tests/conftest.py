@@ -27,6 +27,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_for_mlflow(uri: str, proc: subprocess.Popen, log: Path, timeout_s: float = 300) -> None:
+    """Until the server answers /health; patient: on a loaded 2-core machine it has taken over 90 s."""
+    import urllib.request
+
+    deadline = time.time() + timeout_s
+    while True:
+        try:
+            urllib.request.urlopen(f"{uri}/health", timeout=5)
+            return
+        except OSError:
+            if proc.poll() is not None or time.time() > deadline:
+                raise RuntimeError(f"mlflow server did not start: {log.read_text()[-2000:]}") from None
+            time.sleep(0.5)
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
     """A real local Ray cluster, started once, bound to 127.0.0.1."""
@@ -52,18 +67,11 @@ def mlflow_server(tmp_path_factory):
          "--workers", "1"],
         stdout=log, stderr=subprocess.STDOUT)
     uri = f"http://127.0.0.1:{port}"
-    import urllib.request
-
-    deadline = time.time() + 300
-    while True:
-        try:
-            urllib.request.urlopen(f"{uri}/health", timeout=2)
-            break
-        except OSError:
-            if proc.poll() is not None or time.time() > deadline:
-                proc.kill()
-                raise RuntimeError(f"mlflow server did not start: {(root / 'server.log').read_text()[-2000:]}")
-            time.sleep(0.5)
+    try:
+        wait_for_mlflow(uri, proc, root / "server.log")
+    except RuntimeError:
+        proc.kill()
+        raise
     old = os.environ.get("MLFLOW_TRACKING_URI")
     os.environ["MLFLOW_TRACKING_URI"] = uri
     yield uri

@@ -8,6 +8,7 @@ Slow: a head and a worker node on 127.0.0.1 (cluster/local.sh), jobs submitted w
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -147,9 +148,8 @@ def mlflow_script_server(tmp_path_factory):
     2-core machine the server has taken over 90 s to answer /health.
     """
     import signal
-    import urllib.request
 
-    from conftest import free_port
+    from conftest import free_port, wait_for_mlflow
 
     root = tmp_path_factory.mktemp("mlflow-script")
     port = free_port()
@@ -159,15 +159,7 @@ def mlflow_script_server(tmp_path_factory):
                             stderr=subprocess.STDOUT, start_new_session=True)
     uri = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 300
-        while True:
-            try:
-                urllib.request.urlopen(f"{uri}/health", timeout=5)
-                break
-            except OSError:
-                if proc.poll() is not None or time.time() > deadline:
-                    raise RuntimeError(f"mlflow/server.sh did not start: {(root / 'server.log').read_text()[-2000:]}")
-                time.sleep(1)
+        wait_for_mlflow(uri, proc, root / "server.log")
         yield uri
     finally:
         for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 10)):
@@ -234,69 +226,58 @@ def _submit(env: dict, runtime_env: Path, args: list[str], timeout: int = 420) -
 
 
 @pytest.mark.slow
-def test_jobs_on_a_two_node_cluster_log_to_mlflow(local_cluster, mlflow_script_server, tiny_encoder, tmp_path):
-    from mlflow.tracking import MlflowClient
-
-    from fixtures_data import write_parquet
-    from tiny_models import synthetic_pairs
-
-    env = local_cluster
-    status = subprocess.run(["bash", LOCAL_SH, "status"], env=env, capture_output=True, text=True, timeout=120)
-    assert status.returncode == 0, status.stderr
-    assert len(set(re.findall(r"\bnode_[0-9a-f]+", status.stdout))) == 2, status.stdout
-    mlflow_server = mlflow_script_server
-    runtime_env = _runtime_env(tmp_path, mlflow_server)
-
-    # 1. A trivial stage job: `cwpo data` on a small pairs table (absolute paths: the job's cwd is a copy).
-    write_parquet(tmp_path / "pairs.parquet", synthetic_pairs(40))
-    log = _submit(env, runtime_env, ["jobs/data.py", "--source", f"pairs:{tmp_path / 'pairs.parquet'}",
-                                     "--out", str(tmp_path / "data"), "--no-progress"])
-    assert "cwpo data: read 40 rows" in log
-    assert (tmp_path / "data" / "labeled.parquet").exists()
-
-    # 2. Ray Train on two workers of 1 CPU each -- one per node, so training spans both nodes --
-    #    logging to the MLflow server, read back over HTTP.
-    log = _submit(env, runtime_env, [
-        "jobs/train_annotator.py", "--data", str(tmp_path / "data" / "labeled.parquet"), "--model", str(tiny_encoder),
-        "--out", str(tmp_path / "annotator"), "--num-workers", "2", "--epochs", "1", "--batch-size", "4",
-        "--max-length", "32", "--heldout-fraction", "0.3", "--storage-path", str(tmp_path / "ray-storage"),
-        "--experiment", "cwpo-cluster-test", "--run-name", "two-nodes", "--no-progress"])
-    assert "wrote " in log
-    client = MlflowClient(mlflow_server)
-    exp = client.get_experiment_by_name("cwpo-cluster-test")
-    (run,) = client.search_runs([exp.experiment_id], filter_string="attributes.run_name = 'two-nodes'")
-    assert run.info.status == "FINISHED"
-    assert {"train_loss", "heldout_bt_loss", "best_heldout_accuracy"} <= set(run.data.metrics)
-    assert 0.0 <= run.data.metrics["best_heldout_accuracy"] <= 1.0
-    assert run.data.params["num_workers"] == "2" and run.data.tags["stage"] == "train-annotator"
-    assert "git_commit" in run.data.tags
-    assert {"config.yaml", "annotator"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(os.environ.get("CWPO_TEST_CLUSTER_PIPELINE", "0") != "1",
-                    reason="opt-in (CWPO_TEST_CLUSTER_PIPELINE=1): ~6 min, and the job still fails late "
-                           "(FileNotFoundError from os.path.abspath in the driver: a deleted cwd)")
 def test_tiny_pipeline_job_on_a_two_node_cluster(local_cluster, mlflow_script_server, tiny_encoder, tiny_decoder,
                                                   tmp_path):
-    """The whole pipeline as one Ray job (tiny models, two arms), its results read from MLflow."""
-    mlflow_server = mlflow_script_server
+    """The main job as a user runs it: `ray job submit` of the pipeline (tiny models, four arms) to a
+    2-node cluster on loopback, results read back from the MLflow server over HTTP, then resumed."""
     from mlflow.tracking import MlflowClient
 
     from test_pipeline import synthetic_benchmark, tiny_preset
 
+    env, uri = local_cluster, mlflow_script_server
+    status = subprocess.run(["bash", LOCAL_SH, "status"], env=env, capture_output=True, text=True, timeout=120)
+    assert status.returncode == 0, status.stderr
+    assert len(set(re.findall(r"\bnode_[0-9a-f]+", status.stdout))) == 2, status.stdout
+
     bench = synthetic_benchmark(tmp_path / "bench")
     preset = tiny_preset(tmp_path, bench, tiny_encoder, tiny_decoder)
-    preset.update(arms=["human", "cw"], experiment="cwpo-cluster-pipeline", run_name="tiny-on-cluster")
-    config_file = tmp_path / "tiny.yaml"
-    config_file.write_text(yaml.safe_dump(preset))
-    _submit(local_cluster, _runtime_env(tmp_path, mlflow_server), ["jobs/pipeline.py", "--config", str(config_file)],
-            timeout=900)
+    preset["annotator"]["num_workers"] = 2  # 1 CPU per node: the annotator's two workers span both nodes
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(preset))
+    runtime_env = _runtime_env(tmp_path, uri)
+    _submit(env, runtime_env, ["jobs/pipeline.py", "--config", str(config)], timeout=900)
 
-    import json
-
-    runs = json.loads((tmp_path / "run" / "mlflow_runs.json").read_text())
-    parent = MlflowClient(mlflow_server).get_run(runs["parent"])
-    assert parent.info.run_name == "tiny-on-cluster"
-    for arm in ("human", "cw"):
+    run_dir = tmp_path / "run"
+    runs = json.loads((run_dir / "mlflow_runs.json").read_text())
+    client = MlflowClient(uri)
+    parent = client.get_run(runs["parent"])
+    assert parent.info.run_name == "tiny" and parent.info.status == "FINISHED"
+    assert "git_commit" in parent.data.tags
+    for arm in ("human", "human_labeled_only", "ws", "cw"):
         assert 0.0 <= parent.data.metrics[f"{arm}.dpo.gra"] <= 1.0
+        child = client.get_run(runs["children"][f"{arm}/dpo"]["run_id"])
+        assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert {"eval/gra", "eval/gra_lo", "eval/gra_hi", "eval/gold_policy", "human_labels_used"} <= set(
+            child.data.metrics)
+        assert (run_dir / "arms" / f"{arm}-dpo" / "eval" / "eval.json").exists()
+    assert {"annotator.gold_accuracy", "annotator.heldout_accuracy"} <= set(parent.data.metrics)
+    assert {"compare.md", "compare.png"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
+    experiment = client.get_experiment_by_name("cwpo-tiny")
+    (annotator_run,) = client.search_runs([experiment.experiment_id], "attributes.run_name = 'train-annotator'")
+    assert annotator_run.data.params["num_workers"] == "2" and "train_loss" in annotator_run.data.metrics
+    assert {"config.yaml", "annotator"} <= {a.path for a in client.list_artifacts(annotator_run.info.run_id)}
+
+    # Submitted again, the job reuses every stage (markers) and logs to the same runs.
+    log = _submit(env, runtime_env, ["jobs/pipeline.py", "--config", str(config)], timeout=600)
+    assert log.count("reusing") == 4 + 4, log[-3000:]  # data, annotator, annotate, sft + four arms
+    assert json.loads((run_dir / "mlflow_runs.json").read_text())["parent"] == runs["parent"]
+
+    # `cwpo compare` renders the table from the tracking server.
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    try:
+        assert cli.main(["compare", "--experiment", "cwpo-tiny", "--out", str(tmp_path / "cmp"), "--no-log"]) == 0
+    finally:
+        del os.environ["MLFLOW_TRACKING_URI"]
+    table = (tmp_path / "cmp" / "compare.md").read_text()
+    assert all(f"| {arm} | dpo |" in table for arm in ("human", "human_labeled_only", "ws", "cw"))
+    assert (tmp_path / "cmp" / "compare.png").stat().st_size > 1000
