@@ -45,11 +45,16 @@ def sentence(rng: random.Random, lo: int, hi: int) -> str:
     return " ".join(rng.choice(WORDS) for _ in range(rng.randint(lo, hi))).capitalize() + "."
 
 
-def make_pairs(n: int, seed: int = 0) -> list[dict]:
-    """Prompt 8-16 words, responses 20-40 words: 30-60 MiniLM tokens per prompt + response."""
+def make_pairs(n: int, seed: int = 0, prompt_words=(8, 16), response_words=(20, 40)) -> list[dict]:
+    """By default prompt 8-16 words, responses 20-40 words: 30-60 MiniLM tokens per prompt + response."""
     rng = random.Random(seed)
-    return [{"id": f"b{i}", "prompt": sentence(rng, 8, 16), "response_a": sentence(rng, 20, 40),
-             "response_b": sentence(rng, 20, 40)} for i in range(n)]
+    return [{"id": f"b{i}", "prompt": sentence(rng, *prompt_words), "response_a": sentence(rng, *response_words),
+             "response_b": sentence(rng, *response_words)} for i in range(n)]
+
+
+def word_range(text: str) -> tuple[int, int]:
+    lo, _, hi = text.partition("-")
+    return int(lo), int(hi or lo)
 
 
 class PeakRSS:
@@ -138,6 +143,8 @@ def main() -> None:
     ap.add_argument("--actors", type=int, default=2)
     ap.add_argument("--cpus-per-actor", type=float, default=0.5)
     ap.add_argument("--max-length", type=int, default=128)
+    ap.add_argument("--prompt-words", type=word_range, default=(8, 16), help="LO-HI words per prompt")
+    ap.add_argument("--response-words", type=word_range, default=(20, 40), help="LO-HI words per response")
     args = ap.parse_args()
     cores = psutil.cpu_count(logical=True)
     torch.set_num_threads(cores)
@@ -151,7 +158,7 @@ def main() -> None:
     results = []
     for n in sorted(set(sizes + naive_sizes)):
         data = work / f"pairs-{n}.parquet"
-        write_table(pa.Table.from_pylist(make_pairs(n)), data)
+        write_table(pa.Table.from_pylist(make_pairs(n, 0, args.prompt_words, args.response_words)), data)
         if n in naive_sizes:
             results.append(("(a) naive loop", n, *timed(naive, annotator, data), cores))
             print(results[-1], flush=True)
@@ -163,7 +170,8 @@ def main() -> None:
             results.append((f"(c) cwpo annotate, {args.actors} actors", n, sec, mib, done, cores))
             print(results[-1], flush=True)
 
-    print(f"\nMiniLM-L6 annotator, max_length {args.max_length}, {cores} cores, torch {torch.__version__}")
+    print(f"\nMiniLM-L6 annotator, max_length {args.max_length}, prompts {args.prompt_words} words, responses "
+          f"{args.response_words} words, {cores} cores, torch {torch.__version__}")
     print("| mode | pairs | seconds | pairs/s | pairs/s/core | driver peak RSS (MiB) |")
     print("|---|---:|---:|---:|---:|---:|")
     for mode, n, sec, mib, done, c in results:

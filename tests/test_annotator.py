@@ -297,3 +297,6 @@ def test_annotate_survives_a_killed_actor_with_exact_counts(ray_cluster, tiny_en
     ids = annotated["id"].to_pylist() + quarantine["id"].to_pylist()
     assert len(ids) == len(set(ids)) == count_rows(shards)
     assert json.loads((out / "report.json").read_text())["input_rows"] == count_rows(shards)
+    print(f"reliability: annotate, actor {killed} killed, replacement {sorted(seen - {killed})}: "
+          f"input {count_rows(shards)} = annotated {annotated.num_rows} + quarantined {quarantine.num_rows}, "
+          f"{len(set(ids))} distinct ids")

@@ -278,6 +278,7 @@ def test_zero3_offload_accumulation_resumes_after_a_killed_worker(ddp_run, zero2
                                fail_at_step=5, checkpoint_every=2, max_failures=1)
     assert (out / ".failed-at-5").exists()  # the failure did happen
     curve = _curve(mlflow_server, run_id)
+    print(f"reliability: train-policy ZeRO-3, worker killed at step 6, logged steps {[s for s, _ in curve]}")
     # 32 pairs / global batch 8 = 4 steps an epoch, 2 epochs. The last worker dies at the start of step
     # 6 (index 5); the group restarts from the step-4 checkpoint, so step 5 is logged twice, then 6 ... 8
     steps = [s for s, _ in curve]

@@ -377,5 +377,9 @@ def test_killed_replica_recovers_and_in_flight_requests_get_a_clean_error(server
     assert any(s == 200 for _, s, _ in after), "no request succeeded after the replica was killed"
     (new_pid,) = _replica_pids()
     assert new_pid != pid
+    first_ok = min(at for at, s, _ in after if s == 200) - killed_at
+    print(f"reliability: serve, replica {pid} killed, new replica {new_pid}: {len(before)} requests before "
+          f"(all 200), {len(after)} after: {len(errors)} errors {sorted({s for s, _ in errors})} "
+          f"e.g. {errors[0][1][:80] if errors else ''!r}, first 200 after {first_ok:.1f} s")
     got = post(server, {"pairs": pairs}).json()["results"]
     assert [g["reward_a"] for g in got] == want["reward_a"] and [g["preferred"] for g in got] == want["preferred"]
