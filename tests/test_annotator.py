@@ -276,12 +276,13 @@ def test_annotate_survives_a_killed_actor_with_exact_counts(ray_cluster, tiny_en
     job = threading.Thread(target=lambda: result.append(main([
         "annotate", "--data", str(shards), "--annotator", str(annotator), "--out", str(out),
         "--num-actors", "1", "--batch-size", "32"])))
+    earlier = _map_worker_pids()  # idle actors of earlier jobs in this process are not this job's
     job.start()
 
     killed, seen = None, set()
     deadline = time.monotonic() + 300
     while job.is_alive() and time.monotonic() < deadline:
-        seen |= _map_worker_pids()
+        seen |= _map_worker_pids() - earlier
         written = list(out.glob(".annotate-staging-*/annotated.parquet/*.parquet"))
         if killed is None and seen and written:  # the actor has labeled batches already
             killed = next(iter(seen))

@@ -347,6 +347,9 @@ def run(cfg: Config) -> int:
     staging = out / f".annotate-staging-{uuid.uuid4().hex[:8]}"
     dataset, jsonl = read_input(cfg.data)
     threads = cfg.torch_threads or max(1, round(cfg.cpus_per_actor))
+    # Blocks of one batch each, streamed: a Parquet file with one row group is one block, and one
+    # block goes to one actor, so without this a single big file kept every other actor idle.
+    dataset = dataset.repartition(target_num_rows_per_block=cfg.batch_size)
     labeled = dataset.map_batches(
         LabelBatch, batch_size=cfg.batch_size, batch_format="pyarrow",
         fn_constructor_kwargs=dict(annotator_dir=str(Path(cfg.annotator).resolve()), jsonl=jsonl,
