@@ -310,3 +310,20 @@ def test_lora_trains_adapters_and_saves_a_merged_model(ddp_run, tiny_decoder):
     assert set(tuned) == set(start)  # merged: no lora_A / lora_B keys left
     changed = {name for name in start if not torch.equal(start[name], tuned[name])}
     assert changed and all(name.endswith(("q_proj.weight", "v_proj.weight")) for name in changed), changed
+
+
+def test_deepspeed_config_bf16_on_gpu_fp32_on_cpu():
+    """What each placement asks DeepSpeed for (the GPU run itself needs a GPU; this machine has none)."""
+    from cwpo_ray.distributed import DistributedConfig, deepspeed_config
+
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-6, weight_decay=0.05)
+    cpu = deepspeed_config(DistributedConfig(strategy="deepspeed", zero_stage=3, offload_optimizer=True), 4, 2, 1.0, opt)
+    assert cpu["bf16"] == {"enabled": False} and "optimizer" not in cpu  # fp32, our AdamW steps the CPU copy
+    assert cpu["gradient_accumulation_steps"] == 2 and cpu["train_micro_batch_size_per_gpu"] == 4
+    assert cpu["zero_optimization"]["offload_optimizer"] == {"device": "cpu"}
+    gpu = deepspeed_config(DistributedConfig(strategy="deepspeed", zero_stage=3, offload_optimizer=True, use_gpu=True),
+                           4, 1, 1.0, opt)
+    assert gpu["bf16"] == {"enabled": True}
+    assert gpu["optimizer"] == {"type": "AdamW", "params": {"lr": 3e-6, "weight_decay": 0.05, "betas": [0.9, 0.999],
+                                                            "eps": 1e-8}}
