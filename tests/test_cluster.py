@@ -227,7 +227,7 @@ def _submit(env: dict, runtime_env: Path, args: list[str], timeout: int = 420) -
 
 @pytest.mark.slow
 def test_tiny_pipeline_job_on_a_two_node_cluster(local_cluster, mlflow_script_server, tiny_encoder, tiny_decoder,
-                                                  tmp_path):
+                                                  tmp_path, monkeypatch):
     """The main job as a user runs it: `ray job submit` of the pipeline (tiny models, four arms) to a
     2-node cluster on loopback, results read back from the MLflow server over HTTP, then resumed."""
     from mlflow.tracking import MlflowClient
@@ -273,11 +273,8 @@ def test_tiny_pipeline_job_on_a_two_node_cluster(local_cluster, mlflow_script_se
     assert json.loads((run_dir / "mlflow_runs.json").read_text())["parent"] == runs["parent"]
 
     # `cwpo compare` renders the table from the tracking server.
-    os.environ["MLFLOW_TRACKING_URI"] = uri
-    try:
-        assert cli.main(["compare", "--experiment", "cwpo-tiny", "--out", str(tmp_path / "cmp"), "--no-log"]) == 0
-    finally:
-        del os.environ["MLFLOW_TRACKING_URI"]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # restored after the test: later tests use conftest's server
+    assert cli.main(["compare", "--experiment", "cwpo-tiny", "--out", str(tmp_path / "cmp"), "--no-log"]) == 0
     table = (tmp_path / "cmp" / "compare.md").read_text()
     assert all(f"| {arm} | dpo |" in table for arm in ("human", "human_labeled_only", "ws", "cw"))
     assert (tmp_path / "cmp" / "compare.png").stat().st_size > 1000
