@@ -343,16 +343,17 @@ def test_killed_replica_recovers_and_in_flight_requests_get_a_clean_error(server
     (pid,) = _replica_pids()
     pairs = as_request(synthetic_pairs(MAX_PAIRS, seed=9))
     want = expected_labels(annotator_dir, pairs)
-    outcomes: list[tuple[float, int, str]] = []
+    outcomes: list[tuple[float, float, int, str]] = []  # (sent, answered, status, body)
     stop = threading.Event()
 
     def client():
         while not stop.is_set():
+            sent = time.monotonic()
             try:
                 r = post(server, {"pairs": pairs})
-                outcomes.append((time.monotonic(), r.status_code, r.text))
+                outcomes.append((sent, time.monotonic(), r.status_code, r.text))
             except requests.RequestException as e:  # a reset connection would be an unclean error
-                outcomes.append((time.monotonic(), -1, repr(e)))
+                outcomes.append((sent, time.monotonic(), -1, repr(e)))
 
     threads = [threading.Thread(target=client) for _ in range(8)]
     for t in threads:
@@ -361,25 +362,28 @@ def test_killed_replica_recovers_and_in_flight_requests_get_a_clean_error(server
     killed_at = time.monotonic()
     os.kill(pid, signal.SIGKILL)
     deadline = killed_at + 180
-    while time.monotonic() < deadline and not any(s == 200 and at > killed_at + 1 for at, s, _ in outcomes):
+    while time.monotonic() < deadline and not any(s == 200 and sent > killed_at + 1 for sent, _, s, _ in outcomes):
         time.sleep(0.5)
     time.sleep(1)
     stop.set()
     for t in threads:
         t.join(timeout=120)
 
-    before = [o for o in outcomes if o[0] < killed_at]
-    after = [o for o in outcomes if o[0] >= killed_at]
-    assert before and all(s == 200 for _, s, _ in before)
-    errors = [(s, text) for _, s, text in after if s != 200]
-    # In flight when the replica died: a 5xx from Serve's proxy with a body, never a hang or a reset.
+    done_before = [o for o in outcomes if o[1] < killed_at]
+    in_flight = [o for o in outcomes if o[0] < killed_at <= o[1]]
+    sent_after = [o for o in outcomes if o[0] >= killed_at]
+    assert done_before and all(s == 200 for _, _, s, _ in done_before)
+    errors = [(s, text) for _, _, s, text in in_flight + sent_after if s != 200]
+    # A request the dead replica held gets a 5xx with a body from Serve's proxy, never a hang or a reset.
     assert all(500 <= s < 600 and text for s, text in errors), errors[:3]
-    assert any(s == 200 for _, s, _ in after), "no request succeeded after the replica was killed"
+    ok_after = [sent - killed_at for sent, _, s, _ in sent_after if s == 200]
+    assert ok_after, "no request sent after the kill succeeded"
     (new_pid,) = _replica_pids()
     assert new_pid != pid
-    first_ok = min(at for at, s, _ in after if s == 200) - killed_at
-    print(f"reliability: serve, replica {pid} killed, new replica {new_pid}: {len(before)} requests before "
-          f"(all 200), {len(after)} after: {len(errors)} errors {sorted({s for s, _ in errors})} "
-          f"e.g. {errors[0][1][:80] if errors else ''!r}, first 200 after {first_ok:.1f} s")
+    print(f"reliability: serve, replica {pid} killed, new replica {new_pid}: {len(done_before)} requests answered "
+          f"before (all 200); {len(in_flight)} in flight: {sum(s == 200 for _, _, s, _ in in_flight)} x 200; "
+          f"{len(sent_after)} sent after: {sum(s == 200 for _, _, s, _ in sent_after)} x 200; errors "
+          f"{sorted(s for s, _ in errors)} e.g. {errors[0][1][:60] if errors else ''!r}; first request sent after "
+          f"the kill that succeeded was sent {min(ok_after):.1f} s after it")
     got = post(server, {"pairs": pairs}).json()["results"]
     assert [g["reward_a"] for g in got] == want["reward_a"] and [g["preferred"] for g in got] == want["preferred"]
