@@ -85,7 +85,7 @@ class Config:
     use_gpu: bool = option(False, "one GPU per worker (bf16 under DeepSpeed); else fp32 on CPU")
     cpus_per_worker: float = option(1.0, "CPUs per training worker")
     max_failures: int = option(2, "worker failures to recover from")
-    checkpoint_every: int = option(50, "checkpoint every N optimizer steps (and at the end)")
+    checkpoint_every: int = option(50, "checkpoint every N optimizer steps")
     resume: bool = option(True, "continue from DIR's last checkpoints; --no-resume starts over")
     ref_batch_size: int = option(16, "pairs per worker per batch in the reference log-prob pass")
     seed: int = option(0, "seed of initialization, data order and LoRA")
@@ -346,8 +346,12 @@ def train_loop(lc: dict) -> None:
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{metrics['loss']:.4f}")
-        if (step + 1) % lc["checkpoint_every"] == 0 or step + 1 == plan.total_steps:
+        if (step + 1) % lc["checkpoint_every"] == 0:
             report({**metrics, "step": step + 1}, engine, {"step": step + 1})
+        elif step + 1 == plan.total_steps:
+            # No checkpoint at the end: the final model is saved next; a model + AdamW state written
+            # only to be deleted was the largest fixed cost of a short epoch (bench/RESULTS.md, issue 4).
+            report({**metrics, "step": step + 1})
     if bar is not None:
         bar.close()
     # Whole-loop time (logging and checkpoints included), what a trainer's "runtime" reports.
