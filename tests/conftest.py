@@ -27,6 +27,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def pids_running(*fragments: str) -> set[int]:
+    """Processes whose command line contains every fragment (Ray names actors there, e.g. "ray::MapWorker(...)")."""
+    import psutil
+
+    found = set()
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        cmdline = " ".join(proc.info["cmdline"] or [])
+        if all(f in cmdline for f in fragments):
+            found.add(proc.info["pid"])
+    return found
+
+
 def wait_for_mlflow(uri: str, proc: subprocess.Popen, log: Path, timeout_s: float = 300) -> None:
     """Until the server answers /health; patient: on a loaded 2-core machine it has taken over 90 s."""
     import urllib.request

@@ -249,13 +249,9 @@ def test_annotate_cli_counts_quarantine_and_agreement(ray_cluster, trained, tmp_
 
 
 def _map_worker_pids() -> set[int]:
-    import psutil
+    from conftest import pids_running
 
-    found = set()
-    for proc in psutil.process_iter(["pid", "cmdline"]):
-        if "MapWorker(MapBatches(LabelBatch))" in " ".join(proc.info["cmdline"] or []):
-            found.add(proc.info["pid"])
-    return found
+    return pids_running("MapWorker(MapBatches(LabelBatch))")
 
 
 def test_annotate_survives_a_killed_actor_with_exact_counts(ray_cluster, tiny_encoder, tmp_path):

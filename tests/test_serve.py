@@ -325,14 +325,9 @@ def test_schema_fuzz_without_token_is_always_401(server):
 
 
 def _replica_pids() -> set[int]:
-    import psutil
+    from conftest import pids_running
 
-    pids = set()
-    for proc in psutil.process_iter(["pid", "cmdline"]):
-        cmdline = " ".join(proc.info["cmdline"] or [])
-        if "ServeReplica" in cmdline and "Annotator" in cmdline:
-            pids.add(proc.info["pid"])
-    return pids
+    return pids_running("ServeReplica", "Annotator")
 
 
 def test_killed_replica_recovers_and_in_flight_requests_get_a_clean_error(server, annotator_dir):

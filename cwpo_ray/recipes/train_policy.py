@@ -22,8 +22,7 @@ least one response token is kept. The loss covers response tokens only.
 Batches: each optimizer step takes --grad-accumulation micro-batches of --batch-size pairs per
 worker (the global batch is the same data whatever the worker count, and N workers x K
 micro-batches give the same update as N*K workers); an epoch drops the last incomplete
-global batch. Checkpoints
-every --checkpoint-every steps; a failed worker is restarted (--max-failures) and training
+global batch. Checkpoints every --checkpoint-every steps; a failed worker is restarted (--max-failures) and training
 resumes from the last checkpoint at its step, with the optimizer and schedule state.
 Rerunning the same command into the same DIR continues where it stopped (--no-resume
 starts over). DIR must be on storage every worker can read and write. Metrics go to MLflow
