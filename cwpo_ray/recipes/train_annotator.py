@@ -207,7 +207,7 @@ def train_loop(config: dict) -> None:
     held_c, held_r = encode_pairs(annotator.tokenizer, annotator.meta, heldout_rows)
     pad_id = annotator.tokenizer.pad_token_id
 
-    optimizer = torch.optim.AdamW(annotator.model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+    optimizer = D.adamw(annotator.model.parameters(), cfg["lr"], cfg["weight_decay"])
     engine = D.setup_engine(annotator.model, optimizer, None, dist, micro_batch_size=cfg["batch_size"] // world,
                             max_grad_norm=cfg["max_grad_norm"] or None)
     resumed = D.resume(engine)

@@ -87,6 +87,8 @@ class Config:
     checkpoint_every: int = option(50, "checkpoint every N optimizer steps")
     resume: bool = option(True, "continue from DIR's last checkpoints; --no-resume starts over")
     ref_batch_size: int = option(16, "pairs per worker per batch in the reference log-prob pass")
+    reference_cache: str = option("", "folder of reference log-probs shared by runs from the same start model "
+                                      "(responses scored before are not scored again)")
     seed: int = option(0, "seed of initialization, data order and LoRA")
     experiment: str = option("cwpo", "MLflow experiment")
     run_name: str = option("", "MLflow run name (default: train-policy-LOSS-WEIGHTING)")
@@ -184,8 +186,11 @@ def ensure_reference(engine, tokenizer, rows: dict, lc: dict, rank: int, world_s
     already hold the start model, which IS the reference, so the pass costs no second
     model and no extra processes, and it runs under the same placement (ZeRO-3 sharding,
     GPUs) as training, so a reference too big for one device still fits. Each worker scores
-    every world_size-th pair without gradients; rank 0 writes the table, so a resumed or
-    repeated run reads it back instead of recomputing.
+    every world_size-th pair still to score without gradients, in batches of similar length
+    (less padding); rank 0 writes the table, so a resumed or repeated run reads it back.
+    With --reference-cache, responses another run already scored from the same start model
+    at the same lengths are taken from the cache (the pipeline's human / ws / cw arms score
+    the same texts).
     """
     import torch.distributed as td
 
@@ -198,10 +203,15 @@ def ensure_reference(engine, tokenizer, rows: dict, lc: dict, rank: int, world_s
     t0 = time.perf_counter()
     lengths = policy.Lengths(lc["max_prompt_length"], lc["max_length"])
     n, bs = len(rows["id"]), lc["ref_batch_size"]
-    mine = list(range(rank, n, world_size))
+    cache = ReferenceCache(lc["reference_cache"], lc["reference_key"]) if lc.get("reference_cache") else None
+    known = cache.load() if cache else {}
+    todo = [i for i in range(n) if ReferenceCache.key(rows["prompt"][i], rows["chosen"][i]) not in known
+            or ReferenceCache.key(rows["prompt"][i], rows["rejected"][i]) not in known]
+    size = lambda i: len(rows["prompt"][i]) + max(len(rows["chosen"][i]), len(rows["rejected"][i]))  # noqa: E731
+    mine = sorted(todo[rank::world_size], key=size)
     # Every worker runs the same number of forwards (ZeRO-3 forwards are collective): a
     # worker that runs out repeats row 0 and throws the result away.
-    n_batches = -(-(-(-n // world_size)) // bs)
+    n_batches = -(-(-(-len(todo) // world_size)) // bs)
     scored: dict[int, dict] = {}
     engine.eval()
     for b in range(n_batches):
@@ -216,14 +226,75 @@ def ensure_reference(engine, tokenizer, rows: dict, lc: dict, rank: int, world_s
         parts: list = [None] * world_size
         td.all_gather_object(parts, scored)
         scored = {i: v for part in parts for i, v in part.items()}
+    for i in set(range(n)) - set(scored):  # the rest come from the cache
+        (c_logps, c_tokens), (r_logps, r_tokens) = (known[ReferenceCache.key(rows["prompt"][i], rows[side][i])]
+                                                    for side in ("chosen", "rejected"))
+        scored[i] = {"ref_chosen_logps": c_logps, "chosen_tokens": c_tokens,
+                     "ref_rejected_logps": r_logps, "rejected_tokens": r_tokens}
     for key in ("ref_chosen_logps", "ref_rejected_logps", "chosen_tokens", "rejected_tokens"):
         rows[key] = [scored[i][key] for i in range(n)]
     if rank == 0:
         import pyarrow as pa
 
         write_table(pa.Table.from_pydict(rows), path)
-        print(f"train-policy: reference log-probs of {n} pairs in {time.perf_counter() - t0:.1f}s -> {path}")
+        if cache and todo:
+            cache.add(rows, todo)
+        print(f"train-policy: reference log-probs of {n} pairs ({len(todo)} computed, {n - len(todo)} from "
+              f"the cache) in {time.perf_counter() - t0:.1f}s -> {path}")
     return rows
+
+
+class ReferenceCache:
+    """Reference log-probs of (prompt, response) texts under one start model and one truncation.
+
+    One Parquet file per (model, lengths) fingerprint in a shared folder: key (a hash of the
+    prompt and the response), logps, tokens. Only rank 0 writes it, atomically.
+    """
+
+    def __init__(self, folder: str, model_key: str):
+        self.path = Path(folder) / f"reference-{model_key}.parquet"
+
+    @staticmethod
+    def key(prompt: str, response: str) -> str:
+        import hashlib
+
+        return hashlib.sha256(f"{prompt}\0{response}".encode()).hexdigest()[:32]
+
+    def load(self) -> dict[str, tuple[float, int]]:
+        from cwpo_ray.tables import read_table
+
+        if not self.path.exists():
+            return {}
+        t = read_table(self.path).to_pydict()
+        return {k: (lp, n) for k, lp, n in zip(t["key"], t["logps"], t["tokens"])}
+
+    def add(self, rows: dict, idx: list[int]) -> None:
+        import pyarrow as pa
+
+        from cwpo_ray.tables import write_table
+
+        entries = self.load()
+        for i in idx:
+            for side in ("chosen", "rejected"):
+                entries[self.key(rows["prompt"][i], rows[side][i])] = (rows[f"ref_{side}_logps"][i],
+                                                                        rows[f"{side}_tokens"][i])
+        keys = sorted(entries)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        write_table(pa.table({"key": keys, "logps": [entries[k][0] for k in keys],
+                              "tokens": [entries[k][1] for k in keys]}), self.path)
+
+
+def reference_key(source, cfg: Config) -> str:
+    """The start model (path, GGUF file, its files' sizes and mtimes) and the truncation lengths."""
+    import hashlib
+
+    where = Path(source.path)
+    files = []
+    if where.is_dir():
+        names = [where / source.gguf_file] if source.gguf_file else sorted(f for f in where.iterdir() if f.is_file())
+        files = [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in names]
+    key = json.dumps([source.path, source.gguf_file, files, cfg.max_prompt_length, cfg.max_length])
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
 # ----------------------------------------------------------------------------- Ray Train
@@ -250,6 +321,8 @@ def train_stage(cfg: Config, mode: str, source, table: Path, save_to: Path, n_pa
                              cpus_per_worker=cfg.cpus_per_worker, max_failures=cfg.max_failures,
                              storage_path=str(Path(cfg.out).resolve() / "ray"))
     loop_config = {**common, "mode": mode, "model_path": source.path, "gguf_file": source.gguf_file,
+                   "reference_cache": str(Path(cfg.reference_cache).resolve()) if cfg.reference_cache else "",
+                   "reference_key": reference_key(source, cfg),
                    "table": str(table), "save_to": str(save_to), "lr": lr, "warmup_steps": warmup,
                    "plan": asdict(plan)}
     return run_trainer(train_loop, loop_config, dist, name=mode)
@@ -297,7 +370,8 @@ def train_loop(lc: dict) -> None:
     import torch
     from transformers import get_cosine_schedule_with_warmup
 
-    from cwpo_ray.distributed import DistributedConfig, RankZeroLogger, device_for, report, resume, setup_engine, world
+    from cwpo_ray.distributed import (DistributedConfig, RankZeroLogger, adamw, device_for, report, resume,
+                                      setup_engine, world)
     from cwpo_ray.models import ModelSource, load_causal_lm, load_tokenizer
     from cwpo_ray.tables import read_table
 
@@ -312,7 +386,7 @@ def train_loop(lc: dict) -> None:
     rows = read_table(lc["table"]).to_pydict()
 
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lc["lr"], weight_decay=lc["weight_decay"])
+    optimizer = adamw(params, lc["lr"], lc["weight_decay"])
     engine = setup_engine(model, optimizer, lambda opt: get_cosine_schedule_with_warmup(
         opt, lc["warmup_steps"], plan.total_steps), dist, micro_batch_size=plan.batch_size,
         accumulation_steps=plan.accumulation)
