@@ -1,7 +1,8 @@
 """Seconds per DPO epoch: `cwpo train-policy` (Ray Train, precomputed reference) vs TRL's DPOTrainer.
 
 Same policy, same pairs, same batch size, same sequences (short enough that neither side
-truncates), same optimizer settings (AdamW, lr, cosine schedule, weight decay 0.05, beta 0.5,
+truncates), same optimizer settings (AdamW with the fused kernel on both sides: TRL's default
+optim on torch >= 2.8, printed below; lr, cosine schedule, weight decay 0.05, beta 0.5,
 grad clipping 1.0), plain DPO with uniform weights so the losses are comparable. Both run
 in this one process's machine on the CPU, one after the other.
 
@@ -117,6 +118,7 @@ def run_trl(source, rows: list[dict], out: Path, args, batch: int, precompute: b
                        dataloader_drop_last=True, disable_tqdm=True, seed=0)
     data = Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows])
     trainer = DPOTrainer(model=model, args=config, train_dataset=data, processing_class=tok)
+    print(f"TRL optim: {config.optim}", flush=True)
     t1 = time.perf_counter()
     result = trainer.train()
     wall = time.perf_counter() - t0

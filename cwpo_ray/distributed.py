@@ -109,6 +109,20 @@ def adamw(params, lr: float, weight_decay: float) -> torch.optim.AdamW:
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
 
 
+def die_once(marker: Path) -> None:
+    """Testing hook for worker failures: the calling process dies, the first time only (``marker``).
+
+    It waits first: Ray Train's controller collects a reported checkpoint on its next poll
+    (every 2 s), and a checkpoint not yet collected is lost with the worker. No exception and no
+    cleanup (``os._exit``): as if the process were killed.
+    """
+    if marker.exists():
+        return
+    marker.write_text("injected failure\n")
+    time.sleep(8)
+    os._exit(1)
+
+
 class DDPEngine:
     """DistributedDataParallel with gradient accumulation, clipping and a scheduler."""
 

@@ -1,7 +1,7 @@
 """Policy-side mechanics of SFT and preference optimization: pure torch, no Ray, no I/O.
 
-A pair is scored as two sequences, ``prompt + chosen`` and ``prompt + rejected``; only the
-response tokens carry loss. Truncation rule (one rule everywhere: SFT, reference pass, PO):
+A pair is scored as two sequences, ``prompt + chosen`` and ``prompt + rejected`` (packed into
+one row that shares the prompt, see ``pair_batch``); only the response tokens carry loss. Truncation rule (one rule everywhere: SFT, reference pass, PO):
 the prompt is cut from the LEFT to ``max_prompt_length`` tokens (the end of a prompt, next
 to the answer, matters most), then the response (with EOS appended) is cut from the RIGHT
 so that prompt + response fits ``max_length``. At least one response token always stays.
@@ -74,10 +74,43 @@ def collate(ids: list[list[int]], prompt_lens: list[int], pad_id: int) -> dict[s
 
 
 def pair_batch(tokenizer, prompts, chosen, rejected, lengths: Lengths) -> dict[str, torch.Tensor]:
-    """Chosen rows then rejected rows in ONE padded batch, so a pair costs one forward pass."""
+    """One row per pair, packed as ``prompt | chosen | rejected``: the prompt goes through the
+    model once per pair instead of twice (with short answers, a third of the tokens or more).
+
+    Each response is scored exactly as in its own sequence: a 4D attention mask keeps the
+    rejected tokens from seeing the chosen ones, their positions continue from the prompt, and
+    the first token of each response is predicted from the last prompt token. Returns
+    ``input_ids``, ``position_ids``, a boolean ``attention_mask`` (rows, 1, T, T), and per scored
+    sequence (the n chosen, then the n rejected) ``pred_positions`` / ``labels`` / ``label_mask``:
+    where each response token is predicted from, which token, and which entries are real.
+    """
     c_ids, c_plen = encode_responses(tokenizer, prompts, chosen, lengths)
     r_ids, r_plen = encode_responses(tokenizer, prompts, rejected, lengths)
-    return collate(c_ids + r_ids, c_plen + r_plen, tokenizer.pad_token_id)
+    packed = [(c[:p], c[p:], r[q:]) for c, p, r, q in zip(c_ids, c_plen, r_ids, r_plen)]
+    n = len(packed)
+    width = max(len(p) + len(c) + len(r) for p, c, r in packed)
+    longest = max(max(len(c), len(r)) for _, c, r in packed)
+    input_ids = torch.full((n, width), tokenizer.pad_token_id, dtype=torch.long)
+    position_ids = torch.zeros((n, width), dtype=torch.long)
+    mask = torch.eye(width, dtype=torch.bool).repeat(n, 1, 1, 1)  # padding attends to itself only (no NaN rows)
+    pred = torch.zeros((2 * n, longest), dtype=torch.long)
+    labels = torch.zeros((2 * n, longest), dtype=torch.long)
+    label_mask = torch.zeros((2 * n, longest), dtype=torch.bool)
+    for i, (p, c, r) in enumerate(packed):
+        P, C, R = len(p), len(c), len(r)
+        input_ids[i, :P + C + R] = torch.tensor(p + c + r, dtype=torch.long)
+        position_ids[i, :P + C] = torch.arange(P + C)
+        position_ids[i, P + C:P + C + R] = torch.arange(P, P + R)
+        causal = torch.ones((P + C + R, P + C + R), dtype=torch.bool).tril()
+        causal[P + C:, P:P + C] = False  # rejected never sees chosen
+        mask[i, 0, :P + C + R, :P + C + R] = causal
+        for seq, first, tokens in ((i, P, c), (n + i, P + C, r)):
+            src = [P - 1] + [first + j - 1 for j in range(1, len(tokens))]
+            pred[seq, :len(tokens)] = torch.tensor(src).clamp(min=0)
+            labels[seq, :len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+            label_mask[seq, :len(tokens)] = torch.tensor([s >= 0 for s in src])  # no prompt: 1st token unscored
+    return {"input_ids": input_ids, "position_ids": position_ids, "attention_mask": mask,
+            "pred_positions": pred, "labels": labels, "label_mask": label_mask}
 
 
 def sft_batch(tokenizer, prompts, responses, lengths: Lengths) -> dict[str, torch.Tensor]:
@@ -115,6 +148,8 @@ def sequence_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor,
     vocabulary is a large share of the compute. ``logsumexp`` instead of a full
     log-softmax keeps one float per position instead of a vocabulary-wide tensor.
     """
+    if "pred_positions" in batch:
+        return _pair_logps(model, batch)
     input_ids, mask = batch["input_ids"], batch["response_mask"]
     device = next(_innermost(model).parameters()).device
     input_ids, mask, attention = input_ids.to(device), mask.to(device), batch["attention_mask"].to(device)
@@ -128,6 +163,36 @@ def sequence_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor,
     logits = logits[:, :-1].float()  # the last position predicts past the end
     labels, label_mask = labels[:, start:], label_mask[:, start:]
     token_logps = torch.gather(logits, 2, labels.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    token_logps = torch.where(label_mask, token_logps, torch.zeros_like(token_logps))
+    return token_logps.sum(-1), label_mask.sum(-1)
+
+
+def _pair_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``sequence_logps`` of a packed pair batch: chosen rows then rejected rows, as if unpacked."""
+    inner = _innermost(model)
+    device = next(inner.parameters()).device
+    ids, positions = batch["input_ids"].to(device), batch["position_ids"].to(device)
+    pred, labels, label_mask = (batch[k].to(device) for k in ("pred_positions", "labels", "label_mask"))
+    attention = batch["attention_mask"].to(device)
+    implementation = getattr(inner.config, "_attn_implementation", "sdpa")
+    if implementation == "eager":  # eager attention adds the mask to the scores
+        dtype = next(inner.parameters()).dtype
+        attention = torch.zeros(attention.shape, dtype=dtype, device=device).masked_fill(
+            ~attention, torch.finfo(dtype).min)
+    elif implementation != "sdpa":
+        raise ValueError(f"packed pairs need sdpa or eager attention (a 4D mask), not {implementation!r}")
+    n = ids.shape[0]
+    start = int(pred[label_mask].min()) if label_mask.any() else 0  # logits only from here on
+    keep = ids.shape[1] - start
+    kwargs = {"logits_to_keep": keep} if _accepts(model, "logits_to_keep") else {}
+    logits = model(input_ids=ids, attention_mask=attention, position_ids=positions, use_cache=False,
+                   **kwargs).logits
+    if not kwargs:
+        logits = logits[:, start:]
+    logits = logits.float()
+    rows = torch.arange(2 * n, device=device).remainder(n).unsqueeze(1)
+    at = (pred - start).clamp(min=0)
+    token_logps = logits[rows, at, labels] - torch.logsumexp(logits, dim=-1)[rows, at]
     token_logps = torch.where(label_mask, token_logps, torch.zeros_like(token_logps))
     return token_logps.sum(-1), label_mask.sum(-1)
 

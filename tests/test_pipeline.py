@@ -184,3 +184,27 @@ def test_a_stage_that_dies_midway_is_rerun_not_reused(tmp_path):
     assert stage(folder, "fp1", dies_midway) == {"pairs": 3}  # done: reused, work not called
     assert stage(folder, "fp2", works) == {"pairs": 3} and calls == [1, 1]  # another config: redone
     assert (folder / "annotated.parquet").read_text() == "whole"
+
+
+def test_gguf_start_model_is_dequantized_once_into_an_equal_folder(tmp_path):
+    """The pipeline turns SmolLM2's GGUF into a plain folder that every stage then loads (instead of
+    dequantizing per load): the same weights, the same tokenizer and the same chat format."""
+    from pathlib import Path
+
+    import torch
+
+    from cwpo_ray.generation import chat_texts
+    from cwpo_ray.models import ModelSource, load_causal_lm, load_tokenizer, resolve_model
+    from cwpo_ray.recipes.pipeline import run_start_model
+
+    folder = Path(run_start_model("smollm2-135m", tmp_path)["model"])
+    assert (folder / "config.json").exists() and not list(folder.glob("*.gguf"))
+    gguf, plain = resolve_model("smollm2-135m"), ModelSource(str(folder))
+    tok_gguf, tok_plain = load_tokenizer(gguf), load_tokenizer(plain)
+    texts = chat_texts(tok_gguf, ["Is rain good for gardens?", "Tell me about chess, briefly."])
+    assert "Is rain good for gardens?" in texts[0] and texts != ["Is rain good for gardens?"]  # a chat format
+    assert chat_texts(tok_plain, ["Is rain good for gardens?", "Tell me about chess, briefly."]) == texts
+    assert tok_plain(texts)["input_ids"] == tok_gguf(texts)["input_ids"]
+    a, b = load_causal_lm(gguf).state_dict(), load_causal_lm(plain).state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert run_start_model(str(folder), tmp_path / "again") == {"model": str(folder)}  # not GGUF: used as is

@@ -65,7 +65,8 @@ def test_sequence_logps_sum_response_tokens_only(tiny):
 
     tokenizer, source = tiny
     model = fresh_model(source)
-    batch = batch_of(tokenizer, synthetic_pairs(3))
+    rows = synthetic_pairs(3)
+    batch = policy.sft_batch(tokenizer, [r["prompt"] for r in rows], [r["chosen"] for r in rows], policy.Lengths(8, 24))
     logps, counts = policy.sequence_logps(model, batch)
     full = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.log_softmax(-1)
     for i in range(batch["input_ids"].shape[0]):
@@ -73,8 +74,43 @@ def test_sequence_logps_sum_response_tokens_only(tiny):
         expected = sum(full[i, t - 1, batch["input_ids"][i, t]].item() for t in positions)
         assert logps[i].item() == pytest.approx(expected, abs=1e-4)
         assert counts[i].item() == len(positions)
-    # the EOS token is part of each response, and chosen rows come before rejected rows
+    # the EOS token is part of each response
     assert int(batch["response_mask"].sum()) == int(counts.sum())
+    assert all(int(batch["input_ids"][i, batch["attention_mask"][i].sum() - 1]) == tokenizer.eos_token_id
+               for i in range(3))
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_packed_pair_scores_each_response_as_its_own_sequence(tiny, attention):
+    """prompt | chosen | rejected in one row gives the log-probs and gradients of two separate
+    sequences (responses of different lengths, one truncated, padding in the batch)."""
+    from tiny_models import synthetic_pairs
+
+    tokenizer, source = tiny
+    rows = synthetic_pairs(4, seed=7)
+    rows[1]["chosen"] += " and then some more words that will not fit"
+    rows[2]["rejected"] = "no"
+    lengths = policy.Lengths(8, 24)
+    prompts = [r["prompt"] for r in rows]
+
+    def scored(packed: bool):
+        model = fresh_model(source)
+        model.config._attn_implementation = attention
+        if packed:
+            logps, counts = policy.sequence_logps(model, batch_of(tokenizer, rows, lengths))
+        else:
+            c, nc = policy.sequence_logps(model, policy.sft_batch(tokenizer, prompts, [r["chosen"] for r in rows], lengths))
+            r, nr = policy.sequence_logps(model, policy.sft_batch(tokenizer, prompts, [r["rejected"] for r in rows], lengths))
+            logps, counts = torch.cat([c, r]), torch.cat([nc, nr])
+        (logps * torch.linspace(0.5, 2.0, 8)).sum().backward()  # a loss that weighs every sequence differently
+        return logps.detach(), counts, [p.grad for p in model.parameters()]
+
+    packed, separate = scored(True), scored(False)
+    torch.testing.assert_close(packed[0], separate[0], rtol=1e-5, atol=1e-4)
+    prompt_tokens = len(tokenizer(rows[1]["prompt"])["input_ids"])
+    assert torch.equal(packed[1], separate[1]) and int(packed[1][1]) + prompt_tokens == 24  # cut to max_length
+    for a, b in zip(packed[2], separate[2]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
 def test_zero_weight_pair_leaves_parameters_unchanged(tiny):

@@ -22,16 +22,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
-import time
 import uuid
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Optional
 
 from cwpo_ray.config import ConfigError, option
-from cwpo_ray.distributed import DistributedConfig
+from cwpo_ray.distributed import DistributedConfig, die_once
 
 EPILOG = """examples:
   cwpo train-annotator --data runs/data/hh/labeled.parquet --model minilm-l6 --out runs/annotator
@@ -266,16 +264,9 @@ def save_best(annotator, state_dict, staging: Path, margins: list[float], histor
 
 
 def maybe_fail(cfg: dict, epoch: int, staging: Path, rank: int, world: int) -> None:
-    """Test hook: the last worker dies once, when ``fail_at_epoch`` epochs are done, so the run must resume.
-
-    It waits first: Ray Train's controller collects a reported checkpoint on its next poll
-    (every 2 s), and a checkpoint not yet collected is lost with the worker.
-    """
-    marker = staging.with_name(staging.name + ".failed-once")
-    if cfg.get("fail_at_epoch") == epoch and rank == world - 1 and not marker.exists():
-        marker.touch()
-        time.sleep(8)
-        os._exit(1)
+    """Test hook: the last worker dies once, when ``fail_at_epoch`` epochs are done, so the run must resume."""
+    if cfg.get("fail_at_epoch") == epoch and rank == world - 1:
+        die_once(staging.with_name(staging.name + ".failed-once"))
 
 
 # ----------------------------------------------------------------------------- the recipe

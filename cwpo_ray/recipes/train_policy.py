@@ -32,7 +32,6 @@ starts over). DIR must be on storage every worker can read and write. Metrics go
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -501,18 +500,11 @@ def _progress_bar(lc: dict, rank: int, plan: StepPlan, start: int):
 
 
 def _maybe_fail(lc: dict, step: int, rank: int, world_size: int) -> None:
-    """Testing hook: the last worker's process dies once at PO step ``fail_at_step`` (a marker makes it once).
+    """Testing hook: the last worker's process dies once at PO step ``fail_at_step``."""
+    from cwpo_ray.distributed import die_once
 
-    It waits first: Ray Train's controller collects a reported checkpoint on its next poll
-    (every 2 s), and a checkpoint not yet collected is lost with the worker.
-    """
-    if lc["mode"] != "po" or step != lc["fail_at_step"] or rank != world_size - 1:
-        return
-    marker = Path(lc["save_to"]).parent / f".failed-at-{step}"
-    if not marker.exists():
-        marker.write_text("injected failure\n")
-        time.sleep(8)
-        os._exit(1)  # no exception, no cleanup: as if the process were killed
+    if lc["mode"] == "po" and step == lc["fail_at_step"] and rank == world_size - 1:
+        die_once(Path(lc["save_to"]).parent / f".failed-at-{step}")
 
 
 def _existing_run(run_id_file: Path, uri: str) -> Optional[str]:
