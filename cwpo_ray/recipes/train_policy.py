@@ -12,12 +12,15 @@ Steps, all under --out DIR:
   2. SFT on (prompt, chosen) for --sft-epochs epochs (0 skips it) -> DIR/sft.
   3. PO from the same start (DIR/sft, else --model), which is also the reference: before
      the first step the training workers score every pair once without gradients
-     (DIR/reference.parquet), so PO never holds a second model in memory.
+     (DIR/reference.parquet), so PO never holds a second model in memory; with
+     --reference-cache, responses an earlier run scored from the same start are reused.
      -> DIR/policy (merged LoRA if --lora), loadable with AutoModelForCausalLM as is.
 
 Truncation rule: the prompt is cut from the LEFT to --max-prompt-length tokens, then the
 response (EOS appended) is cut from the RIGHT so prompt + response fits --max-length; at
-least one response token is kept. The loss covers response tokens only.
+least one response token is kept. The loss covers response tokens only. A pair goes through
+the model as ONE row, prompt | chosen | rejected, with an attention mask that keeps rejected
+from seeing chosen: the same log-probs as two sequences, the prompt computed once.
 
 Batches: each optimizer step takes --grad-accumulation micro-batches of --batch-size pairs per
 worker (the global batch is the same data whatever the worker count, and N workers x K
