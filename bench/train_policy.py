@@ -86,7 +86,8 @@ def run_ours(spec: str, pairs_path: Path, out: Path, args, batch: int, n_pairs: 
         data=str(pairs_path), model=spec, out=str(out), loss="dpo", weighting="none", sft_epochs=0, epochs=1,
         lr=args.lr, warmup_steps=0, batch_size=batch, max_length=args.max_length,
         max_prompt_length=args.max_length // 2, num_workers=1, strategy="ddp", cpus_per_worker=float(os.cpu_count()),
-        checkpoint_every=10**6, max_failures=0, progress=False, experiment="bench-train-policy", ref_batch_size=batch))
+        checkpoint_every=10**6, max_failures=0, progress=False, experiment="bench-train-policy", ref_batch_size=batch,
+        chat_template=False))  # TRL gets plain-text prompts too
     t0 = time.perf_counter()
     train_policy.run(cfg)
     wall = time.perf_counter() - t0

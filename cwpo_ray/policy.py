@@ -5,6 +5,8 @@ one row that shares the prompt, see ``pair_batch``); only the response tokens ca
 the prompt is cut from the LEFT to ``max_prompt_length`` tokens (the end of a prompt, next
 to the answer, matters most), then the response (with EOS appended) is cut from the RIGHT
 so that prompt + response fits ``max_length``. At least one response token always stays.
+With ``Lengths.chat`` the prompt is first put in the model's chat format (as generation does),
+so an instruct model is trained on the sequences it is later asked to produce.
 
 The losses themselves live in ``cwpo_ray.losses``; this module only feeds them.
 """
@@ -19,10 +21,11 @@ import torch
 
 @dataclass(frozen=True)
 class Lengths:
-    """Token limits of one sequence (prompt + response)."""
+    """How a (prompt, response) becomes tokens: the limits, and the chat format or not."""
 
     max_prompt_length: int = 256
     max_length: int = 512
+    chat: bool = False  # prompts in the tokenizer's chat template, when it has one
 
     def __post_init__(self):
         if not 1 <= self.max_prompt_length < self.max_length:
@@ -47,7 +50,12 @@ def encode_responses(tokenizer, prompts: list[str], responses: list[str], length
     the prompt gets the tokenizer's special tokens (e.g. BOS), the response EOS so the
     model learns to stop.
     """
-    prompt_ids = tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
+    if lengths.chat and getattr(tokenizer, "chat_template", None):
+        from cwpo_ray.generation import chat_texts  # the template brings its own special tokens
+
+        prompt_ids = tokenizer(chat_texts(tokenizer, prompts), add_special_tokens=False)["input_ids"]
+    else:
+        prompt_ids = tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
     response_ids = tokenizer(list(responses), add_special_tokens=False)["input_ids"]
     eos = [tokenizer.eos_token_id] if add_eos and tokenizer.eos_token_id is not None else []
     ids, prompt_lens = [], []

@@ -207,7 +207,8 @@ def test_reference_pass_scores_each_response_once_across_runs(tiny, tmp_path):
     rows = synthetic_pairs(10, seed=3)
     rows[2]["chosen"] += " Very much so, and for a long time."  # lengths differ: batches are length-sorted
     columns = lambda rs: {k: [r[k] for r in rs] for k in ("id", "prompt", "chosen", "rejected")}  # noqa: E731
-    lc = dict(max_prompt_length=8, max_length=24, ref_batch_size=4, reference_cache=str(tmp_path / "cache"),
+    lc = dict(max_prompt_length=8, max_length=24, chat_template=False, ref_batch_size=4,
+              reference_cache=str(tmp_path / "cache"),
               reference_key="start")
     model = fresh_model(source)
     first = ensure_reference(model, tokenizer, columns(rows), {**lc, "reference_table": str(tmp_path / "1.parquet")}, 0, 1)
@@ -408,3 +409,22 @@ def test_deepspeed_config_bf16_on_gpu_fp32_on_cpu():
     assert gpu["bf16"] == {"enabled": True}
     assert gpu["optimizer"] == {"type": "AdamW", "params": {"lr": 3e-6, "weight_decay": 0.05, "betas": [0.9, 0.999],
                                                             "eps": 1e-8}}
+
+
+def test_prompts_take_the_models_chat_format(tiny):
+    """An instruct model is trained on the format `cwpo evaluate` generates in: the prompt tokens
+    are those of the chat template (with its own special tokens), the response follows."""
+    from cwpo_ray.generation import chat_texts
+
+    tokenizer, _ = tiny
+    tokenizer = type(tokenizer).from_pretrained(tokenizer.name_or_path)
+    tokenizer.chat_template = ("{% for m in messages %}[user] {{ m['content'] }}\n{% endfor %}"
+                               "{% if add_generation_prompt %}[bot] {% endif %}")
+    prompts, responses = ["Tell me about cats."], ["cats are kind."]
+    plain, plain_p = policy.encode_responses(tokenizer, prompts, responses, policy.Lengths(16, 48))
+    chat, chat_p = policy.encode_responses(tokenizer, prompts, responses, policy.Lengths(16, 48, chat=True))
+    expected = tokenizer(chat_texts(tokenizer, prompts), add_special_tokens=False)["input_ids"][0][-16:]
+    assert chat[0][:chat_p[0]] == expected and chat_p[0] > plain_p[0]
+    assert chat[0][chat_p[0]:] == plain[0][plain_p[0]:]  # the same response tokens (EOS included)
+    tokenizer.chat_template = None  # a base model: chat=True changes nothing
+    assert policy.encode_responses(tokenizer, prompts, responses, policy.Lengths(16, 48, chat=True)) == (plain, plain_p)

@@ -47,6 +47,7 @@ class Config:
     pair_accuracy: bool = option(True, "also compute implicit-reward accuracy on the test pairs")
     max_length: int = option(256, "pair accuracy: max tokens of prompt + response")
     max_prompt_length: int = option(128, "pair accuracy: max prompt tokens")
+    chat_template: bool = option(True, "pair accuracy: prompts in the model's chat format (as train-policy)")
     n_boot: int = option(2000, "bootstrap resamples of the GRA interval")
     seed: int = option(0, "sampling and bootstrap seed")
     experiment: str = option("cwpo", "MLflow experiment (used with --run-id)")
@@ -90,7 +91,7 @@ def pair_logps(model_spec: str, rows: list[dict], cfg: Config) -> tuple[np.ndarr
     source = resolve_model(model_spec)
     tok = load_tokenizer(source)
     model = load_causal_lm(source).eval()
-    lengths = Lengths(cfg.max_prompt_length, cfg.max_length)
+    lengths = Lengths(cfg.max_prompt_length, cfg.max_length, cfg.chat_template)
     chosen, rejected = [], []
     with torch.no_grad():
         for i in range(0, len(rows), cfg.batch_size):
@@ -125,7 +126,7 @@ def cached(cfg: Config, what: str, rows: list, compute):
     key = json.dumps([what, cfg.reference, [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files],
                       [r.get("prompt") for r in rows], [r.get("chosen") for r in rows], cfg.temperature,
                       cfg.max_new_tokens, cfg.seed, cfg.batch_size, cfg.engine, cfg.max_length,
-                      cfg.max_prompt_length], default=str)
+                      cfg.max_prompt_length, cfg.chat_template], default=str)
     path = Path(cfg.cache_dir) / f"{what}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
     if path.exists():
         return json.loads(path.read_text())

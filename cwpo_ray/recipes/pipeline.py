@@ -70,6 +70,7 @@ class PolicySettings:
     max_length: int = option(96, "tokens of prompt + response")
     max_prompt_length: int = option(48, "prompt tokens")
     max_steps: Optional[int] = option(None, "cap on steps per stage")
+    chat_template: bool = option(True, "prompts in the model's chat format (training and pair accuracy)")
     lora: bool = option(False, "LoRA adapters")
     num_workers: int = option(1, "Ray Train workers")
     strategy: str = option("ddp", "ddp or deepspeed")
@@ -226,7 +227,8 @@ def policy_config(cfg: Config, **kw):
     return tp.Config(**{**dict(model=p.model, sft_epochs=p.sft_epochs, sft_lr=p.sft_lr, epochs=p.epochs, lr=p.lr,
                                 beta=p.beta, warmup_steps=p.warmup_steps, batch_size=p.batch_size,
                                 max_length=p.max_length, max_prompt_length=p.max_prompt_length,
-                                max_steps=p.max_steps, lora=p.lora, num_workers=p.num_workers,
+                                max_steps=p.max_steps, chat_template=p.chat_template, lora=p.lora,
+                                num_workers=p.num_workers,
                                 strategy=p.strategy, cpus_per_worker=p.cpus_per_worker, seed=cfg.seed,
                                 experiment=cfg.experiment, progress=False,
                                 # the arms starting from one model score the same responses once
@@ -241,7 +243,8 @@ def evaluate_policy(cfg: Config, policy: str, reference: str, test: str, out: Pa
                                  temperature=e.temperature, max_new_tokens=e.max_new_tokens,
                                  max_prompts=e.max_prompts, batch_size=e.batch_size, engine=e.engine,
                                  pair_accuracy=e.pair_accuracy, max_length=cfg.policy.max_length,
-                                 max_prompt_length=cfg.policy.max_prompt_length, seed=cfg.seed,
+                                 max_prompt_length=cfg.policy.max_prompt_length,
+                                 chat_template=cfg.policy.chat_template, seed=cfg.seed,
                                  experiment=cfg.experiment, run_id=run_id, cache_dir=str(out.parent.parent / "eval_cache")))
     return json.loads((out / "eval.json").read_text())["metrics"]
 

@@ -16,7 +16,8 @@ Steps, all under --out DIR:
      --reference-cache, responses an earlier run scored from the same start are reused.
      -> DIR/policy (merged LoRA if --lora), loadable with AutoModelForCausalLM as is.
 
-Truncation rule: the prompt is cut from the LEFT to --max-prompt-length tokens, then the
+Prompts are put in the model's chat format when its tokenizer has a chat template (as `cwpo
+evaluate` generates; --no-chat-template keeps plain text). Truncation rule: the prompt is cut from the LEFT to --max-prompt-length tokens, then the
 response (EOS appended) is cut from the RIGHT so prompt + response fits --max-length; at
 least one response token is kept. The loss covers response tokens only. A pair goes through
 the model as ONE row, prompt | chosen | rejected, with an attention mask that keeps rejected
@@ -72,6 +73,8 @@ class Config:
     max_length: int = option(512, "max tokens of prompt + response")
     max_prompt_length: int = option(256, "max prompt tokens (cut from the left)")
     max_steps: Optional[int] = option(None, "stop each stage after this many steps (smoke tests, benchmarks)")
+    chat_template: bool = option(True, "prompts in the model's chat format when its tokenizer has one (as "
+                                       "`cwpo evaluate` generates); --no-chat-template: plain text")
     sft_epochs: int = option(3, "SFT epochs on (prompt, chosen) before PO; 0 skips SFT")
     sft_lr: float = option(1e-5, "SFT peak learning rate")
     lora: bool = option(False, "train LoRA adapters (merged into the saved model)")
@@ -203,7 +206,7 @@ def ensure_reference(engine, tokenizer, rows: dict, lc: dict, rank: int, world_s
     if path.exists():
         return read_table(path).to_pydict()
     t0 = time.perf_counter()
-    lengths = policy.Lengths(lc["max_prompt_length"], lc["max_length"])
+    lengths = policy.Lengths(lc["max_prompt_length"], lc["max_length"], lc["chat_template"])
     n, bs = len(rows["id"]), lc["ref_batch_size"]
     cache = ReferenceCache(lc["reference_cache"], lc["reference_key"]) if lc.get("reference_cache") else None
     known = cache.load() if cache else {}
@@ -287,7 +290,7 @@ class ReferenceCache:
 
 
 def reference_key(source, cfg: Config) -> str:
-    """The start model (path, GGUF file, its files' sizes and mtimes) and the truncation lengths."""
+    """The start model (path, GGUF file, its files' sizes and mtimes) and how pairs are tokenized."""
     import hashlib
 
     where = Path(source.path)
@@ -295,14 +298,15 @@ def reference_key(source, cfg: Config) -> str:
     if where.is_dir():
         names = [where / source.gguf_file] if source.gguf_file else sorted(f for f in where.iterdir() if f.is_file())
         files = [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in names]
-    key = json.dumps([source.path, source.gguf_file, files, cfg.max_prompt_length, cfg.max_length])
+    key = json.dumps([source.path, source.gguf_file, files, cfg.max_prompt_length, cfg.max_length, cfg.chat_template])
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
 # ----------------------------------------------------------------------------- Ray Train
 
 def _loop_config(cfg: Config, run_id: str, tracking_uri: str) -> dict:
-    keys = ("loss", "ref_batch_size", "beta", "epsilon", "weight_decay", "batch_size", "max_length", "max_prompt_length", "lora",
+    keys = ("loss", "ref_batch_size", "beta", "epsilon", "weight_decay", "batch_size", "max_length", "max_prompt_length",
+            "chat_template", "lora",
             "lora_r", "lora_alpha", "lora_dropout", "lora_targets", "seed", "checkpoint_every", "progress",
             "fail_at_step")
     return {**{k: getattr(cfg, k) for k in keys}, "run_id": run_id, "tracking_uri": tracking_uri,
@@ -438,7 +442,7 @@ def step_loss(engine, tokenizer, rows: dict, idx: list[int], lc: dict):
     """The loss of one worker's batch and its metrics (token count as 'tokens', summed later)."""
     from cwpo_ray import policy
 
-    lengths = policy.Lengths(lc["max_prompt_length"], lc["max_length"])
+    lengths = policy.Lengths(lc["max_prompt_length"], lc["max_length"], lc["chat_template"])
     pick = lambda col: [rows[col][i] for i in idx]  # noqa: E731
     if lc["mode"] == "sft":
         batch = policy.sft_batch(tokenizer, pick("prompt"), pick("chosen"), lengths)
