@@ -17,9 +17,9 @@ Steps, all under --out DIR:
      -> DIR/policy (merged LoRA if --lora), loadable with AutoModelForCausalLM as is.
 
 Prompts are put in the model's chat format when its tokenizer has a chat template (as `cwpo
-evaluate` generates; --no-chat-template keeps plain text). Truncation rule: the prompt is cut from the LEFT to --max-prompt-length tokens, then the
-response (EOS appended) is cut from the RIGHT so prompt + response fits --max-length; at
-least one response token is kept. The loss covers response tokens only. A pair goes through
+evaluate` generates; --no-chat-template keeps plain text). Truncation rule: the prompt is cut
+from the LEFT to --max-prompt-length tokens, then the response (EOS appended) is cut from the
+RIGHT so prompt + response fits --max-length; at least one response token is kept. The loss covers response tokens only. A pair goes through
 the model as ONE row, prompt | chosen | rejected, with an attention mask that keeps rejected
 from seeing chosen: the same log-probs as two sequences, the prompt computed once.
 
@@ -252,8 +252,8 @@ def ensure_reference(engine, tokenizer, rows: dict, lc: dict, rank: int, world_s
 class ReferenceCache:
     """Reference log-probs of (prompt, response) texts under one start model and one truncation.
 
-    One Parquet file per (model, lengths) fingerprint in a shared folder: key (a hash of the
-    prompt and the response), logps, tokens. Only rank 0 writes it, atomically.
+    One Parquet file per (model, tokenization) fingerprint in a shared folder: key (a hash of
+    the prompt and the response), logps, tokens. Only rank 0 writes it, atomically.
     """
 
     def __init__(self, folder: str, model_key: str):
@@ -284,7 +284,6 @@ class ReferenceCache:
                 entries[self.key(rows["prompt"][i], rows[side][i])] = (rows[f"ref_{side}_logps"][i],
                                                                         rows[f"{side}_tokens"][i])
         keys = sorted(entries)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         write_table(pa.table({"key": keys, "logps": [entries[k][0] for k in keys],
                               "tokens": [entries[k][1] for k in keys]}), self.path)
 
