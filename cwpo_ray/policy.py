@@ -157,53 +157,45 @@ def sequence_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor,
     vocabulary is a large share of the compute. ``logsumexp`` instead of a full
     log-softmax keeps one float per position instead of a vocabulary-wide tensor.
     """
-    if "pred_positions" in batch:
-        return _pair_logps(model, batch)
-    input_ids, mask = batch["input_ids"], batch["response_mask"]
+    if "pred_positions" in batch:  # packed pairs (pair_batch): chosen rows then rejected rows
+        return _response_logps(model, batch["input_ids"], _mask_for(model, batch["attention_mask"]),
+                               batch["position_ids"], batch["pred_positions"], batch["labels"], batch["label_mask"])
+    ids = batch["input_ids"]
+    pred = torch.arange(ids.shape[1] - 1).expand(ids.shape[0], -1)  # position t predicts token t+1
+    return _response_logps(model, ids, batch["attention_mask"], None, pred, ids[:, 1:], batch["response_mask"][:, 1:])
+
+
+def _response_logps(model, ids, attention, positions, pred, labels, label_mask) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per scored sequence s: sum over j of log p(labels[s, j]) read at position pred[s, j] of
+    row s mod (rows of ids), where label_mask[s, j]; and the count of such tokens."""
     device = next(_innermost(model).parameters()).device
-    input_ids, mask, attention = input_ids.to(device), mask.to(device), batch["attention_mask"].to(device)
-    labels, label_mask = input_ids[:, 1:], mask[:, 1:]  # position t predicts token t+1
-    start = int(label_mask.float().argmax(dim=1).min())  # earliest label position in the batch
-    keep = input_ids.shape[1] - start
-    kwargs = {"logits_to_keep": keep} if _accepts(model, "logits_to_keep") else {}
-    logits = model(input_ids=input_ids, attention_mask=attention, use_cache=False, **kwargs).logits
-    if not kwargs:
-        logits = logits[:, start:]
-    logits = logits[:, :-1].float()  # the last position predicts past the end
-    labels, label_mask = labels[:, start:], label_mask[:, start:]
-    token_logps = torch.gather(logits, 2, labels.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
-    token_logps = torch.where(label_mask, token_logps, torch.zeros_like(token_logps))
-    return token_logps.sum(-1), label_mask.sum(-1)
-
-
-def _pair_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """``sequence_logps`` of a packed pair batch: chosen rows then rejected rows, as if unpacked."""
-    inner = _innermost(model)
-    device = next(inner.parameters()).device
-    ids, positions = batch["input_ids"].to(device), batch["position_ids"].to(device)
-    pred, labels, label_mask = (batch[k].to(device) for k in ("pred_positions", "labels", "label_mask"))
-    attention = batch["attention_mask"].to(device)
-    implementation = getattr(inner.config, "_attn_implementation", "sdpa")
-    if implementation == "eager":  # eager attention adds the mask to the scores
-        dtype = next(inner.parameters()).dtype
-        attention = torch.zeros(attention.shape, dtype=dtype, device=device).masked_fill(
-            ~attention, torch.finfo(dtype).min)
-    elif implementation != "sdpa":
-        raise ValueError(f"packed pairs need sdpa or eager attention (a 4D mask), not {implementation!r}")
-    n = ids.shape[0]
+    ids, attention, pred, labels, label_mask = (t.to(device) for t in (ids, attention, pred, labels, label_mask))
     start = int(pred[label_mask].min()) if label_mask.any() else 0  # logits only from here on
     keep = ids.shape[1] - start
     kwargs = {"logits_to_keep": keep} if _accepts(model, "logits_to_keep") else {}
-    logits = model(input_ids=ids, attention_mask=attention, position_ids=positions, use_cache=False,
-                   **kwargs).logits
-    if not kwargs:
+    if positions is not None:
+        kwargs["position_ids"] = positions.to(device)
+    logits = model(input_ids=ids, attention_mask=attention, use_cache=False, **kwargs).logits
+    if "logits_to_keep" not in kwargs:
         logits = logits[:, start:]
     logits = logits.float()
-    rows = torch.arange(2 * n, device=device).remainder(n).unsqueeze(1)
+    rows = torch.arange(len(pred), device=device).remainder(ids.shape[0]).unsqueeze(1)
     at = (pred - start).clamp(min=0)
     token_logps = logits[rows, at, labels] - torch.logsumexp(logits, dim=-1)[rows, at]
     token_logps = torch.where(label_mask, token_logps, torch.zeros_like(token_logps))
     return token_logps.sum(-1), label_mask.sum(-1)
+
+
+def _mask_for(model, mask: torch.Tensor) -> torch.Tensor:
+    """pair_batch's boolean 4D mask in the form the model's attention takes."""
+    inner = _innermost(model)
+    implementation = getattr(inner.config, "_attn_implementation", "sdpa")
+    if implementation == "eager":  # eager attention adds the mask to the scores
+        dtype = next(inner.parameters()).dtype
+        return torch.zeros(mask.shape, dtype=dtype).masked_fill(~mask, torch.finfo(dtype).min)
+    if implementation != "sdpa":
+        raise ValueError(f"packed pairs need sdpa or eager attention (a 4D mask), not {implementation!r}")
+    return mask
 
 
 # ----------------------------------------------------------------------------- losses
