@@ -278,3 +278,7 @@ def test_tiny_pipeline_job_on_a_two_node_cluster(local_cluster, mlflow_script_se
     table = (tmp_path / "cmp" / "compare.md").read_text()
     assert all(f"| {arm} | dpo |" in table for arm in ("human", "human_labeled_only", "ws", "cw"))
     assert (tmp_path / "cmp" / "compare.png").stat().st_size > 1000
+    # The paired contrasts, from each arm's logged per-prompt responses.
+    for contrast in ("cw - human", "cw - ws", "ws - human", "cw - human_labeled_only"):
+        assert f"| dpo | {contrast} |" in table, table
+    assert (tmp_path / "cmp" / "compare_paired.png").stat().st_size > 1000

@@ -12,7 +12,8 @@ import pyarrow as pa
 import pytest
 
 from cwpo_ray import cli
-from cwpo_ray.eval_metrics import bootstrap_ci, gra, gra_with_ci, implicit_reward_accuracy, wins
+from cwpo_ray.eval_metrics import (bootstrap_ci, gra, gra_with_ci, implicit_reward_accuracy, paired_difference,
+                                   wins)
 from cwpo_ray.judges import load_judge
 from cwpo_ray.recipes import build_benchmark as bb
 from cwpo_ray.tables import read_table, write_table
@@ -68,6 +69,23 @@ def test_bootstrap_ci_hand_values():
     assert bootstrap_ci([0, 1] * 100, seed=1) == (lo, hi)  # seeded
     r = gra_with_ci([1, 0, 1, 1], [0, 0, 0, 0])
     assert r["gra"] == 0.875 and r["n"] == 4 and r["gra_lo"] <= 0.875 <= r["gra_hi"]
+
+
+def test_paired_difference_resamples_prompts_together():
+    same = paired_difference([1, 0, 0.5, 1], [1, 0, 0.5, 1])
+    assert same == {"diff": 0.0, "lo": 0.0, "hi": 0.0, "n": 4}  # same outcomes: no difference, no spread
+    assert paired_difference([1, 1, 0, 0.5], [0, 1, 0, 0.5])["diff"] == 0.25
+    # Arm a wins exactly where b wins, plus 20 prompts more: every resample shows a ahead, although
+    # a's and b's own intervals (about +-0.07 each at n=200) overlap.
+    rng = np.random.default_rng(0)
+    b = (rng.random(200) < 0.5).astype(float)
+    a = b.copy()
+    a[np.flatnonzero(b == 0)[:20]] = 1.0
+    d = paired_difference(a, b)
+    assert d["diff"] == pytest.approx(0.1) and 0 < d["lo"] <= 0.1 <= d["hi"]
+    assert gra_with_ci(a, np.zeros(200) + 0.5)["gra_lo"] < gra_with_ci(b, np.zeros(200) + 0.5)["gra_hi"]
+    with pytest.raises(ValueError, match="different prompts"):
+        paired_difference([1, 0], [1])
 
 
 def test_implicit_reward_accuracy():

@@ -414,9 +414,12 @@ class ArmRuns:
         self._save()
         return run_id
 
-    def finish_child(self, arm: str, loss: str, metrics: dict) -> None:
-        """Every arm's eval metrics on the parent too (ARM.LOSS.gra ...), so one run holds them all."""
+    def finish_child(self, arm: str, loss: str, metrics: dict, responses: Path) -> None:
+        """Every arm's eval metrics on the parent too (ARM.LOSS.gra ...), so one run holds them all;
+        its per-prompt responses and scores on its own run, for compare's paired differences."""
         run_id = self.state["children"][f"{arm}/{loss}"]["run_id"]
+        if responses.exists():
+            self.client.log_artifact(run_id, str(responses))
         numeric = {k: float(v) for k, v in metrics.items()
                    if isinstance(v, (int, float)) and not isinstance(v, bool) and v == v}
         for k, v in numeric.items():
@@ -499,7 +502,7 @@ def run(cfg: Config) -> int:
                 return evaluate_policy(cfg, policy, reference, test, folder / "eval", run_id)
 
             metrics = stage(folder, fp_arm, work)
-            runs.finish_child(arm, loss, metrics)
+            runs.finish_child(arm, loss, metrics, folder / "eval" / "responses.parquet")
 
     compare.run(compare.Config(experiment=cfg.experiment, parent_run_id=runs.parent_id, out=str(out / "compare")))
     runs.close()
