@@ -486,7 +486,10 @@ def run(cfg: Config) -> int:
             name = f"{arm.replace(':', '')}-{loss}"
             folder = out / "arms" / name
             data, weighting = arm_inputs(arm, tables)
-            fp_arm = fingerprint("arm", arm, loss, fp_start, fp_lab, policy_fp, to_dict(cfg.evaluate), test, cfg.seed)
+            # The human arms do not read the annotator's labels: a new annotator leaves them done.
+            fp_labels = fp_data if arm.startswith("human") else fp_lab
+            fp_arm = fingerprint("arm", arm, loss, fp_start, fp_labels, policy_fp, to_dict(cfg.evaluate), test,
+                                 cfg.seed)
             run_id = runs.child(arm, loss, fp_arm, human_labels_used(arm, cfg, tables))
 
             def work(arm=arm, loss=loss, folder=folder, data=data, weighting=weighting, run_id=run_id):
