@@ -180,7 +180,7 @@ def tiny_preset(tmp_path, bench, tiny_encoder, tiny_decoder) -> dict:
 
 
 def test_a_stage_that_dies_midway_is_rerun_not_reused(tmp_path):
-    """The marker is written last: partial output without it is never taken as done."""
+    """The result goes into the marker last: partial output is never taken as done."""
     from cwpo_ray.recipes.pipeline import stage
 
     folder = tmp_path / "annotate"
@@ -197,11 +197,35 @@ def test_a_stage_that_dies_midway_is_rerun_not_reused(tmp_path):
 
     with pytest.raises(KeyboardInterrupt):
         stage(folder, "fp1", dies_midway)
-    assert not (folder / ".stage.json").exists()
+    assert "result" not in json.loads((folder / ".stage.json").read_text())  # started, never done
     assert stage(folder, "fp1", works) == {"pairs": 3} and calls == [1]  # rerun, not reused
     assert stage(folder, "fp1", dies_midway) == {"pairs": 3}  # done: reused, work not called
     assert stage(folder, "fp2", works) == {"pairs": 3} and calls == [1, 1]  # another config: redone
     assert (folder / "annotated.parquet").read_text() == "whole"
+
+
+def test_a_stage_killed_midway_resumes_only_under_the_same_settings(tmp_path):
+    """Half-done work is kept for a rerun with the same fingerprint (train-policy resumes from its
+    checkpoints) and cleared before a rerun with other settings (it would resume stale work)."""
+    from cwpo_ray.recipes.pipeline import stage
+
+    folder = tmp_path / "arm"
+    seen = []
+
+    def dies_midway():
+        (folder / "checkpoint").write_text("step 40")
+        raise KeyboardInterrupt
+
+    def finishes():
+        seen.append((folder / "checkpoint").read_text() if (folder / "checkpoint").exists() else None)
+        return {"gra": 0.6}
+
+    with pytest.raises(KeyboardInterrupt):
+        stage(folder, "lr=1e-4", dies_midway)
+    assert stage(folder, "lr=1e-4", finishes) == {"gra": 0.6} and seen == ["step 40"]  # resumed
+    with pytest.raises(KeyboardInterrupt):
+        stage(folder, "lr=1e-3", dies_midway)  # done stage, other settings: cleared, then killed
+    assert stage(folder, "lr=3e-4", finishes) == {"gra": 0.6} and seen == ["step 40", None]  # not resumed
 
 
 def test_gguf_start_model_is_dequantized_once_into_an_equal_folder(tmp_path):

@@ -139,18 +139,21 @@ def source_fingerprint(source: str) -> str:
 def stage(folder: Path, fp: str, work: Callable[[], dict]) -> dict:
     """Run ``work`` into ``folder`` unless its marker says it is done with this fingerprint.
 
-    The marker is written last, so a stage killed midway is rerun; a stale folder (another
-    fingerprint) is cleared first so nothing of an old config leaks in. Returns what ``work``
-    returned (kept in the marker, so a skipped stage returns it too).
+    The marker holds the fingerprint from the start and the result only at the end. A stage
+    killed midway is run again: with the same fingerprint into its folder as it was (train-policy
+    resumes from its checkpoints there), with another one (or no marker) into a cleared folder, so
+    nothing of an old config leaks in. Returns what ``work`` returned (kept in the marker, so a
+    skipped stage returns it too).
     """
     marker = folder / ".stage.json"
-    if marker.exists():
-        saved = json.loads(marker.read_text())
-        if saved.get("fingerprint") == fp:
-            print(f"pipeline: {folder.name}: done already (fingerprint {fp}), reusing", flush=True)
-            return saved.get("result", {})
+    saved = json.loads(marker.read_text()) if marker.exists() else {}
+    if saved.get("fingerprint") == fp and "result" in saved:
+        print(f"pipeline: {folder.name}: done already (fingerprint {fp}), reusing", flush=True)
+        return saved["result"]
+    if saved.get("fingerprint") != fp and folder.exists():
         shutil.rmtree(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    marker.write_text(json.dumps({"fingerprint": fp}))  # started, not done
     result = work()
     marker.write_text(json.dumps({"fingerprint": fp, "result": result}, indent=2, default=str))
     return result
