@@ -67,6 +67,8 @@ def start_run(experiment: str, run_name: str | None = None, *, run_id: str | Non
         all_tags["mlflow.parentRunId"] = parent_run_id
     with mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name,
                           tags=None if run_id else all_tags) as run:
+        if run_id and parent_run_id:  # resumed under a new parent (a pipeline rerun with other settings)
+            mlflow.set_tag("mlflow.parentRunId", parent_run_id)
         yield run
 
 

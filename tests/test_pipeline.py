@@ -250,3 +250,22 @@ def test_gguf_start_model_is_dequantized_once_into_an_equal_folder(tmp_path):
     a, b = load_causal_lm(gguf).state_dict(), load_causal_lm(plain).state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert run_start_model(str(folder), tmp_path / "again") == {"model": str(folder)}  # not GGUF: used as is
+
+
+def test_a_resumed_run_moves_under_its_new_parent(mlflow_server):
+    """A pipeline rerun with other settings gets a new parent run; a training run it resumes
+    (same folder, same settings) must show up under that parent, not the abandoned one."""
+    from mlflow.tracking import MlflowClient
+
+    from cwpo_ray import tracking
+
+    with tracking.start_run("cwpo-resume", "pipeline-a") as old_parent:
+        pass
+    with tracking.start_run("cwpo-resume", "pipeline-b") as new_parent:
+        pass
+    with tracking.start_run("cwpo-resume", "train", parent_run_id=old_parent.info.run_id) as train:
+        pass
+    with tracking.start_run("cwpo-resume", run_id=train.info.run_id, parent_run_id=new_parent.info.run_id):
+        pass
+    tags = MlflowClient(mlflow_server).get_run(train.info.run_id).data.tags
+    assert tags["mlflow.parentRunId"] == new_parent.info.run_id and tags["mlflow.runName"] == "train"
