@@ -269,3 +269,33 @@ def test_a_resumed_run_moves_under_its_new_parent(mlflow_server):
         pass
     tags = MlflowClient(mlflow_server).get_run(train.info.run_id).data.tags
     assert tags["mlflow.parentRunId"] == new_parent.info.run_id and tags["mlflow.runName"] == "train"
+
+
+def test_gold_arm_table_follows_the_gold_scores(tmp_path):
+    """The gold arm's pairs: chosen is the response with the higher gold score, ties left out,
+    and a source without gold scores is refused with a clear error, not trained on."""
+    from cwpo_ray.recipes.pipeline import Config, gold_table
+
+    bench = synthetic_benchmark(tmp_path / "bench", n_train=40)
+    pairs = read_table(bench / "pairs.parquet").to_pylist()
+    pairs[0]["gold_b"] = pairs[0]["gold_a"]  # a tie
+    write_table(pa.Table.from_pylist(pairs), bench / "pairs.parquet")
+    n = gold_table(bench / "pairs.parquet", f"pairs:{bench}", tmp_path / "gold.parquet")
+    rows = read_table(tmp_path / "gold.parquet").to_pylist()
+    ties = sum(r["gold_a"] == r["gold_b"] for r in pairs)
+    assert n == len(rows) == 40 - ties and ties >= 1
+    gold = {(r["prompt"], r["response_a"]): r["gold_a"] for r in pairs} | {
+        (r["prompt"], r["response_b"]): r["gold_b"] for r in pairs}
+    assert all(gold[(r["prompt"], r["chosen"])] > gold[(r["prompt"], r["rejected"])] for r in rows)
+    # Simulated humans (80% right here) disagree with gold on some pairs: the two arms differ.
+    assert any(r["human_choice"] != ("a" if r["gold_a"] > r["gold_b"] else "b") for r in pairs[1:])
+
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    write_table(pa.Table.from_pylist([{k: v for k, v in r.items() if not k.startswith("gold")} for r in pairs]),
+                plain / "pairs.parquet")
+    with pytest.raises(ValueError, match="gold_a / gold_b"):
+        gold_table(plain / "pairs.parquet", f"pairs:{plain}", tmp_path / "none.parquet")
+    Config(arms=["human", "gold"]).validate()
+    with pytest.raises(ValueError, match="unknown arm 'golden'"):
+        Config(arms=["golden"]).validate()

@@ -28,8 +28,8 @@ EPILOG = """examples:
   cwpo compare --parent-run-id 0123abcd... --out runs/compare
 """
 
-ARM_ORDER = ("human", "human_labeled_only", "ws", "cw")
-CONTRASTS = (("cw", "human"), ("cw", "ws"), ("ws", "human"), ("cw", "human_labeled_only"))
+ARM_ORDER = ("human", "human_labeled_only", "ws", "cw", "gold")
+CONTRASTS = (("cw", "human"), ("cw", "ws"), ("ws", "human"), ("cw", "human_labeled_only"), ("gold", "human"))
 
 
 @dataclass
@@ -77,7 +77,7 @@ def collect_rows(client, exp, parent) -> list[dict]:
             "n": m.get("eval/n"), "gold_policy": m.get("eval/gold_policy"),
             "gold_reference": m.get("eval/gold_reference"), "pair_accuracy": m.get("eval/pair_accuracy"),
             # Only the weak-label arms rest on the annotator's labels.
-            "annotator_accuracy": None if arm.startswith("human") else annotator_acc,
+            "annotator_accuracy": None if arm.startswith("human") or arm == "gold" else annotator_acc,
             "human_labels_used": m.get("human_labels_used"),
         })
     order = {a: i for i, a in enumerate(ARM_ORDER)}

@@ -6,6 +6,9 @@ Arms (each crossed with every loss in `losses`):
   ws                  PO on the unlabeled split with the annotator's labels, uniform weights
   cw                  the same with confidence weights (CW-PO)
   topk:F              the annotator's labels, only the fraction F most confident pairs
+  gold                the unlabeled split labeled by the source's gold scores (ties dropped): the
+                      noise-free ceiling, for a benchmark that has them (the built-in one does).
+                      If it does not beat human, label quality cannot show at these settings.
 
 SFT (`sft`): `shared` (default) runs one SFT on the labeled split's (prompt, chosen) and starts
 every arm's PO from it, so all arms share one start and one reference and GRA compares like
@@ -40,6 +43,7 @@ EPILOG = """examples:
 """
 
 BASE_ARMS = ("human", "human_labeled_only", "ws", "cw")
+EXTRA_ARMS = ("gold",)  # and topk:F
 PACKAGE = Path(__file__).resolve().parent.parent
 BUILTIN_SOURCE = f"pairs:{PACKAGE / 'benchmark_data'}"
 
@@ -110,9 +114,10 @@ class Config:
         from cwpo_ray.policy import parse_weighting
 
         for arm in self.arms:
-            if arm not in BASE_ARMS:
+            if arm not in BASE_ARMS + EXTRA_ARMS:
                 if not arm.startswith("topk:"):
-                    raise ValueError(f"arms: unknown arm {arm!r} (known: {', '.join(BASE_ARMS)}, topk:F)")
+                    raise ValueError(f"arms: unknown arm {arm!r} (known: {', '.join(BASE_ARMS + EXTRA_ARMS)}, "
+                                     "topk:F)")
                 parse_weighting(arm)
         for loss in self.losses:
             if loss not in LOSS_TYPES:
@@ -260,6 +265,8 @@ def arm_inputs(arm: str, tables: dict) -> tuple[str, str]:
         return tables["labeled"], "none"
     if arm == "ws":
         return tables["annotated"], "none"
+    if arm == "gold":
+        return tables["unlabeled_gold"], "none"
     if arm == "cw":
         return tables["annotated"], "confidence"
     return tables["annotated"], arm  # topk:F
@@ -269,6 +276,8 @@ def human_labels_used(arm: str, cfg: Config, tables: dict) -> int:
     """Human labels an arm consumed: the labeled split (annotator or SFT/PO), plus the unlabeled
     split's hidden labels for the human arm."""
     n = tables["n_labeled"]
+    if arm == "gold":
+        return n if cfg.sft == "shared" else 0
     if arm == "human":
         return tables["n_unlabeled"] + (n if cfg.sft == "shared" else 0)
     return n
@@ -308,11 +317,9 @@ def human_table(unlabeled: Path, dst: Path) -> int:
     return len(rows)
 
 
-def gold_accuracy(annotated: Path, source: str) -> dict:
-    """Annotator labels against the gold judge, when the source table carries gold_a / gold_b
-    (the built-in benchmark does): plain and confidence-weighted accuracy on pairs gold does not tie."""
-    import numpy as np
-
+def source_gold(source: str) -> dict:
+    """(prompt, response) -> gold score, when the source is a pairs table with gold_a / gold_b
+    (the built-in benchmark is); else empty. The split tables do not carry gold columns."""
     from cwpo_ray.tables import read_table
 
     kind, _, where = source.partition(":")
@@ -326,6 +333,40 @@ def gold_accuracy(annotated: Path, source: str) -> dict:
     for r in src:
         gold[(r["prompt"], r["response_a"])] = r["gold_a"]
         gold[(r["prompt"], r["response_b"])] = r["gold_b"]
+    return gold
+
+
+def gold_table(unlabeled: Path, source: str, dst: Path) -> int:
+    """The unlabeled pairs labeled by their gold scores (the gold arm); pairs gold ties are left out."""
+    import pyarrow as pa
+
+    from cwpo_ray.tables import LABELED_SCHEMA, read_table, write_table
+
+    gold = source_gold(source)
+    if not gold:
+        raise ValueError(f"arm 'gold' needs a pairs source with gold_a / gold_b columns; {source} has none")
+    rows = []
+    for r in read_table(unlabeled).to_pylist():
+        ga, gb = gold.get((r["prompt"], r["response_a"])), gold.get((r["prompt"], r["response_b"]))
+        if ga is None or gb is None or ga == gb:
+            continue
+        a_wins = ga > gb
+        rows.append({"id": r["id"], "prompt": r["prompt"], "chosen": r["response_a" if a_wins else "response_b"],
+                     "rejected": r["response_b" if a_wins else "response_a"]})
+    write_table(pa.Table.from_pylist(rows, schema=LABELED_SCHEMA), dst)
+    return len(rows)
+
+
+def gold_accuracy(annotated: Path, source: str) -> dict:
+    """Annotator labels against the gold judge, when the source table carries gold_a / gold_b
+    (the built-in benchmark does): plain and confidence-weighted accuracy on pairs gold does not tie."""
+    import numpy as np
+
+    from cwpo_ray.tables import read_table
+
+    gold = source_gold(source)
+    if not gold:
+        return {}
     right, conf = [], []
     for r in read_table(annotated).to_pylist():
         gc, gr = gold.get((r["prompt"], r["chosen"])), gold.get((r["prompt"], r["rejected"]))
@@ -471,6 +512,10 @@ def run(cfg: Config) -> int:
     runs.log_parent({**ann["metrics"], **labels["metrics"], "pairs.labeled": tables["n_labeled"],
                      "pairs.unlabeled": tables["n_unlabeled"]})
     test = resolve_test(cfg, tables)
+    if "gold" in cfg.arms:  # cheap, and a function of the split alone: rebuilt rather than staged
+        path = out / "data" / "unlabeled_gold.parquet"
+        tables = {**tables, "unlabeled_gold": str(path),
+                  "n_gold": gold_table(Path(tables["unlabeled"]), resolve_source(cfg.source), path)}
 
     # The shared SFT start (see the module doc): SFT + PO on the labeled split.
     policy_fp = to_dict(cfg.policy)
@@ -489,8 +534,8 @@ def run(cfg: Config) -> int:
             name = f"{arm.replace(':', '')}-{loss}"
             folder = out / "arms" / name
             data, weighting = arm_inputs(arm, tables)
-            # The human arms do not read the annotator's labels: a new annotator leaves them done.
-            fp_labels = fp_data if arm.startswith("human") else fp_lab
+            # The human and gold arms do not read the annotator's labels: a new annotator leaves them done.
+            fp_labels = fp_data if arm.startswith("human") or arm == "gold" else fp_lab
             fp_arm = fingerprint("arm", arm, loss, fp_start, fp_labels, policy_fp, to_dict(cfg.evaluate), test,
                                  cfg.seed)
             run_id = runs.child(arm, loss, fp_arm, human_labels_used(arm, cfg, tables))
