@@ -300,21 +300,28 @@ def take_first(src: Path, dst: Path, n: int, seed: int) -> Path:
     return dst
 
 
-def human_table(unlabeled: Path, dst: Path) -> int:
-    """The unlabeled pairs with their hidden human labels, as a labeled table (the Human arm)."""
+def labeled_table(unlabeled: Path, dst: Path, a_wins: Callable[[dict], Optional[bool]]) -> int:
+    """The unlabeled pairs as a labeled table, ``a_wins(row)`` choosing (None: leave the pair out)."""
     import pyarrow as pa
 
     from cwpo_ray.tables import LABELED_SCHEMA, read_table, write_table
 
     rows = []
     for r in read_table(unlabeled).to_pylist():
-        if r.get("human_choice") not in ("a", "b"):
-            continue  # a pair that never had a human label cannot be in the Human arm
-        a_wins = r["human_choice"] == "a"
-        rows.append({"id": r["id"], "prompt": r["prompt"], "chosen": r["response_a" if a_wins else "response_b"],
-                     "rejected": r["response_b" if a_wins else "response_a"]})
+        a = a_wins(r)
+        if a is None:
+            continue
+        rows.append({"id": r["id"], "prompt": r["prompt"], "chosen": r["response_a" if a else "response_b"],
+                     "rejected": r["response_b" if a else "response_a"]})
     write_table(pa.Table.from_pylist(rows, schema=LABELED_SCHEMA), dst)
     return len(rows)
+
+
+def human_table(unlabeled: Path, dst: Path) -> int:
+    """The unlabeled pairs with their hidden human labels (the Human arm); a pair that never had
+    a human label cannot be in it."""
+    return labeled_table(unlabeled, dst, lambda r: r["human_choice"] == "a"
+                         if r.get("human_choice") in ("a", "b") else None)
 
 
 def source_gold(source: str) -> dict:
@@ -338,23 +345,15 @@ def source_gold(source: str) -> dict:
 
 def gold_table(unlabeled: Path, source: str, dst: Path) -> int:
     """The unlabeled pairs labeled by their gold scores (the gold arm); pairs gold ties are left out."""
-    import pyarrow as pa
-
-    from cwpo_ray.tables import LABELED_SCHEMA, read_table, write_table
-
     gold = source_gold(source)
     if not gold:
         raise ValueError(f"arm 'gold' needs a pairs source with gold_a / gold_b columns; {source} has none")
-    rows = []
-    for r in read_table(unlabeled).to_pylist():
+
+    def a_wins(r):
         ga, gb = gold.get((r["prompt"], r["response_a"])), gold.get((r["prompt"], r["response_b"]))
-        if ga is None or gb is None or ga == gb:
-            continue
-        a_wins = ga > gb
-        rows.append({"id": r["id"], "prompt": r["prompt"], "chosen": r["response_a" if a_wins else "response_b"],
-                     "rejected": r["response_b" if a_wins else "response_a"]})
-    write_table(pa.Table.from_pylist(rows, schema=LABELED_SCHEMA), dst)
-    return len(rows)
+        return None if ga is None or gb is None or ga == gb else ga > gb
+
+    return labeled_table(unlabeled, dst, a_wins)
 
 
 def gold_accuracy(annotated: Path, source: str) -> dict:
