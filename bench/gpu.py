@@ -1,0 +1,285 @@
+"""What only a GPU can show: our training step, generation and annotator scoring on CUDA.
+
+Two steps, because the GPU machine has no network and no room for the models' weights:
+
+    python bench/gpu.py prepare --out .gpu/models     # here: configs + tokenizers (a few MB)
+    python3 bench/gpu.py run --models .gpu/models --out results.json   # on the GPU machine
+
+`run` builds SmolLM2-135M and all-MiniLM-L6-v2 from their configs with random weights (speed
+does not depend on the values) and measures, through this package's own code:
+
+1. the PO training step (``policy.pair_batch`` + ``policy.po_loss``, full fine-tuning, AdamW):
+   plain fp32 torch on the GPU (what ``strategy=ddp, use_gpu`` runs), DeepSpeed ZeRO-2 with bf16
+   through ``distributed.DeepSpeedEngine`` (``strategy=deepspeed, use_gpu``), and fp32 on the
+   machine's CPU cores as the reference; plus the loss of one batch under bf16 vs fp32;
+2. generation (``generation.TransformersGenerator``): batch 1 vs batch 32;
+3. annotator scoring (``Annotator.label_pairs``): batch 1 vs batch 32, the ceiling on what
+   request batching in ``cwpo serve`` can buy (issue 5: 3x asked, 1.22x possible on 2 CPU cores).
+
+Ray is not needed (world size 1); DeepSpeed must be importable. Each part records an error
+instead of stopping the others. Figures go to stdout and to ``--out`` as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def prepare(out: Path) -> None:
+    """Save the two models' configs and tokenizers (not their weights) where `run` will read them."""
+    from transformers import AutoConfig
+
+    from cwpo_ray.models import load_tokenizer, resolve_model
+
+    for name in ("smollm2-135m", "minilm-l6"):
+        source = resolve_model(name)
+        folder = out / name
+        folder.mkdir(parents=True, exist_ok=True)
+        AutoConfig.from_pretrained(source.path, **source.kwargs()).save_pretrained(folder)
+        load_tokenizer(source).save_pretrained(folder)
+        print(f"saved {name} config + tokenizer to {folder}")
+
+
+def _random_model(config_folder: Path, kind: str, dest: Path) -> Path:
+    """A folder with the config's model, randomly initialised, that our loaders read like any other."""
+    import torch
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(0)
+    config = AutoConfig.from_pretrained(config_folder)
+    cls = AutoModelForCausalLM if kind == "causal" else AutoModel
+    cls.from_config(config).save_pretrained(dest)
+    AutoTokenizer.from_pretrained(config_folder).save_pretrained(dest)
+    return dest
+
+
+def _pairs(n: int):
+    """Prompts and response pairs from the shipped benchmark, repeated to n."""
+    from cwpo_ray.tables import read_table
+
+    rows = read_table(str(Path(__file__).resolve().parents[1] / "cwpo_ray/benchmark_data/pairs.parquet")).to_pydict()
+    take = lambda col: [rows[col][i % len(rows[col])] for i in range(n)]  # noqa: E731
+    return take("prompt"), take("response_a"), take("response_b")
+
+
+def _sync():
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def train_step_rate(model_dir: Path, device: str, batch: int, steps: int, engine: str, zero_stage: int = 2) -> dict:
+    """Pairs/s of our PO step (DPO, beta 0.5, lengths of the `full` preset) after one warm-up step."""
+    import torch
+
+    from cwpo_ray import policy
+    from cwpo_ray.distributed import DistributedConfig, DeepSpeedEngine, adamw
+    from cwpo_ray.models import ModelSource, load_causal_lm, load_tokenizer
+
+    source = ModelSource(str(model_dir))
+    tok = load_tokenizer(source)
+    model = load_causal_lm(source).to(device)
+    lengths = policy.Lengths(48, 96, True)
+    prompts, a, b = _pairs(batch * (steps + 1))
+    ref = [-60.0] * batch
+    weights = [0.8] * batch
+    optimizer = adamw([p for p in model.parameters() if p.requires_grad], 1e-6, 0.0)
+    if engine == "deepspeed":
+        runner = DeepSpeedEngine(model, optimizer, None, DistributedConfig(
+            num_workers=1, strategy="deepspeed", zero_stage=zero_stage, use_gpu=True), micro_batch_size=batch)
+        backward, update = runner.engine.backward, runner.engine.step  # = backward_and_step, timed apart
+        forward = runner
+    else:
+        def update():
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        backward = lambda loss: loss.backward()  # noqa: E731
+        forward = model
+    losses, times, parts = [], [], []
+    for k in range(steps + 1):
+        sl = slice(k * batch, (k + 1) * batch)
+        pb = policy.pair_batch(tok, prompts[sl], a[sl], b[sl], lengths)
+        _sync()
+        t0 = time.perf_counter()
+        loss, _ = policy.po_loss(forward, pb, ref, ref, weights, loss_type="dpo", beta=0.5)
+        _sync()
+        t1 = time.perf_counter()
+        backward(loss)
+        _sync()
+        t2 = time.perf_counter()
+        update()
+        _sync()
+        t3 = time.perf_counter()
+        times.append(t3 - t0)
+        parts.append((t1 - t0, t2 - t1, t3 - t2))
+        losses.append(float(loss.detach()))
+    timed = times[1:]  # the first step pays for allocation / kernel selection
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    return {"engine": engine, "zero_stage": zero_stage if engine == "deepspeed" else None, "device": device,
+            "batch": batch, "steps": steps, "pairs_per_s": batch * len(timed) / sum(timed),
+            "s_per_step": mean(timed), "s_per_step_median": sorted(timed)[len(timed) // 2],
+            "s_forward": mean([p[0] for p in parts[1:]]), "s_backward": mean([p[1] for p in parts[1:]]),
+            "s_update": mean([p[2] for p in parts[1:]]), "first_loss": losses[0], "peak_gpu_mib": _peak_mib()}
+
+
+def loss_agreement(model_dir: Path, batch: int = 16) -> dict:
+    """The DPO loss and sequence log-probs of one batch: bf16 (DeepSpeed's) vs fp32 forward."""
+    import torch
+
+    from cwpo_ray import policy
+    from cwpo_ray.models import ModelSource, load_causal_lm, load_tokenizer
+
+    source = ModelSource(str(model_dir))
+    tok = load_tokenizer(source)
+    prompts, a, b = _pairs(batch)
+    pb = policy.pair_batch(tok, prompts, a, b, policy.Lengths(48, 96, True))
+    out, ref = {}, None
+    for dtype in (torch.float32, torch.bfloat16):
+        model = load_causal_lm(source).to("cuda", dtype=dtype).eval()
+        with torch.no_grad():
+            logps, _ = policy.sequence_logps(model, pb)
+            if ref is None:  # fp32 references for both: the bf16 loss then carries the bf16 log-prob error
+                ref = (logps[:batch] - 1.0).tolist(), (logps[batch:] + 1.0).tolist()  # a margin of 2 nats
+            loss, _ = policy.po_loss(model, pb, ref[0], ref[1], [1.0] * batch, loss_type="dpo", beta=0.5)
+        out[str(dtype).split(".")[-1]] = {"logps": logps.float().cpu(), "loss": float(loss)}
+    diff = (out["float32"]["logps"] - out["bfloat16"]["logps"]).abs()
+    return {"batch": batch, "loss_fp32": out["float32"]["loss"], "loss_bf16": out["bfloat16"]["loss"],
+            "logp_abs_diff_mean": float(diff.mean()), "logp_abs_diff_max": float(diff.max()),
+            "logp_mean_fp32": float(out["float32"]["logps"].mean())}
+
+
+def generation_rate(model_dir: Path, batch: int, prompts_n: int) -> dict:
+    from cwpo_ray.generation import GenSettings, TransformersGenerator
+
+    gen = TransformersGenerator(str(model_dir))
+    prompts, _, _ = _pairs(prompts_n)
+    s = GenSettings(n=1, temperature=0.95, max_new_tokens=24, batch_size=batch)
+    gen.generate(prompts[:batch], s)  # warm-up
+    _sync()
+    t0 = time.perf_counter()
+    out = gen.generate(prompts, s)
+    _sync()
+    seconds = time.perf_counter() - t0
+    return {"device": gen.device, "batch": batch, "prompts": prompts_n, "seconds": seconds,
+            "prompts_per_s": prompts_n / seconds, "responses": sum(len(o) for o in out)}
+
+
+def annotator_rate(model_dir: Path, batch: int, pairs_n: int, device: str) -> dict:
+    from cwpo_ray.annotator import new_annotator
+    from cwpo_ray.models import ModelSource
+
+    ann = new_annotator(ModelSource(str(model_dir)), max_length=128)
+    ann.model.to(device).eval()
+    prompts, a, b = _pairs(pairs_n)
+    ann.label_pairs(prompts[:batch], a[:batch], b[:batch], batch_size=batch)  # warm-up
+    _sync()
+    t0 = time.perf_counter()
+    ann.label_pairs(prompts, a, b, batch_size=batch)
+    _sync()
+    seconds = time.perf_counter() - t0
+    return {"device": device, "batch": batch, "pairs": pairs_n, "pairs_per_s": pairs_n / seconds}
+
+
+def _peak_mib() -> float | None:
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    peak = torch.cuda.max_memory_allocated() / 2**20
+    torch.cuda.reset_peak_memory_stats()
+    return round(peak, 1)
+
+
+def run(models: Path, out: Path, quick: bool, only: list[str] | None = None) -> None:
+    import torch
+
+    cuda = torch.cuda.is_available()
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if cuda else "cpu")
+    # DeepSpeed initialises torch.distributed itself; one process is a world of one.
+    for k, v in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                 "MASTER_PORT": "29511"}.items():
+        os.environ.setdefault(k, v)
+    work = Path(os.environ.get("TMPDIR", "/tmp")) / "cwpo-gpu-bench"
+    lm = _random_model(models / "smollm2-135m", "causal", work / "smollm2-135m")
+    enc = _random_model(models / "minilm-l6", "encoder", work / "minilm-l6")
+    results: dict = {"torch": torch.__version__, "cuda": cuda,
+                     "gpu": torch.cuda.get_device_name(0) if cuda else None,
+                     "cpu_threads": torch.get_num_threads()}
+    dev = "cuda" if cuda else "cpu"
+    steps = 2 if quick else 20
+    plan = [
+        ("train_fp32_gpu_b8", lambda: train_step_rate(lm, dev, 8, steps, "torch")),
+        ("train_fp32_gpu_b32", lambda: train_step_rate(lm, dev, 32, steps, "torch")),
+        ("train_ds_bf16_gpu_b8", lambda: train_step_rate(lm, dev, 8, steps, "deepspeed")),
+        ("train_ds_bf16_gpu_b32", lambda: train_step_rate(lm, dev, 32, steps, "deepspeed")),
+        ("train_ds0_bf16_gpu_b8", lambda: train_step_rate(lm, dev, 8, steps, "deepspeed", 0)),
+        ("train_ds0_bf16_gpu_b32", lambda: train_step_rate(lm, dev, 32, steps, "deepspeed", 0)),
+        ("train_fp32_cpu_b8", lambda: train_step_rate(lm, "cpu", 8, 2 if quick else 3, "torch")),
+        ("loss_bf16_vs_fp32", lambda: loss_agreement(lm)),
+        ("generate_b1", lambda: generation_rate(lm, 1, 8 if quick else 32)),
+        ("generate_b32", lambda: generation_rate(lm, 32, 32 if quick else 256)),
+        ("annotate_b1", lambda: annotator_rate(enc, 1, 16 if quick else 256, dev)),
+        ("annotate_b32", lambda: annotator_rate(enc, 32, 64 if quick else 2048, dev)),
+        ("annotate_b1_cpu", lambda: annotator_rate(enc, 1, 16 if quick else 128, "cpu")),
+        ("annotate_b32_cpu", lambda: annotator_rate(enc, 32, 64 if quick else 256, "cpu")),
+    ]
+    if not cuda:  # on CPU (a dry run of this script) the DeepSpeed-bf16 and agreement parts do not apply
+        plan = [p for p in plan if "gpu" not in p[0] or "fp32" in p[0]]
+        plan = [p for p in plan if p[0] != "loss_bf16_vs_fp32"]
+    if only:
+        plan = [p for p in plan if p[0] in only]
+    for name, part in plan:
+        t0 = time.perf_counter()
+        try:
+            results[name] = part()
+        except Exception as e:  # noqa: BLE001 — one broken part must not hide the others' figures
+            results[name] = {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-2000:]}
+        print(f"{name} ({time.perf_counter() - t0:.0f} s): {json.dumps(results[name], default=str)}", flush=True)
+        out.write_text(json.dumps(results, indent=2, default=str))
+    _summary(results)
+
+
+def _summary(r: dict) -> None:
+    def ratio(a, b, key):
+        try:
+            return f"{r[a][key] / r[b][key]:.1f}x"
+        except (KeyError, TypeError, ZeroDivisionError):
+            return "n/a"
+
+    print("\nsummary")
+    print("  train, GPU fp32 b8 vs CPU fp32 b8:      ", ratio("train_fp32_gpu_b8", "train_fp32_cpu_b8", "pairs_per_s"))
+    print("  train, DeepSpeed bf16 vs fp32 (b32):    ", ratio("train_ds_bf16_gpu_b32", "train_fp32_gpu_b32", "pairs_per_s"))
+    print("  generate, batch 32 vs batch 1:          ", ratio("generate_b32", "generate_b1", "prompts_per_s"))
+    print("  annotate (GPU), batch 32 vs batch 1:    ", ratio("annotate_b32", "annotate_b1", "pairs_per_s"))
+    print("  annotate (CPU), batch 32 vs batch 1:    ", ratio("annotate_b32_cpu", "annotate_b1_cpu", "pairs_per_s"))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("prepare", help="save the models' configs and tokenizers (run where the models are installed)")
+    p.add_argument("--out", type=Path, default=Path(".gpu/models"))
+    r = sub.add_parser("run", help="measure (on the GPU machine)")
+    r.add_argument("--models", type=Path, default=Path(".gpu/models"))
+    r.add_argument("--out", type=Path, default=Path("gpu_results.json"))
+    r.add_argument("--quick", action="store_true", help="a few steps each: checks the script, not the speed")
+    r.add_argument("--only", default="", help="comma-separated part names (default: all)")
+    args = parser.parse_args()
+    if args.cmd == "prepare":
+        prepare(args.out)
+    else:
+        run(args.models, args.out, args.quick, [x for x in args.only.split(",") if x])
+
+
+if __name__ == "__main__":
+    main()
