@@ -247,8 +247,21 @@ def test_gguf_start_model_is_dequantized_once_into_an_equal_folder(tmp_path):
     assert "Is rain good for gardens?" in texts[0] and texts != ["Is rain good for gardens?"]  # a chat format
     assert chat_texts(tok_plain, ["Is rain good for gardens?", "Tell me about chess, briefly."]) == texts
     assert tok_plain(texts)["input_ids"] == tok_gguf(texts)["input_ids"]
-    a, b = load_causal_lm(gguf).state_dict(), load_causal_lm(plain).state_dict()
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # The weights, against the GGUF file read independently (gguf's reader and dequantizer, not a
+    # second transformers load: that took ~20 s): every tensor is there, and those that no
+    # renaming or permutation touches are bit-equal, from the first layer to the last.
+    from gguf import GGUFReader, dequantize
+
+    saved = load_causal_lm(plain).state_dict()
+    raw = {t.name: t for t in GGUFReader(str(Path(gguf.path) / gguf.gguf_file)).tensors}
+    layers = sum(name.endswith(".attn_v.weight") for name in raw)
+    assert sum(k.startswith("model.") for k in saved) == len(raw)  # lm_head is tied to the embeddings
+    for g, h in {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
+                 "blk.0.ffn_down.weight": "model.layers.0.mlp.down_proj.weight",
+                 f"blk.{layers - 1}.attn_v.weight": f"model.layers.{layers - 1}.self_attn.v_proj.weight",
+                 f"blk.{layers - 1}.attn_norm.weight": f"model.layers.{layers - 1}.input_layernorm.weight"}.items():
+        expected = torch.from_numpy(dequantize(raw[g].data, raw[g].tensor_type).copy()).reshape(saved[h].shape)
+        assert torch.equal(saved[h], expected.to(saved[h].dtype)), h
     assert run_start_model(str(folder), tmp_path / "again") == {"model": str(folder)}  # not GGUF: used as is
 
 
