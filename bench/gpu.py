@@ -129,7 +129,8 @@ def train_step_rate(model_dir: Path, device: str, batch: int, steps: int, engine
             "batch": batch, "steps": steps, "pairs_per_s": batch * len(timed) / sum(timed),
             "s_per_step": mean(timed), "s_per_step_median": sorted(timed)[len(timed) // 2],
             "s_forward": mean([p[0] for p in parts[1:]]), "s_backward": mean([p[1] for p in parts[1:]]),
-            "s_update": mean([p[2] for p in parts[1:]]), "first_loss": losses[0], "peak_gpu_mib": _peak_mib()}
+            "s_update": mean([p[2] for p in parts[1:]]), "first_loss": losses[0],
+            "peak_gpu_mib": _peak_mib() if device != "cpu" else None}
 
 
 def loss_agreement(model_dir: Path, batch: int = 16) -> dict:
