@@ -98,7 +98,7 @@ def train_step_rate(model_dir: Path, device: str, batch: int, steps: int, engine
             num_workers=1, strategy="deepspeed", zero_stage=zero_stage, use_gpu=True), micro_batch_size=batch)
         backward, update = runner.engine.backward, runner.engine.step  # = backward_and_step, timed apart
         forward = runner
-    else:
+    else:  # DDPEngine.backward_and_step's steps, timed apart (DDPEngine imports Ray, absent on the GPU machine)
         def update():
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
