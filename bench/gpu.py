@@ -8,7 +8,7 @@ Two steps, because the GPU machine has no network and no room for the models' we
 `run` builds SmolLM2-135M and all-MiniLM-L6-v2 from their configs with random weights (speed
 does not depend on the values) and measures, through this package's own code:
 
-1. the PO training step (``policy.pair_batch`` + ``policy.po_loss``, full fine-tuning, AdamW):
+1. the PO training step (``logprobs.pair_batch`` + ``logprobs.po_loss``, full fine-tuning, AdamW):
    plain fp32 torch on the GPU (what ``strategy=ddp, use_gpu`` runs), DeepSpeed ZeRO-2 with bf16
    through ``distributed.DeepSpeedEngine`` (``strategy=deepspeed, use_gpu``), and fp32 on the
    machine's CPU cores as the reference; plus the loss of one batch under bf16 vs fp32;
@@ -81,14 +81,14 @@ def train_step_rate(model_dir: Path, device: str, batch: int, steps: int, engine
     """Pairs/s of our PO step (DPO, beta 0.5, lengths of the `full` preset) after one warm-up step."""
     import torch
 
-    from cwpo_ray import policy
+    from cwpo_ray import logprobs
     from cwpo_ray.distributed import DistributedConfig, DeepSpeedEngine, adamw
     from cwpo_ray.models import ModelSource, load_causal_lm, load_tokenizer
 
     source = ModelSource(str(model_dir))
     tok = load_tokenizer(source)
     model = load_causal_lm(source).to(device)
-    lengths = policy.Lengths(48, 96, True)
+    lengths = logprobs.Lengths(48, 96, True)
     prompts, a, b = _pairs(batch * (steps + 1))
     ref = [-60.0] * batch
     weights = [0.8] * batch
@@ -108,10 +108,10 @@ def train_step_rate(model_dir: Path, device: str, batch: int, steps: int, engine
     losses, times, parts = [], [], []
     for k in range(steps + 1):
         sl = slice(k * batch, (k + 1) * batch)
-        pb = policy.pair_batch(tok, prompts[sl], a[sl], b[sl], lengths)
+        pb = logprobs.pair_batch(tok, prompts[sl], a[sl], b[sl], lengths)
         _sync()
         t0 = time.perf_counter()
-        loss, _ = policy.po_loss(forward, pb, ref, ref, weights, loss_type="dpo", beta=0.5)
+        loss, _ = logprobs.po_loss(forward, pb, ref, ref, weights, loss_type="dpo", beta=0.5)
         _sync()
         t1 = time.perf_counter()
         backward(loss)
@@ -137,21 +137,21 @@ def loss_agreement(model_dir: Path, batch: int = 16) -> dict:
     """The DPO loss and sequence log-probs of one batch: bf16 (DeepSpeed's) vs fp32 forward."""
     import torch
 
-    from cwpo_ray import policy
+    from cwpo_ray import logprobs
     from cwpo_ray.models import ModelSource, load_causal_lm, load_tokenizer
 
     source = ModelSource(str(model_dir))
     tok = load_tokenizer(source)
     prompts, a, b = _pairs(batch)
-    pb = policy.pair_batch(tok, prompts, a, b, policy.Lengths(48, 96, True))
+    pb = logprobs.pair_batch(tok, prompts, a, b, logprobs.Lengths(48, 96, True))
     out, ref = {}, None
     for dtype in (torch.float32, torch.bfloat16):
         model = load_causal_lm(source).to("cuda", dtype=dtype).eval()
         with torch.no_grad():
-            logps, _ = policy.sequence_logps(model, pb)
+            logps, _ = logprobs.sequence_logps(model, pb)
             if ref is None:  # fp32 references for both: the bf16 loss then carries the bf16 log-prob error
                 ref = (logps[:batch] - 1.0).tolist(), (logps[batch:] + 1.0).tolist()  # a margin of 2 nats
-            loss, _ = policy.po_loss(model, pb, ref[0], ref[1], [1.0] * batch, loss_type="dpo", beta=0.5)
+            loss, _ = logprobs.po_loss(model, pb, ref[0], ref[1], [1.0] * batch, loss_type="dpo", beta=0.5)
         out[str(dtype).split(".")[-1]] = {"logps": logps.float().cpu(), "loss": float(loss)}
     diff = (out["float32"]["logps"] - out["bfloat16"]["logps"]).abs()
     return {"batch": batch, "loss_fp32": out["float32"]["loss"], "loss_bf16": out["bfloat16"]["loss"],

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cwpo_ray import metrics
+from cwpo_ray import calibration
 
 
 def _pyplot():
@@ -21,7 +21,7 @@ def _pyplot():
 def reliability_diagram(margins, path: str | Path, n_bins: int = 10, title: str = "") -> Path:
     """Accuracy against predicted probability per bin; the diagonal is perfect calibration."""
     plt = _pyplot()
-    bins = metrics.reliability_bins(margins, n_bins)
+    bins = calibration.reliability_bins(margins, n_bins)
     fig, ax = plt.subplots(figsize=(4.5, 4.5), dpi=100)
     full = [b for b in bins if b["count"]]
     centers = [(b["lo"] + b["hi"]) / 2 for b in full]
@@ -29,7 +29,7 @@ def reliability_diagram(margins, path: str | Path, n_bins: int = 10, title: str 
     ax.plot([b["mean_prob"] for b in full], [b["accuracy"] for b in full], "o", color="#dd8452", label="bin mean")
     ax.plot([0.5, 1.0], [0.5, 1.0], "--", color="gray", label="calibrated")
     ax.set(xlim=(0.5, 1.0), ylim=(0.0, 1.0), xlabel="predicted probability sigma(|margin|)", ylabel="accuracy",
-           title=title or f"reliability (ECE {metrics.ece(margins, n_bins):.3f})")
+           title=title or f"reliability (ECE {calibration.ece(margins, n_bins):.3f})")
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
@@ -40,8 +40,8 @@ def reliability_diagram(margins, path: str | Path, n_bins: int = 10, title: str 
 def confidence_histogram(margins, path: str | Path, n_bins: int = 20, title: str = "") -> Path:
     """Distribution of the confidence C, split by right and wrong calls."""
     plt = _pyplot()
-    conf = metrics.confidence_of(margins)
-    right = metrics.correctness(margins) > 0.5
+    conf = calibration.confidence_of(margins)
+    right = calibration.correctness(margins) > 0.5
     edges = np.linspace(0.0, 1.0, n_bins + 1)
     fig, ax = plt.subplots(figsize=(5, 3.5), dpi=100)
     ax.hist([conf[right], conf[~right]], bins=edges, stacked=True, color=["#55a868", "#c44e52"],

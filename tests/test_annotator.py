@@ -11,7 +11,7 @@ import pyarrow as pa
 import pytest
 import torch
 
-from cwpo_ray import metrics
+from cwpo_ray import calibration
 from cwpo_ray.annotator import encode, load_annotator, new_annotator, save_annotator
 from cwpo_ray.cli import main
 from cwpo_ray.models import ModelSource
@@ -84,21 +84,21 @@ def trained(ray_cluster, mlflow_server, tiny_encoder, labeled, tmp_path_factory)
 
 def test_metrics_hand_values():
     margins = [2.0, 1.0, -1.0, 0.0]
-    assert metrics.accuracy(margins) == pytest.approx((1 + 1 + 0 + 0.5) / 4)
-    assert metrics.bt_loss([0.0]) == pytest.approx(np.log(2))
-    assert metrics.confidence_of([2.0]) == pytest.approx(2 * (1 / (1 + np.exp(-2)) - 0.5))
+    assert calibration.accuracy(margins) == pytest.approx((1 + 1 + 0 + 0.5) / 4)
+    assert calibration.bt_loss([0.0]) == pytest.approx(np.log(2))
+    assert calibration.confidence_of([2.0]) == pytest.approx(2 * (1 / (1 + np.exp(-2)) - 0.5))
     # one pair per bin, each right: ECE is the mean gap between 1 and its predicted probability
-    probs = metrics.sigmoid(np.abs(margins[:2]))
-    assert metrics.ece(margins[:2]) == pytest.approx(float(np.mean(1 - probs)))
+    probs = calibration.sigmoid(np.abs(margins[:2]))
+    assert calibration.ece(margins[:2]) == pytest.approx(float(np.mean(1 - probs)))
     # calibrated by construction: labels drawn with the model's own probabilities
     rng = np.random.default_rng(0)
     m = rng.normal(0, 2, 20000)
-    signs = np.where(rng.random(m.size) < metrics.sigmoid(np.abs(m)), 1, -1)
-    assert metrics.ece(np.abs(m) * signs) < 0.02
-    deciles = metrics.accuracy_by_decile(np.arange(100) / 100, (np.arange(100) >= 50).astype(float))
+    signs = np.where(rng.random(m.size) < calibration.sigmoid(np.abs(m)), 1, -1)
+    assert calibration.ece(np.abs(m) * signs) < 0.02
+    deciles = calibration.accuracy_by_decile(np.arange(100) / 100, (np.arange(100) >= 50).astype(float))
     assert [d["count"] for d in deciles] == [10] * 10
     assert [d["accuracy"] for d in deciles] == [0.0] * 5 + [1.0] * 5
-    assert metrics.top_fraction_accuracy([0.1, 0.9, 0.8], [0, 1, 0], 1 / 3) == 1.0
+    assert calibration.top_fraction_accuracy([0.1, 0.9, 0.8], [0, 1, 0], 1 / 3) == 1.0
 
 
 def test_encode_cuts_prompt_from_the_left(tiny_encoder):

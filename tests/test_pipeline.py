@@ -12,7 +12,7 @@ import pyarrow as pa
 import pytest
 
 from cwpo_ray import cli
-from cwpo_ray.eval_metrics import (bootstrap_ci, gra, gra_with_ci, implicit_reward_accuracy, paired_difference,
+from cwpo_ray.gra import (bootstrap_ci, gra, gra_with_ci, implicit_reward_accuracy, paired_difference,
                                    wins)
 from cwpo_ray.judges import load_judge
 from cwpo_ray.recipes import build_benchmark as bb

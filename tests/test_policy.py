@@ -18,7 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cwpo_ray import policy
+from cwpo_ray import logprobs, weighting
 from cwpo_ray.models import ModelSource, load_causal_lm, load_tokenizer
 
 # DDP and ZeRO-2 both run in fp32 on CPU; they differ only in reduction order.
@@ -36,14 +36,14 @@ def fresh_model(source, seed: int = 0):
     return load_causal_lm(source)
 
 
-def batch_of(tokenizer, rows, lengths=policy.Lengths(8, 24)):
-    return policy.pair_batch(tokenizer, [r["prompt"] for r in rows], [r["chosen"] for r in rows],
+def batch_of(tokenizer, rows, lengths=logprobs.Lengths(8, 24)):
+    return logprobs.pair_batch(tokenizer, [r["prompt"] for r in rows], [r["chosen"] for r in rows],
                              [r["rejected"] for r in rows], lengths)
 
 
 def reference(model, batch):
     with torch.no_grad():
-        logps, _ = policy.sequence_logps(model, batch)
+        logps, _ = logprobs.sequence_logps(model, batch)
     n = logps.shape[0] // 2
     return logps[:n], logps[n:]
 
@@ -51,13 +51,13 @@ def reference(model, batch):
 # ----------------------------------------------------------------------------- mechanics
 
 def test_truncation_cuts_prompt_left_and_response_right():
-    lengths = policy.Lengths(max_prompt_length=3, max_length=6)
-    prompt, response = policy.truncate([1, 2, 3, 4, 5], [10, 11, 12, 13, 14], lengths)
+    lengths = logprobs.Lengths(max_prompt_length=3, max_length=6)
+    prompt, response = logprobs.truncate([1, 2, 3, 4, 5], [10, 11, 12, 13, 14], lengths)
     assert prompt == [3, 4, 5] and response == [10, 11, 12]
     # a response always keeps at least one token
-    assert policy.truncate([1, 2, 3], [10, 11], policy.Lengths(3, 4)) == ([1, 2, 3], [10])
+    assert logprobs.truncate([1, 2, 3], [10, 11], logprobs.Lengths(3, 4)) == ([1, 2, 3], [10])
     with pytest.raises(ValueError):
-        policy.Lengths(max_prompt_length=8, max_length=8)
+        logprobs.Lengths(max_prompt_length=8, max_length=8)
 
 
 def test_sequence_logps_sum_response_tokens_only(tiny):
@@ -66,8 +66,8 @@ def test_sequence_logps_sum_response_tokens_only(tiny):
     tokenizer, source = tiny
     model = fresh_model(source)
     rows = synthetic_pairs(3)
-    batch = policy.sft_batch(tokenizer, [r["prompt"] for r in rows], [r["chosen"] for r in rows], policy.Lengths(8, 24))
-    logps, counts = policy.sequence_logps(model, batch)
+    batch = logprobs.sft_batch(tokenizer, [r["prompt"] for r in rows], [r["chosen"] for r in rows], logprobs.Lengths(8, 24))
+    logps, counts = logprobs.sequence_logps(model, batch)
     full = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.log_softmax(-1)
     for i in range(batch["input_ids"].shape[0]):
         positions = [t for t in range(1, batch["input_ids"].shape[1]) if batch["response_mask"][i, t]]
@@ -90,17 +90,17 @@ def test_packed_pair_scores_each_response_as_its_own_sequence(tiny, attention):
     rows = synthetic_pairs(4, seed=7)
     rows[1]["chosen"] += " and then some more words that will not fit"
     rows[2]["rejected"] = "no"
-    lengths = policy.Lengths(8, 24)
+    lengths = logprobs.Lengths(8, 24)
     prompts = [r["prompt"] for r in rows]
 
     def scored(packed: bool):
         model = fresh_model(source)
         model.config._attn_implementation = attention
         if packed:
-            logps, counts = policy.sequence_logps(model, batch_of(tokenizer, rows, lengths))
+            logps, counts = logprobs.sequence_logps(model, batch_of(tokenizer, rows, lengths))
         else:
-            c, nc = policy.sequence_logps(model, policy.sft_batch(tokenizer, prompts, [r["chosen"] for r in rows], lengths))
-            r, nr = policy.sequence_logps(model, policy.sft_batch(tokenizer, prompts, [r["rejected"] for r in rows], lengths))
+            c, nc = logprobs.sequence_logps(model, logprobs.sft_batch(tokenizer, prompts, [r["chosen"] for r in rows], lengths))
+            r, nr = logprobs.sequence_logps(model, logprobs.sft_batch(tokenizer, prompts, [r["rejected"] for r in rows], lengths))
             logps, counts = torch.cat([c, r]), torch.cat([nc, nr])
         (logps * torch.linspace(0.5, 2.0, 8)).sum().backward()  # a loss that weighs every sequence differently
         return logps.detach(), counts, [p.grad for p in model.parameters()]
@@ -123,7 +123,7 @@ def test_zero_weight_pair_leaves_parameters_unchanged(tiny):
     ref_c, ref_r = reference(fresh_model(source, seed=1), batch)  # a reference that differs from the policy
     before = {k: v.clone() for k, v in model.state_dict().items()}
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
-    loss, _ = policy.po_loss(model, batch, ref_c, ref_r, [0.0], loss_type="dpo", beta=0.5)
+    loss, _ = logprobs.po_loss(model, batch, ref_c, ref_r, [0.0], loss_type="dpo", beta=0.5)
     loss.backward()
     assert all(p.grad is None or not p.grad.any() for p in model.parameters())
     optimizer.step()
@@ -141,7 +141,7 @@ def test_zero_weight_pair_adds_nothing_to_the_gradient(tiny):
         model = fresh_model(source)
         batch = batch_of(tokenizer, batch_rows)
         ref_c, ref_r = reference(ref_model, batch)
-        loss, _ = policy.po_loss(model, batch, ref_c, ref_r, weights, loss_type="rdpo", beta=0.5)
+        loss, _ = logprobs.po_loss(model, batch, ref_c, ref_r, weights, loss_type="rdpo", beta=0.5)
         loss.backward()
         return [p.grad.clone() for p in model.parameters()]
 
@@ -159,15 +159,15 @@ def test_weights_of_one_equal_the_unweighted_loss(tiny, loss_type):
     model = fresh_model(source)
     batch = batch_of(tokenizer, synthetic_pairs(4, seed=5))
     ref_c, ref_r = reference(fresh_model(source, seed=1), batch)
-    weighted, metrics = policy.po_loss(model, batch, ref_c, ref_r, [1.0] * 4, loss_type=loss_type, beta=0.5)
+    weighted, metrics = logprobs.po_loss(model, batch, ref_c, ref_r, [1.0] * 4, loss_type=loss_type, beta=0.5)
     assert metrics["loss"] == pytest.approx(metrics["loss_unweighted"], rel=1e-6)
     if loss_type == "dpo":  # plain DPO written out, as TRL computes it (sigmoid loss)
-        logps, _ = policy.sequence_logps(model, batch)
+        logps, _ = logprobs.sequence_logps(model, batch)
         plain = -F.logsigmoid(0.5 * ((logps[:4] - ref_c) - (logps[4:] - ref_r))).mean()
         assert weighted.item() == pytest.approx(plain.item(), rel=1e-6)
     # and a confidence weighting is exactly mean(C * per-pair loss)
     w = [0.1, 0.9, 0.5, 0.0]
-    cw, cw_metrics = policy.po_loss(model, batch, ref_c, ref_r, w, loss_type=loss_type, beta=0.5)
+    cw, cw_metrics = logprobs.po_loss(model, batch, ref_c, ref_r, w, loss_type=loss_type, beta=0.5)
     _, per_pair = _per_pair(model, batch, ref_c, ref_r, loss_type)
     assert cw.item() == pytest.approx(float((torch.tensor(w) * per_pair.detach()).mean()), rel=1e-5)
     assert cw_metrics["confidence/mean"] == pytest.approx(0.375)
@@ -176,7 +176,7 @@ def test_weights_of_one_equal_the_unweighted_loss(tiny, loss_type):
 def _per_pair(model, batch, ref_c, ref_r, loss_type):
     from cwpo_ray.losses import preference_loss
 
-    logps, counts = policy.sequence_logps(model, batch)
+    logps, counts = logprobs.sequence_logps(model, batch)
     n = logps.shape[0] // 2
     return preference_loss(logps[:n], logps[n:], ref_c, ref_r, loss_type=loss_type, beta=0.5,
                            chosen_lengths=counts[:n].float(), rejected_lengths=counts[n:].float())
@@ -184,15 +184,15 @@ def _per_pair(model, batch, ref_c, ref_r, loss_type):
 
 def test_pair_weights():
     conf = [0.2, 0.9, 0.5, 0.9, 0.1]
-    assert policy.pair_weights(conf, "confidence", 5) == ([0, 1, 2, 3, 4], conf)
-    assert policy.pair_weights(conf, "none", 5) == ([0, 1, 2, 3, 4], [1.0] * 5)
-    assert policy.pair_weights(conf, "topk:0.4", 5) == ([1, 3], [1.0, 1.0])
-    assert policy.pair_weights(None, "confidence", 3) == ([0, 1, 2], [1.0] * 3)  # human labels
+    assert weighting.pair_weights(conf, "confidence", 5) == ([0, 1, 2, 3, 4], conf)
+    assert weighting.pair_weights(conf, "none", 5) == ([0, 1, 2, 3, 4], [1.0] * 5)
+    assert weighting.pair_weights(conf, "topk:0.4", 5) == ([1, 3], [1.0, 1.0])
+    assert weighting.pair_weights(None, "confidence", 3) == ([0, 1, 2], [1.0] * 3)  # human labels
     for bad in ("topk:0", "topk:1.5", "conf"):
         with pytest.raises(ValueError):
-            policy.parse_weighting(bad)
+            weighting.parse_weighting(bad)
     with pytest.raises(ValueError):
-        policy.pair_weights(None, "topk:0.3", 3)
+        weighting.pair_weights(None, "topk:0.3", 3)
 
 
 
@@ -421,10 +421,10 @@ def test_prompts_take_the_models_chat_format(tiny):
     tokenizer.chat_template = ("{% for m in messages %}[user] {{ m['content'] }}\n{% endfor %}"
                                "{% if add_generation_prompt %}[bot] {% endif %}")
     prompts, responses = ["Tell me about cats."], ["cats are kind."]
-    plain, plain_p = policy.encode_responses(tokenizer, prompts, responses, policy.Lengths(16, 48))
-    chat, chat_p = policy.encode_responses(tokenizer, prompts, responses, policy.Lengths(16, 48, chat=True))
+    plain, plain_p = logprobs.encode_responses(tokenizer, prompts, responses, logprobs.Lengths(16, 48))
+    chat, chat_p = logprobs.encode_responses(tokenizer, prompts, responses, logprobs.Lengths(16, 48, chat=True))
     expected = tokenizer(chat_texts(tokenizer, prompts), add_special_tokens=False)["input_ids"][0][-16:]
     assert chat[0][:chat_p[0]] == expected and chat_p[0] > plain_p[0]
     assert chat[0][chat_p[0]:] == plain[0][plain_p[0]:]  # the same response tokens (EOS included)
     tokenizer.chat_template = None  # a base model: chat=True changes nothing
-    assert policy.encode_responses(tokenizer, prompts, responses, policy.Lengths(16, 48, chat=True)) == (plain, plain_p)
+    assert logprobs.encode_responses(tokenizer, prompts, responses, logprobs.Lengths(16, 48, chat=True)) == (plain, plain_p)

@@ -41,7 +41,7 @@ import pyarrow.parquet as pq
 from ray.data import Datasink
 from ray.data.block import BlockAccessor
 
-from cwpo_ray import metrics
+from cwpo_ray import calibration
 from cwpo_ray.config import ConfigError, option
 from cwpo_ray.sources import pair_id, quarantine_id, raw_json
 from cwpo_ray.tables import (ANNOTATED_COLUMNS, ANNOTATED_SCHEMA, HUMAN_CHOICE, QUARANTINE_SCHEMA,
@@ -317,7 +317,7 @@ def build_report(stats: dict, seconds: float, annotator: str) -> dict:
         weighted = float((conf * right).sum() / conf.sum()) if conf.sum() > 0 else None
         report["human_agreement"] = {
             "pairs": int(len(conf)), "accuracy": float(right.mean()), "confidence_weighted_accuracy": weighted,
-            "by_confidence_decile": metrics.accuracy_by_decile(conf, right)}
+            "by_confidence_decile": calibration.accuracy_by_decile(conf, right)}
     return report
 
 

@@ -4,7 +4,7 @@ annotator's accuracy (against the gold judge when the data has one, else against
 human labels) and how many human labels each arm used. Then the contrasts the paper's claim is
 about (cw - human, cw - ws, ws - human, cw - human_labeled_only, per loss) as paired GRA
 differences: every arm is judged on the same test prompts against the same start responses,
-so the per-prompt differences are resampled together (eval_metrics.paired_difference), which
+so the per-prompt differences are resampled together (gra.paired_difference), which
 separates arms that two overlapping GRA intervals cannot.
 
 Reads the child runs of a pipeline parent run (--parent-run-id, default: the latest pipeline
@@ -89,7 +89,7 @@ def per_prompt_wins(client, run_id: str, dst: Path) -> dict | None:
     from the responses.parquet the pipeline logs to each arm's run; None when it is not there."""
     from mlflow.exceptions import MlflowException
 
-    from cwpo_ray.eval_metrics import wins
+    from cwpo_ray.gra import wins
     from cwpo_ray.tables import read_table
 
     dst.mkdir(parents=True, exist_ok=True)
@@ -104,7 +104,7 @@ def per_prompt_wins(client, run_id: str, dst: Path) -> dict | None:
 
 def paired_rows(client, rows: list[dict]) -> list[dict]:
     """The CONTRASTS present in ``rows``, per loss, as paired GRA differences on shared prompts."""
-    from cwpo_ray.eval_metrics import paired_difference
+    from cwpo_ray.gra import paired_difference
 
     by_key = {(r["arm"], r["loss"]): r for r in rows}
     found: dict[str, dict | None] = {}

@@ -82,11 +82,11 @@ def sample(cfg: Config, model: str, prompts: list[str]) -> list[str]:
 
 
 def pair_logps(model_spec: str, rows: list[dict], cfg: Config) -> tuple[np.ndarray, np.ndarray]:
-    """Summed response log-probs of chosen and rejected under one model (policy.py's scorer)."""
+    """Summed response log-probs of chosen and rejected under one model (logprobs.py's scorer)."""
     import torch
 
     from cwpo_ray.models import load_causal_lm, load_tokenizer, resolve_model
-    from cwpo_ray.policy import Lengths, reference_logps
+    from cwpo_ray.logprobs import Lengths, reference_logps
 
     source = resolve_model(model_spec)
     tok = load_tokenizer(source)
@@ -104,7 +104,7 @@ def pair_logps(model_spec: str, rows: list[dict], cfg: Config) -> tuple[np.ndarr
 
 
 def implicit_accuracy(cfg: Config, rows: list[dict]) -> tuple[float, int]:
-    from cwpo_ray.eval_metrics import implicit_reward_accuracy
+    from cwpo_ray.gra import implicit_reward_accuracy
 
     pairs = [r for r in rows if r.get("chosen") and r.get("rejected") and r["chosen"] != r["rejected"]
              and r.get("gold_chosen", 1.0) != r.get("gold_rejected", 0.0)]
@@ -160,7 +160,7 @@ def log_to_mlflow(cfg: Config, metrics: dict, out: Path) -> Optional[str]:
 
 
 def run(cfg: Config) -> int:
-    from cwpo_ray.eval_metrics import gra_with_ci
+    from cwpo_ray.gra import gra_with_ci
     from cwpo_ray.judges import judge_name, load_judge
     from cwpo_ray.tables import atomic_path, write_table
 

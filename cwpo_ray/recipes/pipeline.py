@@ -111,7 +111,7 @@ class Config:
 
     def validate(self) -> None:
         from cwpo_ray.losses import LOSS_TYPES
-        from cwpo_ray.policy import parse_weighting
+        from cwpo_ray.weighting import parse_weighting
 
         for arm in self.arms:
             if arm not in BASE_ARMS + EXTRA_ARMS:

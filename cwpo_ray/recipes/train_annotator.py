@@ -189,7 +189,7 @@ def train_loop(config: dict) -> None:
     from tqdm import tqdm
 
     from cwpo_ray import distributed as D
-    from cwpo_ray import metrics
+    from cwpo_ray import calibration
     from cwpo_ray.annotator import collate, new_annotator
     from cwpo_ray.losses import bt_loss
     from cwpo_ray.models import resolve_model
@@ -233,7 +233,7 @@ def train_loop(config: dict) -> None:
             bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}")
 
         margins = heldout_margins(engine, held_c, held_r, pad_id, cfg["eval_batch_size"])
-        summary = metrics.summarize(margins)
+        summary = calibration.summarize(margins)
         row = {"epoch": epoch + 1, "train_loss": mean_over_workers(loss_sum, loss_n),
                **{f"heldout_{k}": v for k, v in summary.items() if k != "n"}}
         state["history"].append(row)

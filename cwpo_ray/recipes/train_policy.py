@@ -102,7 +102,8 @@ class Config:
     fail_at_step: int = option(-1, "testing: the last worker fails once at this PO step", flag=False)
 
     def validate(self) -> None:
-        from cwpo_ray.policy import Lengths, parse_weighting
+        from cwpo_ray.logprobs import Lengths
+        from cwpo_ray.weighting import parse_weighting
 
         parse_weighting(self.weighting)
         Lengths(self.max_prompt_length, self.max_length)
@@ -166,7 +167,7 @@ def write_train_pairs(cfg: Config, path: Path) -> int:
     """The kept pairs with their weight column; returns how many."""
     import pyarrow as pa
 
-    from cwpo_ray.policy import pair_weights
+    from cwpo_ray.weighting import pair_weights
     from cwpo_ray.tables import LABELED_COLUMNS, read_table, require_columns, write_table
 
     names = require_columns(cfg.data, LABELED_COLUMNS)
@@ -199,14 +200,14 @@ def ensure_reference(engine, tokenizer, rows: dict, lc: dict, rank: int, world_s
     """
     import torch.distributed as td
 
-    from cwpo_ray import policy
+    from cwpo_ray import logprobs
     from cwpo_ray.tables import read_table, write_table
 
     path = Path(lc["reference_table"])
     if path.exists():
         return read_table(path).to_pydict()
     t0 = time.perf_counter()
-    lengths = policy.Lengths(lc["max_prompt_length"], lc["max_length"], lc["chat_template"])
+    lengths = logprobs.Lengths(lc["max_prompt_length"], lc["max_length"], lc["chat_template"])
     n, bs = len(rows["id"]), lc["ref_batch_size"]
     cache = ReferenceCache(lc["reference_cache"], lc["reference_key"]) if lc.get("reference_cache") else None
     known = cache.load() if cache else {}
@@ -222,7 +223,7 @@ def ensure_reference(engine, tokenizer, rows: dict, lc: dict, rank: int, world_s
     for b in range(n_batches):
         idx = mine[b * bs:(b + 1) * bs]
         use = idx or [0]
-        out = policy.reference_logps(engine, tokenizer, [rows["prompt"][i] for i in use],
+        out = logprobs.reference_logps(engine, tokenizer, [rows["prompt"][i] for i in use],
                                      [rows["chosen"][i] for i in use], [rows["rejected"][i] for i in use], lengths)
         for j, i in enumerate(idx):
             scored[i] = {k: v[j] for k, v in out.items()}
@@ -439,16 +440,16 @@ def train_loop(lc: dict) -> None:
 
 def step_loss(engine, tokenizer, rows: dict, idx: list[int], lc: dict):
     """The loss of one worker's batch and its metrics (token count as 'tokens', summed later)."""
-    from cwpo_ray import policy
+    from cwpo_ray import logprobs
 
-    lengths = policy.Lengths(lc["max_prompt_length"], lc["max_length"], lc["chat_template"])
+    lengths = logprobs.Lengths(lc["max_prompt_length"], lc["max_length"], lc["chat_template"])
     pick = lambda col: [rows[col][i] for i in idx]  # noqa: E731
     if lc["mode"] == "sft":
-        batch = policy.sft_batch(tokenizer, pick("prompt"), pick("chosen"), lengths)
-        loss, tokens = policy.sft_loss(engine, batch)
+        batch = logprobs.sft_batch(tokenizer, pick("prompt"), pick("chosen"), lengths)
+        loss, tokens = logprobs.sft_loss(engine, batch)
         return loss, {"loss": float(loss.detach()), "tokens": float(tokens)}
-    batch = policy.pair_batch(tokenizer, pick("prompt"), pick("chosen"), pick("rejected"), lengths)
-    return policy.po_loss(engine, batch, pick("ref_chosen_logps"), pick("ref_rejected_logps"), pick("weight"),
+    batch = logprobs.pair_batch(tokenizer, pick("prompt"), pick("chosen"), pick("rejected"), lengths)
+    return logprobs.po_loss(engine, batch, pick("ref_chosen_logps"), pick("ref_rejected_logps"), pick("weight"),
                           loss_type=lc["loss"], beta=lc["beta"], epsilon=lc["epsilon"])
 
 

@@ -1,4 +1,4 @@
-"""Annotator quality: accuracy, calibration (ECE, reliability bins) and accuracy by confidence decile.
+"""Annotator quality: accuracy, Bradley-Terry loss, calibration (ECE, reliability bins), accuracy by confidence decile.
 
 Pure numpy: no Ray, no I/O. A pair is described by its *margin* ``r(chosen) - r(rejected)``
 against a reference label (human or gold): the annotator is right when the margin is

@@ -1,4 +1,4 @@
-"""Evaluation metrics: pure numpy, no models, no I/O.
+"""Gold reward accuracy (GRA), bootstrap intervals, paired differences, implicit-reward accuracy: pure numpy.
 
 GRA (gold reward accuracy) is the paper's headline number: the fraction of test prompts on
 which the gold judge scores the aligned policy's response above its SFT start's. Ties count

@@ -1,4 +1,4 @@
-"""Policy-side mechanics of SFT and preference optimization: pure torch, no Ray, no I/O.
+"""Pairs as token rows and their summed response log-probs (SFT and PO): pure torch, no Ray, no I/O.
 
 A pair is scored as two sequences, ``prompt + chosen`` and ``prompt + rejected`` (packed into
 one row that shares the prompt, see ``pair_batch``); only the response tokens carry loss.
@@ -247,46 +247,3 @@ def reference_logps(model, tokenizer, prompts, chosen, rejected, lengths: Length
     n = len(prompts)
     return {"ref_chosen_logps": logps[:n].tolist(), "ref_rejected_logps": logps[n:].tolist(),
             "chosen_tokens": counts[:n].tolist(), "rejected_tokens": counts[n:].tolist()}
-
-
-# ----------------------------------------------------------------------------- weights
-
-WEIGHTINGS = ("none", "confidence", "topk:F")
-
-
-def parse_weighting(spec: str) -> tuple[str, float | None]:
-    """``none`` | ``confidence`` | ``topk:F`` with F in (0, 1] -> (kind, fraction)."""
-    spec = spec.strip().lower()
-    if spec in ("none", "confidence"):
-        return spec, None
-    if spec.startswith("topk:"):
-        try:
-            fraction = float(spec[5:])
-        except ValueError:
-            fraction = -1.0
-        if 0 < fraction <= 1:
-            return "topk", fraction
-    raise ValueError(f"weighting must be none, confidence or topk:F with F in (0, 1], got {spec!r}")
-
-
-def pair_weights(confidence: list[float] | None, spec: str, n: int) -> tuple[list[int], list[float]]:
-    """Which rows to keep and their weights.
-
-    ``confidence`` is None for human-labeled tables (weights 1 whatever the spec says,
-    except topk, which needs confidences). topk keeps the ceil(F * n) most confident
-    pairs (ties broken by row order) with uniform weights.
-    """
-    kind, fraction = parse_weighting(spec)
-    if confidence is None:
-        if kind == "topk":
-            raise ValueError("weighting topk:F needs an annotated table (a confidence column)")
-        return list(range(n)), [1.0] * n  # human labels
-    if len(confidence) != n:
-        raise ValueError(f"{len(confidence)} confidences for {n} rows")
-    if kind == "none":
-        return list(range(n)), [1.0] * n
-    if kind == "confidence":
-        return list(range(n)), [float(c) for c in confidence]
-    k = max(1, -(-int(round(fraction * n * 1e6)) // 1_000_000))  # ceil, robust to 0.3 * 10 = 3.0000000004
-    order = sorted(range(n), key=lambda i: (-confidence[i], i))[:k]
-    return sorted(order), [1.0] * k
