@@ -14,7 +14,7 @@ does not depend on the values) and measures, through this package's own code:
    machine's CPU cores as the reference; plus the loss of one batch under bf16 vs fp32;
 2. generation (``generation.TransformersGenerator``): batch 1 vs batch 32;
 3. annotator scoring (``Annotator.label_pairs``): batch 1 vs batch 32, the ceiling on what
-   request batching in ``cwpo serve`` can buy (issue 5: 3x asked, 1.22x possible on 2 CPU cores).
+   request batching in ``cwpo serve`` can buy (3x was the target; 1.22x is possible on 2 CPU cores).
 
 Ray is not needed (world size 1); DeepSpeed must be importable. Each part records an error
 instead of stopping the others. Figures go to stdout and to ``--out`` as JSON.

@@ -195,7 +195,7 @@ def save_annotator(annotator: Annotator, folder: str | Path, state_dict: dict | 
         raise ValueError(f"state dict has no complete reward head (head keys: {sorted(head_sd)})")
     annotator.model.backbone.save_pretrained(folder, state_dict=backbone_sd)
     annotator.tokenizer.save_pretrained(folder)
-    # The head is saved explicitly: reward heads get lost or re-initialized otherwise (DESIGN.md).
+    # The head is saved explicitly: reward heads get lost or re-initialized otherwise (a known failure under LoRA and ZeRO-3 elsewhere).
     torch.save(head_sd, folder / HEAD_FILE)
     (folder / META_FILE).write_text(json.dumps(asdict(annotator.meta), indent=2))
     return folder

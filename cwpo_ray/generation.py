@@ -7,7 +7,7 @@ the last position, so padding must sit on the left), and every batch is seeded f
 index so the output does not depend on how batches were spread over processes.
 
 ``engine="ray"`` spreads the transformers path over a Ray Data actor pool with fractional
-CPUs (an actor at a whole CPU starved the read/write tasks on 2 cores; DESIGN.md).
+CPUs (an actor at a whole CPU starved the read/write tasks on 2 cores).
 """
 
 from __future__ import annotations

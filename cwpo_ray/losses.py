@@ -1,6 +1,6 @@
 """Preference math: Bradley-Terry, confidence, and (weighted) DPO / IPO / rDPO.
 
-Pure torch: no Ray, no I/O. Formulas follow shared/PAPER.md.
+Pure torch: no Ray, no I/O. Formulas and departures from the paper: docs/METHOD.md.
 """
 
 from __future__ import annotations

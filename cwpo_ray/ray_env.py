@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-# Without this Ray binds the machine's external interface (DESIGN.md, "Running here").
+# Without this Ray binds the machine's external interface.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 

@@ -77,7 +77,7 @@ class ServeSettings:
             (self.num_cpus > 0, "num_cpus must be > 0"),
             (self.num_gpus >= 0, "num_gpus must be >= 0"),
             # Serve hands a replica at most max_ongoing_requests requests at once, so a lower
-            # value silently caps every batch of one-pair requests (DESIGN.md, lessons).
+            # value silently caps every batch of one-pair requests (default max_ongoing_requests is 5).
             (self.max_ongoing_requests == 0 or self.max_ongoing_requests >= self.max_batch_size,
              "max_ongoing_requests must be 0 (auto) or >= max_batch_size, else batches never fill"),
             (self.max_queued_requests == -1 or self.max_queued_requests >= 1, "max_queued_requests must be -1 or >= 1"),
@@ -278,7 +278,7 @@ def openapi_schema() -> dict:
 
 
 def _result(pair: PairIn, label: dict) -> PairResult:
-    from cwpo_ray.sources import pair_id  # the stable content id of DESIGN.md
+    from cwpo_ray.sources import pair_id  # the stable content id `cwpo data` gives
 
     return PairResult(id=pair.id or pair_id(pair.prompt, pair.response_a, pair.response_b), **label)
 
@@ -317,7 +317,7 @@ class AnnotatorServer:
         # Inline on purpose: Serve already runs user code on its own event-loop thread, so health checks
         # and queue-length probes still get answered. Pushing this into asyncio.to_thread made the loop
         # fight the compute thread for the GIL: on 2 cores requests then trickled in and mean batches
-        # stayed at 3-4 pairs instead of 10-11 at 32 clients (bench/RESULTS.md, issue 5).
+        # stayed at 3-4 pairs instead of 10-11 at 32 clients (bench/RESULTS.md).
         out = self.annotator.label_pairs([p.prompt for p in pairs], [p.response_a for p in pairs],
                                          [p.response_b for p in pairs])
         self._count_batch(items)

@@ -1,4 +1,4 @@
-"""Issue 3: the weak annotator -- training on Ray Train, labeling with Ray Data, metrics, round trips."""
+"""The weak annotator: training on Ray Train, labeling with Ray Data, metrics, round trips."""
 
 from __future__ import annotations
 

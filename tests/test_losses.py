@@ -75,7 +75,7 @@ def test_weighted_loss_is_plain_mean_of_weighted_terms(loss_type):
               rejected_lengths=torch.tensor([2.0, 7.0], dtype=torch.float64))
     w = torch.tensor([0.25, 0.9], dtype=torch.float64)
     loss, per = preference_loss(*batch(), loss_type=loss_type, weights=w, **kw)
-    # a plain mean: not normalized by the sum of weights (PAPER.md)
+    # a plain mean: not normalized by the sum of weights (docs/METHOD.md)
     assert loss.item() == pytest.approx(((w * per).sum() / 2).item(), rel=1e-12)
 
 

@@ -5,7 +5,7 @@ A held-out slice (--heldout-fraction, chosen by a seeded hash of id, so it is th
 any cluster) is scored after every epoch: BT loss, accuracy, ECE. The whole model is
 fine-tuned (paper defaults: 5 epochs, Adam, lr 1e-5, batch 32 pairs across all workers).
 The epoch with the lowest held-out BT loss is the one written to OUT -- not the last one:
-an annotator trained towards zero training loss becomes overconfident (DESIGN.md).
+an annotator trained towards zero training loss becomes overconfident (docs/METHOD.md).
 
 Input text is prompt + separator + response. When it is longer than --max-length tokens the
 prompt is cut from the LEFT (its end, nearest the response, survives); only a response that

@@ -429,7 +429,7 @@ def train_loop(lc: dict) -> None:
             report({**metrics, "step": step + 1}, engine, {"step": step + 1})
         elif step + 1 == plan.total_steps:
             # No checkpoint at the end: the final model is saved next; a model + AdamW state written
-            # only to be deleted was the largest fixed cost of a short epoch (bench/RESULTS.md, issue 4).
+            # only to be deleted was the largest fixed cost of a short epoch (bench/RESULTS.md).
             report({**metrics, "step": step + 1})
     if bar is not None:
         bar.close()
