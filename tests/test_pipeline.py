@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import random
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -17,6 +18,9 @@ from cwpo_ray.gra import (bootstrap_ci, gra, gra_with_ci, implicit_reward_accura
 from cwpo_ray.judges import load_judge
 from cwpo_ray.recipes import build_benchmark as bb
 from cwpo_ray.tables import read_table, write_table
+
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def length_judge(pairs):
@@ -167,16 +171,29 @@ def test_evaluate_policy_against_itself_is_exactly_half(tiny_decoder, tmp_path):
 # ----------------------------------------------------------------------------- the pipeline
 
 def tiny_preset(tmp_path, bench, tiny_encoder, tiny_decoder) -> dict:
-    return {
-        "out": str(tmp_path / "run"), "source": f"pairs:{bench}", "test": str(bench / "test.parquet"),
-        "experiment": "cwpo-tiny", "run_name": "tiny", "labeled_fraction": 0.4,
-        "arms": ["human", "human_labeled_only", "ws", "cw"], "losses": ["dpo"], "sft": "shared", "seed": 0,
-        "annotator": {"model": str(tiny_encoder), "epochs": 2, "lr": 1e-3, "batch_size": 8, "max_length": 32,
-                      "num_workers": 1},
-        "policy": {"model": str(tiny_decoder), "sft_epochs": 1, "epochs": 1, "lr": 1e-3, "warmup_steps": 0,
-                   "batch_size": 4, "max_length": 32, "max_prompt_length": 16, "num_workers": 1},
-        "evaluate": {"judge": "vader", "max_new_tokens": 6, "batch_size": 6, "engine": "transformers"},
-    }
+    """The GPU cluster preset (jobs/configs/hh_pipeline_gpu.yaml) with its GPU keys off, tiny models and
+    the synthetic benchmark: the same stages, placement and options (DeepSpeed ZeRO-3, LoRA, an actor
+    pool, evaluation as a Ray task) at a size a 2-core machine runs in minutes."""
+    import yaml
+
+    preset = yaml.safe_load((REPO / "jobs" / "configs" / "hh_pipeline_gpu.yaml").read_text())
+    gpu_off = {"annotator": {"use_gpu": False, "cpus_per_worker": 1, "storage_path": ""},
+               "annotate": {"gpus_per_actor": 0.0, "num_actors": 1, "min_actors": 1, "cpus_per_actor": 0.5},
+               "policy": {"use_gpu": False, "cpus_per_worker": 1, "num_workers": 1},
+               "evaluate": {"num_gpus": 0.0, "num_cpus": 1, "engine": "transformers", "judge": "vader"}}
+    tiny = {"annotator": {"model": str(tiny_encoder), "epochs": 2, "lr": 1e-3, "batch_size": 8, "max_length": 32,
+                          "num_workers": 1},
+            "policy": {"model": str(tiny_decoder), "sft_epochs": 1, "epochs": 1, "lr": 1e-3, "warmup_steps": 0,
+                       "batch_size": 4, "grad_accumulation": 1, "max_length": 32, "max_prompt_length": 16},
+            "evaluate": {"max_new_tokens": 6, "batch_size": 6},
+            "data": {"labeled_fraction": 0.4}}
+    for changes in (gpu_off, tiny):
+        for section, values in changes.items():
+            preset[section].update(values)
+    preset.update({"out": str(tmp_path / "run"), "source": f"pairs:{bench}", "test": str(bench / "test.parquet"),
+                   "experiment": "cwpo-tiny", "run_name": "tiny", "arms": ["human", "human_labeled_only", "ws", "cw"],
+                   "losses": ["dpo"]})
+    return preset
 
 
 def test_a_stage_that_dies_midway_is_rerun_not_reused(tmp_path):

@@ -201,17 +201,18 @@ def test_reference_pass_scores_each_response_once_across_runs(tiny, tmp_path):
     every response it shares with the first from the cache and computes only the new ones."""
     from tiny_models import synthetic_pairs
 
-    from cwpo_ray.recipes.train_policy import ensure_reference
+    from cwpo_ray.logprobs import Lengths
+    from cwpo_ray.recipes.train_policy import ReferenceSpec, ensure_reference
 
     tokenizer, source = tiny
     rows = synthetic_pairs(10, seed=3)
     rows[2]["chosen"] += " Very much so, and for a long time."  # lengths differ: batches are length-sorted
     columns = lambda rs: {k: [r[k] for r in rs] for k in ("id", "prompt", "chosen", "rejected")}  # noqa: E731
-    lc = dict(max_prompt_length=8, max_length=24, chat_template=False, ref_batch_size=4,
-              reference_cache=str(tmp_path / "cache"),
-              reference_key="start")
+    def spec(table: str, key: str = "start") -> ReferenceSpec:
+        return ReferenceSpec(str(tmp_path / table), Lengths(8, 24, False), 4, str(tmp_path / "cache"), key)
+
     model = fresh_model(source)
-    first = ensure_reference(model, tokenizer, columns(rows), {**lc, "reference_table": str(tmp_path / "1.parquet")}, 0, 1)
+    first = ensure_reference(model, tokenizer, columns(rows), spec("1.parquet"), 0, 1)
     ref_c, ref_r = reference(model, batch_of(tokenizer, rows))
     assert first["ref_chosen_logps"] == pytest.approx(ref_c.tolist(), abs=1e-4)
     assert first["ref_rejected_logps"] == pytest.approx(ref_r.tolist(), abs=1e-4)
@@ -225,7 +226,7 @@ def test_reference_pass_scores_each_response_once_across_runs(tiny, tmp_path):
         for p in changed.parameters():
             p.add_(0.05 * torch.randn_like(p))
     second = ensure_reference(changed, tokenizer, columns(swapped + new),
-                              {**lc, "reference_table": str(tmp_path / "2.parquet")}, 0, 1)
+                              spec("2.parquet"), 0, 1)
     for i in range(10):
         c, r = (first["ref_rejected_logps"][i], first["ref_chosen_logps"][i]) if i < 5 else \
             (first["ref_chosen_logps"][i], first["ref_rejected_logps"][i])
@@ -237,8 +238,7 @@ def test_reference_pass_scores_each_response_once_across_runs(tiny, tmp_path):
     assert pq.read_table(tmp_path / "2.parquet").num_rows == 11
 
     # Another start model (key) shares nothing.
-    third = ensure_reference(changed, tokenizer, columns(rows), {**lc, "reference_key": "other",
-                                                                  "reference_table": str(tmp_path / "3.parquet")}, 0, 1)
+    third = ensure_reference(changed, tokenizer, columns(rows), spec("3.parquet", "other"), 0, 1)
     assert third["ref_chosen_logps"][0] != pytest.approx(first["ref_chosen_logps"][0], abs=1e-3)
 
 def test_help_states_the_truncation_rule(capsys):

@@ -79,28 +79,38 @@ def locate(where: str) -> tuple[str, str]:
 
 
 @dataclass
-class Config:
-    source: str = option(help="KIND:WHERE; KIND one of hh-rlhf, tldr, ultrafeedback, pairs; WHERE a local "
-                              "file/folder in that format or a hub dataset id")
-    out: str = option(help="output folder for labeled/unlabeled/test/quarantine.parquet and manifest.json")
+class Settings:
+    """How a source is normalized and split: everything but the source, the output and the seed.
+    The pipeline's ``data`` section is this class."""
+
     labeled_fraction: float = option(0.3, "fraction of train pairs that keep their human label, in (0, 1)")
-    seed: int = option(0, "seed of the labeled/unlabeled split and of the response order of unlabeled pairs")
     max_rows: Optional[int] = option(None, "read at most this many rows of each split (train, test)")
     train_split: str = option("", "hub split read as train (empty: the source's usual name)")
     test_split: str = option("", "hub split read as test ('none': no test table; empty: the source's usual name)")
     hub_config: str = option("", "hub dataset config name (empty: 'comparisons' for tldr, none otherwise)")
     tldr_articles: bool = option(False, "keep TL;DR news-article (CNN/DM) rows instead of quarantining them")
     batch_size: int = option(4096, "rows per read and write batch (bounds memory)")
-    progress: bool = option(True, "progress bar on stderr (shown only when stderr is a terminal)")
 
     def validate(self) -> None:
-        kind, where = parse_source(self.source)
         if not 0.0 < self.labeled_fraction < 1.0:
             raise ValueError(f"labeled_fraction must be in (0, 1), got {self.labeled_fraction}")
         if self.max_rows is not None and self.max_rows < 1:
             raise ValueError(f"max_rows must be at least 1, got {self.max_rows}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
+
+
+@dataclass(kw_only=True)
+class Config(Settings):
+    source: str = option(help="KIND:WHERE; KIND one of hh-rlhf, tldr, ultrafeedback, pairs; WHERE a local "
+                              "file/folder in that format or a hub dataset id")
+    out: str = option(help="output folder for labeled/unlabeled/test/quarantine.parquet and manifest.json")
+    seed: int = option(0, "seed of the labeled/unlabeled split and of the response order of unlabeled pairs")
+    progress: bool = option(True, "progress bar on stderr (shown only when stderr is a terminal)")
+
+    def validate(self) -> None:
+        super().validate()
+        kind, where = parse_source(self.source)
         if not self.out.strip():
             raise ValueError("out: an output folder is required")
         locate(where)

@@ -32,12 +32,12 @@ EPILOG = """examples:
 
 
 @dataclass
-class Config:
-    policy: str = option(help="aligned policy folder (or model alias / hub id)")
-    reference: str = option(help="its SFT start: folder, model alias or hub id")
-    prompts: str = option(help="test table: id, prompt (chosen, rejected for pair accuracy)", must_exist=True)
-    out: str = option(help="output folder for eval.json and responses.parquet")
-    judge: str = option("vader", "gold judge: vader, module:function, or a reward-model folder / hub id")
+class Settings:
+    """How a policy is evaluated: everything but the models, the prompts, the output and run bookkeeping.
+    The pipeline's ``evaluate`` section is this class."""
+
+    judge: str = option("vader", "gold judge: vader, module:function, an annotator folder or a reward-model "
+                                 "folder / hub id")
     temperature: float = option(0.95, "sampling temperature (paper: 0.95)")
     max_new_tokens: int = option(64, "new tokens per response")
     max_prompts: Optional[int] = option(None, "evaluate only the first N test prompts")
@@ -45,15 +45,13 @@ class Config:
     engine: str = option("auto", "generation: auto (vLLM on a GPU, else transformers), vllm, transformers, ray",
                          choices=("auto", "vllm", "transformers", "ray"))
     pair_accuracy: bool = option(True, "also compute implicit-reward accuracy on the test pairs")
-    max_length: int = option(256, "pair accuracy: max tokens of prompt + response")
-    max_prompt_length: int = option(128, "pair accuracy: max prompt tokens")
-    chat_template: bool = option(True, "pair accuracy: prompts in the model's chat format (as train-policy)")
+    max_length: int = option(256, "pair accuracy: max tokens of prompt + response (the pipeline uses the policy's)")
+    max_prompt_length: int = option(128, "pair accuracy: max prompt tokens (the pipeline uses the policy's)")
+    chat_template: bool = option(True, "pair accuracy: prompts in the model's chat format (as train-policy; the "
+                                       "pipeline uses the policy's)")
     n_boot: int = option(2000, "bootstrap resamples of the GRA interval")
-    seed: int = option(0, "sampling and bootstrap seed")
-    experiment: str = option("cwpo", "MLflow experiment (used with --run-id)")
-    run_id: str = option("", "MLflow run to log eval/* metrics to (default: the active run, if any)")
-    cache_dir: str = option("", "reuse the reference's responses and log-probs across evaluations "
-                                "(the pipeline's arms share one SFT start)")
+    num_cpus: float = option(1.0, "pipeline: CPUs of the Ray task that evaluates (also its torch threads)")
+    num_gpus: float = option(0.0, "pipeline: GPUs of the Ray task that evaluates (1 on a GPU cluster)")
 
     def validate(self) -> None:
         if self.max_new_tokens < 1 or self.batch_size < 1:
@@ -62,6 +60,21 @@ class Config:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if self.max_prompts is not None and self.max_prompts < 1:
             raise ValueError(f"max_prompts must be at least 1, got {self.max_prompts}")
+        if self.num_cpus < 0 or self.num_gpus < 0:
+            raise ValueError("num_cpus and num_gpus must be >= 0")
+
+
+@dataclass(kw_only=True)
+class Config(Settings):
+    policy: str = option(help="aligned policy folder (or model alias / hub id)")
+    reference: str = option(help="its SFT start: folder, model alias or hub id")
+    prompts: str = option(help="test table: id, prompt (chosen, rejected for pair accuracy)", must_exist=True)
+    out: str = option(help="output folder for eval.json and responses.parquet")
+    seed: int = option(0, "sampling and bootstrap seed")
+    experiment: str = option("cwpo", "MLflow experiment (used with --run-id)")
+    run_id: str = option("", "MLflow run to log eval/* metrics to (default: the active run, if any)")
+    cache_dir: str = option("", "reuse the reference's responses and log-probs across evaluations "
+                                "(the pipeline's arms share one SFT start)")
 
 
 def load_test(cfg: Config) -> list[dict]:
@@ -117,17 +130,14 @@ def implicit_accuracy(cfg: Config, rows: list[dict]) -> tuple[float, int]:
 
 def cached(cfg: Config, what: str, rows: list, compute):
     """The reference's outputs, from cfg.cache_dir when the same model, rows and settings made them."""
-    import hashlib
+    from cwpo_ray.fingerprints import path_fingerprint
 
     if not cfg.cache_dir:
         return compute()
-    ref = Path(cfg.reference)
-    files = sorted(f for f in ref.rglob("*") if f.is_file()) if ref.is_dir() else []
-    key = json.dumps([what, cfg.reference, [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files],
-                      [r.get("prompt") for r in rows], [r.get("chosen") for r in rows], cfg.temperature,
-                      cfg.max_new_tokens, cfg.seed, cfg.batch_size, cfg.engine, cfg.max_length,
-                      cfg.max_prompt_length, cfg.chat_template], default=str)
-    path = Path(cfg.cache_dir) / f"{what}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
+    key = path_fingerprint(cfg.reference, what, [r.get("prompt") for r in rows], [r.get("chosen") for r in rows],
+                           cfg.temperature, cfg.max_new_tokens, cfg.seed, cfg.batch_size, cfg.engine, cfg.max_length,
+                           cfg.max_prompt_length, cfg.chat_template)
+    path = Path(cfg.cache_dir) / f"{what}-{key}.json"
     if path.exists():
         return json.loads(path.read_text())
     value = compute()

@@ -27,14 +27,19 @@ arm's metrics as ARM.LOSS.* too, the annotator's metrics and the compare table.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
 from cwpo_ray.config import option, to_dict
+from cwpo_ray.fingerprints import code_version, fingerprint, path_fingerprint
+from cwpo_ray.recipes import annotate as annotate_stage
+from cwpo_ray.recipes import data as data_stage
+from cwpo_ray.recipes import evaluate as evaluate_stage
+from cwpo_ray.recipes import train_annotator as annotator_stage
+from cwpo_ray.recipes import train_policy as policy_stage
 
 EPILOG = """examples:
   cwpo pipeline --config cwpo_ray/configs/quick.yaml            # the README's main command
@@ -46,68 +51,32 @@ BASE_ARMS = ("human", "human_labeled_only", "ws", "cw")
 EXTRA_ARMS = ("gold",)  # and topk:F
 PACKAGE = Path(__file__).resolve().parent.parent
 BUILTIN_SOURCE = f"pairs:{PACKAGE / 'benchmark_data'}"
-
-
-@dataclass
-class AnnotatorSettings:
-    model: str = option("minilm-l6", "annotator backbone")
-    epochs: int = option(5, "epochs (the best held-out epoch is kept)")
-    lr: float = option(2e-5, "learning rate")
-    batch_size: int = option(16, "pairs per step")
-    max_length: int = option(256, "tokens of prompt + response")
-    pooling: str = option("", "first, last or mean ('' : the backbone's default)")
-    num_workers: int = option(1, "Ray Train workers")
-    strategy: str = option("ddp", "ddp or deepspeed")
-    cpus_per_worker: float = option(1.0, "CPUs per worker (also its torch threads)")
-
-
-@dataclass
-class PolicySettings:
-    model: str = option("smollm2-135m", "strong model (start of SFT)")
-    sft_epochs: int = option(1, "SFT epochs")
-    sft_lr: float = option(1e-5, "SFT learning rate")
-    epochs: int = option(1, "PO epochs")
-    lr: float = option(1e-5, "PO learning rate")
-    beta: float = option(0.5, "PO beta")
-    warmup_steps: int = option(10, "warm-up steps")
-    batch_size: int = option(8, "pairs per worker per step")
-    max_length: int = option(96, "tokens of prompt + response")
-    max_prompt_length: int = option(48, "prompt tokens")
-    max_steps: Optional[int] = option(None, "cap on steps per stage")
-    chat_template: bool = option(True, "prompts in the model's chat format (training and pair accuracy)")
-    lora: bool = option(False, "LoRA adapters")
-    num_workers: int = option(1, "Ray Train workers")
-    strategy: str = option("ddp", "ddp or deepspeed")
-    cpus_per_worker: float = option(1.0, "CPUs per worker")
-
-
-@dataclass
-class EvalSettings:
-    judge: str = option("vader", "gold judge")
-    temperature: float = option(0.95, "sampling temperature")
-    max_new_tokens: int = option(40, "new tokens per response")
-    max_prompts: Optional[int] = option(None, "test prompts evaluated (None: all)")
-    batch_size: int = option(16, "prompts per generation batch")
-    engine: str = option("auto", "auto, vllm, transformers or ray")
-    pair_accuracy: bool = option(True, "implicit-reward accuracy on the test pairs")
+# Pair accuracy scores test pairs as training tokenized them: these evaluate settings follow the policy's.
+FROM_POLICY = ("max_length", "max_prompt_length", "chat_template")
 
 
 @dataclass
 class Config:
+    """The pipeline: what runs (arms x losses), on what, where; each stage's settings in its own section,
+    typed as that stage's ``Settings`` (same names and defaults as `cwpo STAGE --help`)."""
+
     out: str = option("runs/pipeline", "output folder (one subfolder per stage)")
     source: str = option("builtin", "builtin (the shipped benchmark) or KIND:WHERE as for `cwpo data`")
     test: str = option("", "test prompts table (default: the source's test split)")
-    labeled_fraction: float = option(0.3, "fraction of train pairs that keep their human label")
     max_unlabeled: int = option(0, "use at most this many unlabeled pairs for PO (0: all)")
     arms: list[str] = option(help="arms to run", factory=lambda: list(BASE_ARMS))
     losses: list[str] = option(help="PO losses", factory=lambda: ["dpo"])
     sft: str = option("shared", "shared, per-arm or none", choices=("shared", "per-arm", "none"))
-    seed: int = option(0, "seed of the split, training and sampling")
+    seed: int = option(0, "seed of the split, training and sampling (every stage's seed)")
     experiment: str = option("cwpo-pipeline", "MLflow experiment")
     run_name: str = option("pipeline", "MLflow parent run name")
-    annotator: AnnotatorSettings = option(factory=AnnotatorSettings, flag=False)
-    policy: PolicySettings = option(factory=PolicySettings, flag=False)
-    evaluate: EvalSettings = option(factory=EvalSettings, flag=False)
+    verbose: bool = option(False, "every stage's own output on the terminal (default: in OUT/pipeline.log, "
+                                  "one line per stage here)")
+    data: data_stage.Settings = option(factory=data_stage.Settings, flag=False)
+    annotator: annotator_stage.Settings = option(factory=annotator_stage.Settings, flag=False)
+    annotate: annotate_stage.Settings = option(factory=annotate_stage.Settings, flag=False)
+    policy: policy_stage.Settings = option(factory=policy_stage.Settings, flag=False)
+    evaluate: evaluate_stage.Settings = option(factory=evaluate_stage.Settings, flag=False)
 
     def validate(self) -> None:
         from cwpo_ray.losses import LOSS_TYPES
@@ -124,54 +93,61 @@ class Config:
                 raise ValueError(f"losses: unknown loss {loss!r} (known: {', '.join(LOSS_TYPES)})")
         if not self.arms or not self.losses:
             raise ValueError("arms and losses must each name at least one")
+        defaults = evaluate_stage.Settings()
+        for name in FROM_POLICY:
+            value, policy_value = getattr(self.evaluate, name), getattr(self.policy, name)
+            if value != getattr(defaults, name) and value != policy_value:
+                raise ValueError(f"evaluate.{name}: the pipeline scores pairs as the policy is trained, with "
+                                 f"policy.{name} ({policy_value!r}); set that instead")
 
 
 # ----------------------------------------------------------------------------- stage markers
 
-def fingerprint(*parts) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 def source_fingerprint(source: str) -> str:
     """Local files by path, size and mtime (cheap at any size); a hub id by its name."""
-    where = Path(source.partition(":")[2])
-    if not where.exists():
-        return fingerprint(source)
-    files = sorted(where.rglob("*")) if where.is_dir() else [where]
-    return fingerprint(source, [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.is_file()])
+    return path_fingerprint(source.partition(":")[2], source)
 
 
 def stage(folder: Path, fp: str, work: Callable[[], dict]) -> dict:
     """Run ``work`` into ``folder`` unless its marker says it is done with this fingerprint.
 
-    The marker holds the fingerprint from the start and the result only at the end. A stage
-    killed midway is run again: with the same fingerprint into its folder as it was (train-policy
-    resumes from its checkpoints there), with another one (or no marker) into a cleared folder, so
-    nothing of an old config leaks in. Returns what ``work`` returned (kept in the marker, so a
-    skipped stage returns it too).
+    The marker holds the fingerprint from the start and the result only at the end, each written
+    atomically. A stage killed midway is run again: with the same fingerprint into its folder as it
+    was (train-policy resumes from its checkpoints there), with another one (or no marker) into a
+    cleared folder, so nothing of an old config leaks in. Returns what ``work`` returned (kept in
+    the marker, so a skipped stage returns it too).
     """
+    from cwpo_ray import console
+
     marker = folder / ".stage.json"
     saved = json.loads(marker.read_text()) if marker.exists() else {}
     if saved.get("fingerprint") == fp and "result" in saved:
-        print(f"pipeline: {folder.name}: done already (fingerprint {fp}), reusing", flush=True)
+        console.stage_line(folder.name, "done already, reusing", fingerprint=fp)
         return saved["result"]
     if saved.get("fingerprint") != fp and folder.exists():
         shutil.rmtree(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    marker.write_text(json.dumps({"fingerprint": fp}))  # started, not done
-    result = work()
-    marker.write_text(json.dumps({"fingerprint": fp, "result": result}, indent=2, default=str))
+    _write_marker(marker, {"fingerprint": fp})  # started, not done
+    with console.timed_stage(folder.name) as done:
+        result = work()
+        done(result)
+    _write_marker(marker, {"fingerprint": fp, "result": result})
     return result
+
+
+def _write_marker(marker: Path, content: dict) -> None:
+    from cwpo_ray.tables import atomic_path
+
+    with atomic_path(marker) as tmp:
+        tmp.write_text(json.dumps(content, indent=2, default=str))
 
 
 # ----------------------------------------------------------------------------- stages
 
 def run_data(cfg: Config, out: Path) -> dict:
     """Normalize and split; then the tables the arms train on."""
-    from cwpo_ray.recipes import data
-
-    data.run(data.Config(source=resolve_source(cfg.source), out=str(out), labeled_fraction=cfg.labeled_fraction,
-                         seed=cfg.seed, progress=False))
+    data_stage.run(data_stage.Config(**asdict(cfg.data), source=resolve_source(cfg.source), out=str(out),
+                                     seed=cfg.seed, progress=False))
     unlabeled = out / "unlabeled.parquet"
     if cfg.max_unlabeled:
         unlabeled = take_first(unlabeled, out / "unlabeled_used.parquet", cfg.max_unlabeled, cfg.seed)
@@ -183,33 +159,33 @@ def run_data(cfg: Config, out: Path) -> dict:
             "n_labeled": manifest["counts"]["labeled"], "n_unlabeled": counts}
 
 
-def run_annotator(cfg: Config, labeled: str, out: Path) -> dict:
-    from cwpo_ray.recipes import train_annotator as ta
+def annotator_config(cfg: Config, labeled: str, out: Path, parent_run_id: str) -> annotator_stage.Config:
+    settings = {**asdict(cfg.annotator), "storage_path": cfg.annotator.storage_path or str(out / "ray")}
+    return annotator_stage.Config(**settings, data=labeled, out=str(out / "annotator"), seed=cfg.seed,
+                                  experiment=cfg.experiment, run_name="train-annotator", parent_run_id=parent_run_id,
+                                  progress=False)
 
-    a = cfg.annotator
-    ta.run(ta.Config(data=labeled, model=a.model, out=str(out / "annotator"), epochs=a.epochs, lr=a.lr,
-                     batch_size=a.batch_size, max_length=a.max_length, pooling=a.pooling, seed=cfg.seed,
-                     num_workers=a.num_workers, strategy=a.strategy, cpus_per_worker=a.cpus_per_worker,
-                     experiment=cfg.experiment,
-                     run_name="train-annotator", progress=False, storage_path=str(out / "ray")))
+
+def run_annotator(cfg: Config, labeled: str, out: Path, parent_run_id: str) -> dict:
+    annotator_stage.run(annotator_config(cfg, labeled, out, parent_run_id))
     best = json.loads((out / "annotator" / "eval.json").read_text())["best"]
     return {"annotator": str(out / "annotator"),
             "metrics": {f"annotator.heldout_{k}": v for k, v in best.items() if isinstance(v, (int, float))}}
 
 
 def run_annotate(cfg: Config, unlabeled: str, annotator: str, out: Path) -> dict:
-    from cwpo_ray.recipes import annotate
-    annotate.run(annotate.Config(data=unlabeled, annotator=annotator, out=str(out), num_actors=1,
-                                 cpus_per_actor=0.5, torch_threads=2))
+    annotate_stage.run(annotate_stage.Config(**asdict(cfg.annotate), data=unlabeled, annotator=annotator,
+                                             out=str(out)))
     report = json.loads((out / "report.json").read_text())
     metrics = {"annotator.mean_confidence": report.get("mean_confidence")}
     human = report.get("human_agreement") or {}
     metrics["annotator.human_agreement"] = human.get("accuracy")
     metrics.update(gold_accuracy(out / "annotated.parquet", resolve_source(cfg.source)))
-    return {"annotated": str(out / "annotated.parquet"), "metrics": {k: v for k, v in metrics.items() if v is not None}}
+    return {"annotated": str(out / "annotated.parquet"), "rows": report.get("annotated"),
+            "metrics": {k: v for k, v in metrics.items() if v is not None}}
 
 
-def run_start_model(model: str, out: Path) -> dict:
+def run_start_model(model: str, out: Path, gguf_file: Optional[str] = None) -> dict:
     """A GGUF start model dequantized once into a plain transformers folder.
 
     Every arm's training, its final save and the evaluation of the start model load it; from
@@ -219,7 +195,7 @@ def run_start_model(model: str, out: Path) -> dict:
     from cwpo_ray.models import load_causal_lm, load_tokenizer, resolve_model
     from cwpo_ray.tables import atomic_path
 
-    source = resolve_model(model)
+    source = resolve_model(model, gguf_file)
     if not source.gguf_file:
         return {"model": model}
     with atomic_path(out / "model") as tmp:
@@ -228,33 +204,46 @@ def run_start_model(model: str, out: Path) -> dict:
     return {"model": str(out / "model")}
 
 
-def policy_config(cfg: Config, **kw):
-    from cwpo_ray.recipes import train_policy as tp
+def policy_config(cfg: Config, **kw) -> policy_stage.Config:
+    """train-policy's config for one run: the policy section, the pipeline's bookkeeping, then ``kw``
+    (data, model, out, loss, weighting, run names)."""
+    settings = {**asdict(cfg.policy), "gguf_file": None}  # the start model is a plain folder by now
+    return policy_stage.Config(**{**settings, **dict(
+        seed=cfg.seed, experiment=cfg.experiment, progress=False,
+        # the arms starting from one model score the same responses once
+        reference_cache=str(Path(cfg.out).resolve() / "reference_cache")), **kw})
 
-    p = cfg.policy
-    return tp.Config(**{**dict(model=p.model, sft_epochs=p.sft_epochs, sft_lr=p.sft_lr, epochs=p.epochs, lr=p.lr,
-                                beta=p.beta, warmup_steps=p.warmup_steps, batch_size=p.batch_size,
-                                max_length=p.max_length, max_prompt_length=p.max_prompt_length,
-                                max_steps=p.max_steps, chat_template=p.chat_template, lora=p.lora,
-                                num_workers=p.num_workers,
-                                strategy=p.strategy, cpus_per_worker=p.cpus_per_worker, seed=cfg.seed,
-                                experiment=cfg.experiment, progress=False,
-                                # the arms starting from one model score the same responses once
-                                reference_cache=str(Path(cfg.out).resolve() / "reference_cache")), **kw})
+
+def evaluation_config(cfg: Config, policy: str, reference: str, test: str, out: Path,
+                      run_id: str) -> evaluate_stage.Config:
+    settings = {**asdict(cfg.evaluate), **{k: getattr(cfg.policy, k) for k in FROM_POLICY}}
+    return evaluate_stage.Config(**settings, policy=policy, reference=reference, prompts=str(Path(test).resolve()),
+                                 out=str(out.resolve()), seed=cfg.seed, experiment=cfg.experiment, run_id=run_id,
+                                 cache_dir=str(out.resolve().parent.parent / "eval_cache"))
 
 
 def evaluate_policy(cfg: Config, policy: str, reference: str, test: str, out: Path, run_id: str) -> dict:
-    from cwpo_ray.recipes import evaluate
+    """`cwpo evaluate` as a Ray task with the resources the evaluate section asks for (a GPU on a GPU
+    cluster), not in the job's driver, which on a cluster is usually a CPU head node."""
+    import ray
+
+    from cwpo_ray import tracking
 
     e = cfg.evaluate
-    evaluate.run(evaluate.Config(policy=policy, reference=reference, prompts=test, out=str(out), judge=e.judge,
-                                 temperature=e.temperature, max_new_tokens=e.max_new_tokens,
-                                 max_prompts=e.max_prompts, batch_size=e.batch_size, engine=e.engine,
-                                 pair_accuracy=e.pair_accuracy, max_length=cfg.policy.max_length,
-                                 max_prompt_length=cfg.policy.max_prompt_length,
-                                 chat_template=cfg.policy.chat_template, seed=cfg.seed,
-                                 experiment=cfg.experiment, run_id=run_id, cache_dir=str(out.parent.parent / "eval_cache")))
-    return json.loads((out / "eval.json").read_text())["metrics"]
+    task = ray.remote(num_cpus=e.num_cpus, num_gpus=e.num_gpus, max_retries=0)(_evaluate_task)
+    return ray.get(task.remote(evaluation_config(cfg, policy, reference, test, out, run_id),
+                               tracking.tracking_uri()))
+
+
+def _evaluate_task(ecfg: evaluate_stage.Config, tracking_uri: str) -> dict:
+    import os
+
+    import torch
+
+    os.environ["MLFLOW_TRACKING_URI"] = tracking_uri  # the worker's cwd is not the driver's
+    torch.set_num_threads(max(1, int(ecfg.num_cpus)))
+    evaluate_stage.run(ecfg)
+    return json.loads((Path(ecfg.out) / "eval.json").read_text())["metrics"]
 
 
 def arm_inputs(arm: str, tables: dict) -> tuple[str, str]:
@@ -400,7 +389,7 @@ class ArmRuns:
         self.cfg, self.path = cfg, out / "mlflow_runs.json"
         self.client = MlflowClient(tracking.tracking_uri())
         self.experiment_id = tracking.set_experiment(cfg.experiment).experiment_id
-        fp = fingerprint(to_dict(cfg))
+        fp = fingerprint({k: v for k, v in to_dict(cfg).items() if k != "verbose"})
         saved = json.loads(self.path.read_text()) if self.path.exists() else {}
         if saved.get("fingerprint") != fp or not self._alive(saved.get("parent")):
             saved = {"fingerprint": fp, "parent": self._create(cfg.run_name, {"stage": "pipeline"}), "children": {}}
@@ -491,20 +480,34 @@ def resolve_test(cfg: Config, tables: dict) -> str:
 
 
 def run(cfg: Config) -> int:
-    from cwpo_ray import ray_env, tracking
-    from cwpo_ray.recipes import compare, train_policy
+    from cwpo_ray import console
 
     out = Path(cfg.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
+    if cfg.verbose:
+        return run_stages(cfg, out)
+    log = out / "pipeline.log"
+    print(f"pipeline: {len(cfg.arms)} arm(s) x {len(cfg.losses)} loss(es) -> {out}; every stage's own output "
+          f"goes to {log}", flush=True)
+    with console.log_to(log):
+        return run_stages(cfg, out)
+
+
+def run_stages(cfg: Config, out: Path) -> int:
+    from cwpo_ray import console, ray_env, tracking
+    from cwpo_ray.recipes import compare
+
     ray_env.init_ray()
     runs = ArmRuns(cfg, out)  # the MLflow parent run (reused on resume) and its children
+    code = code_version()  # in every stage's fingerprint: a code change does not reuse old stages
 
-    fp_data = fingerprint("data", cfg.source, source_fingerprint(resolve_source(cfg.source)), cfg.labeled_fraction,
-                          cfg.max_unlabeled, cfg.seed)
+    fp_data = fingerprint("data", code, cfg.source, source_fingerprint(resolve_source(cfg.source)),
+                          to_dict(cfg.data), cfg.max_unlabeled, cfg.seed)
     tables = stage(out / "data", fp_data, lambda: run_data(cfg, out / "data"))
-    fp_ann = fingerprint("annotator", fp_data, to_dict(cfg.annotator), cfg.seed)
-    ann = stage(out / "annotator", fp_ann, lambda: run_annotator(cfg, tables["labeled"], out / "annotator"))
-    fp_lab = fingerprint("annotate", fp_ann)
+    fp_ann = fingerprint("annotator", fp_data, to_dict(cfg.annotator))
+    ann = stage(out / "annotator", fp_ann, lambda: run_annotator(cfg, tables["labeled"], out / "annotator",
+                                                                 runs.parent_id))
+    fp_lab = fingerprint("annotate", fp_ann, to_dict(cfg.annotate))
     labels = stage(out / "annotate", fp_lab, lambda: run_annotate(cfg, tables["unlabeled"], ann["annotator"],
                                                                   out / "annotate"))
     tables = {**tables, "annotated": labels["annotated"]}
@@ -518,12 +521,13 @@ def run(cfg: Config) -> int:
 
     # The shared SFT start (see the module doc): SFT + PO on the labeled split.
     policy_fp = to_dict(cfg.policy)
-    fp_start = fingerprint("base", cfg.policy.model)
-    start = stage(out / "start", fp_start, lambda: run_start_model(cfg.policy.model, out / "start"))["model"]
+    fp_start = fingerprint("base", code, cfg.policy.model, cfg.policy.gguf_file)
+    start = stage(out / "start", fp_start, lambda: run_start_model(cfg.policy.model, out / "start",
+                                                                   cfg.policy.gguf_file))["model"]
     shared_po = None
     if cfg.sft == "shared":
-        fp_start = fingerprint("sft", fp_data, policy_fp, cfg.losses[0], cfg.seed)
-        stage(out / "sft", fp_start, lambda: {"code": train_policy.run(policy_config(
+        fp_start = fingerprint("sft", fp_start, fp_data, policy_fp, cfg.losses[0])
+        stage(out / "sft", fp_start, lambda: {"code": policy_stage.run(policy_config(
             cfg, data=tables["labeled"], model=start, out=str(out / "sft"), loss=cfg.losses[0], weighting="none",
             run_name="sft-shared", parent_run_id=runs.parent_id))})
         start, shared_po = str(out / "sft" / "sft"), str(out / "sft" / "policy")
@@ -543,7 +547,7 @@ def run(cfg: Config) -> int:
                 if arm == "human_labeled_only" and loss == cfg.losses[0] and shared_po:
                     policy, reference = shared_po, start  # the shared SFT run trained exactly this arm
                 else:
-                    train_policy.run(policy_config(
+                    policy_stage.run(policy_config(
                         cfg, data=data, model=start, out=str(folder / "train"), loss=loss, weighting=weighting,
                         sft_epochs=cfg.policy.sft_epochs if cfg.sft == "per-arm" else 0,
                         run_name=f"train-{name}", parent_run_id=run_id))
@@ -554,8 +558,11 @@ def run(cfg: Config) -> int:
             metrics = stage(folder, fp_arm, work)
             runs.finish_child(arm, loss, metrics, folder / "eval" / "responses.parquet")
 
-    compare.run(compare.Config(experiment=cfg.experiment, parent_run_id=runs.parent_id, out=str(out / "compare")))
+    with console.timed_stage("compare") as done:
+        compare.run(compare.Config(experiment=cfg.experiment, parent_run_id=runs.parent_id, out=str(out / "compare")))
+        done({})
     runs.close()
-    print(f"pipeline: done -> {out} (MLflow experiment {cfg.experiment!r}, parent run {runs.parent_id}); "
-          f"tracking URI {tracking.tracking_uri()}", flush=True)
+    console.show_file(out / "compare" / "compare.md")
+    console.say(f"pipeline: done -> {out} (MLflow experiment {cfg.experiment!r}, parent run {runs.parent_id}; "
+                f"tracking URI {tracking.tracking_uri()})")
     return 0

@@ -35,14 +35,16 @@ starts over). DIR must be on storage every worker can read and write. Metrics go
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Optional
 
 from cwpo_ray.config import option
+from cwpo_ray.distributed import DistributedConfig
 from cwpo_ray.losses import LOSS_TYPES
 
 EPILOG = """examples:
@@ -54,16 +56,17 @@ EPILOG = """examples:
 
 
 @dataclass
-class Config:
-    data: str = option(help="annotated or labeled pair table (.parquet/.jsonl file or folder)", must_exist=True)
-    model: str = option(help="policy start: a local folder, a hub id, a .gguf file, or smollm2-135m")
-    out: str = option(help="output folder (sft/, policy/, train_pairs.parquet, reference.parquet, manifest.json)")
+class Settings(DistributedConfig):
+    """How the policy is trained: everything but its inputs, outputs, the arm (loss, weighting) and
+    run bookkeeping. The pipeline's ``policy`` section is this class: one name and default per option."""
+
+    model: str = option("smollm2-135m", "policy start: a local folder, a hub id, a .gguf file or smollm2-135m")
     gguf_file: Optional[str] = option(None, "GGUF file inside --model's folder")
-    loss: str = option("dpo", "per-pair loss", choices=LOSS_TYPES)
-    weighting: str = option("confidence", "pair weights: none, confidence or topk:F")
     beta: float = option(0.5, "PO temperature beta")
     epsilon: float = option(0.1, "rDPO label-noise rate")
     epochs: int = option(1, "PO epochs")
+    # The paper's values (lr 5e-6, 100 warm-up steps); the built-in presets, with far fewer steps,
+    # set their own.
     lr: float = option(5e-6, "PO peak learning rate (cosine schedule after warm-up)")
     warmup_steps: int = option(100, "linear warm-up steps (capped at 10%% of the steps when there are fewer)")
     weight_decay: float = option(0.05, "AdamW weight decay (PO and SFT)")
@@ -82,30 +85,13 @@ class Config:
     lora_alpha: int = option(16, "LoRA alpha")
     lora_dropout: float = option(0.05, "LoRA dropout")
     lora_targets: str = option("", "comma-separated module names for LoRA (empty: peft's default for the model)")
-    num_workers: int = option(2, "Ray Train workers")
-    strategy: str = option("deepspeed", "deepspeed or ddp", choices=("deepspeed", "ddp"))
-    zero_stage: int = option(2, "DeepSpeed ZeRO stage 0-3")
-    offload_optimizer: bool = option(False, "DeepSpeed: optimizer state on the CPU")
-    use_gpu: bool = option(False, "one GPU per worker (bf16 under DeepSpeed); else fp32 on CPU")
-    cpus_per_worker: float = option(1.0, "CPUs per training worker")
-    max_failures: int = option(2, "worker failures to recover from")
     checkpoint_every: int = option(50, "checkpoint every N optimizer steps")
-    resume: bool = option(True, "continue from DIR's last checkpoints; --no-resume starts over")
     ref_batch_size: int = option(16, "pairs per worker per batch in the reference log-prob pass")
-    reference_cache: str = option("", "folder of reference log-probs shared by runs from the same start model "
-                                      "(responses scored before are not scored again)")
-    seed: int = option(0, "seed of initialization, data order and LoRA")
-    experiment: str = option("cwpo", "MLflow experiment")
-    run_name: str = option("", "MLflow run name (default: train-policy-LOSS-WEIGHTING)")
-    parent_run_id: str = option("", "MLflow parent run id (the pipeline's)")
-    progress: bool = option(True, "tqdm progress bar on rank 0")
-    fail_at_step: int = option(-1, "testing: the last worker fails once at this PO step", flag=False)
 
     def validate(self) -> None:
         from cwpo_ray.logprobs import Lengths
-        from cwpo_ray.weighting import parse_weighting
 
-        parse_weighting(self.weighting)
+        super().validate()
         Lengths(self.max_prompt_length, self.max_length)
         for name in ("epochs", "batch_size", "grad_accumulation", "num_workers", "checkpoint_every", "ref_batch_size"):
             if getattr(self, name) < 1:
@@ -116,6 +102,70 @@ class Config:
             raise ValueError(f"need beta > 0 and 0 <= epsilon < 0.5, got {self.beta}, {self.epsilon}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"max_steps must be at least 1, got {self.max_steps}")
+
+
+@dataclass(kw_only=True)
+class Config(Settings):
+    data: str = option(help="annotated or labeled pair table (.parquet/.jsonl file or folder)", must_exist=True)
+    out: str = option(help="output folder (sft/, policy/, train_pairs.parquet, reference.parquet, manifest.json)")
+    loss: str = option("dpo", "per-pair loss", choices=LOSS_TYPES)
+    weighting: str = option("confidence", "pair weights: none, confidence or topk:F")
+    resume: bool = option(True, "continue from DIR's last checkpoints; --no-resume starts over")
+    reference_cache: str = option("", "folder of reference log-probs shared by runs from the same start model "
+                                      "(responses scored before are not scored again)")
+    seed: int = option(0, "seed of initialization, data order and LoRA")
+    experiment: str = option("cwpo", "MLflow experiment")
+    run_name: str = option("", "MLflow run name (default: train-policy-LOSS-WEIGHTING)")
+    parent_run_id: str = option("", "MLflow parent run id (the pipeline's)")
+    progress: bool = option(True, "tqdm progress bar on rank 0")
+    fail_at_step: int = option(-1, "testing: the last worker fails once at this PO step", flag=False)
+
+    def validate(self) -> None:
+        from cwpo_ray.weighting import parse_weighting
+
+        super().validate()
+        parse_weighting(self.weighting)
+
+
+@dataclass
+class Job:
+    """What one Ray Train run (SFT or PO) of ``train_loop`` needs besides the stage's config."""
+
+    cfg: Config
+    mode: str                 # "sft" or "po"
+    model_path: str
+    gguf_file: Optional[str]
+    table: str                # train_pairs.parquet
+    save_to: str
+    lr: float
+    warmup_steps: int
+    plan: "StepPlan"
+    run_id: str
+    tracking_uri: str
+    reference_table: str
+    reference_key: str
+
+    @property
+    def lengths(self):
+        from cwpo_ray.logprobs import Lengths
+
+        return Lengths(self.cfg.max_prompt_length, self.cfg.max_length, self.cfg.chat_template)
+
+    @property
+    def reference(self) -> "ReferenceSpec":
+        return ReferenceSpec(self.reference_table, self.lengths, self.cfg.ref_batch_size, self.cfg.reference_cache,
+                             self.reference_key)
+
+
+@dataclass
+class ReferenceSpec:
+    """Where and how the reference log-probs of a PO run are computed and kept."""
+
+    table: str            # DIR/reference.parquet
+    lengths: "object"     # logprobs.Lengths: how pairs are tokenized
+    batch_size: int
+    cache_dir: str        # shared across runs from the same start ("" : none)
+    cache_key: str        # the start model and tokenization (reference_key)
 
 
 # ----------------------------------------------------------------------------- the recipe
@@ -141,16 +191,16 @@ def run(cfg: Config) -> int:
         run_id_file.write_text(mlrun.info.run_id)
         if old_run_id is None:
             tracking.log_config(cfg)
-        common = _loop_config(cfg, mlrun.info.run_id, tracking.tracking_uri())
+        run_ids = (mlrun.info.run_id, tracking.tracking_uri())
 
         # SFT on (prompt, chosen): the PO start and its reference.
         if cfg.sft_epochs > 0:
-            train_stage(cfg, "sft", start, out / "train_pairs.parquet", out / "sft", n_pairs, common)
+            train_stage(cfg, "sft", start, out / "train_pairs.parquet", out / "sft", n_pairs, *run_ids)
             start = ModelSource(str(out / "sft"))
 
         # Confidence-weighted PO; its workers first compute the reference log-probs once
         # (DIR/reference.parquet), so PO never holds a second model.
-        result = train_stage(cfg, "po", start, out / "train_pairs.parquet", out / "policy", n_pairs, common)
+        result = train_stage(cfg, "po", start, out / "train_pairs.parquet", out / "policy", n_pairs, *run_ids)
 
     manifest = {"stage": "train-policy", "config": asdict(cfg), "pairs": n_pairs, "start": str(start),
                 "sft": str(out / "sft") if cfg.sft_epochs > 0 else None, "policy": str(out / "policy"),
@@ -185,7 +235,7 @@ def write_train_pairs(cfg: Config, path: Path) -> int:
     return table.num_rows
 
 
-def ensure_reference(engine, tokenizer, rows: dict, lc: dict, rank: int, world_size: int) -> dict:
+def ensure_reference(engine, tokenizer, rows: dict, spec: ReferenceSpec, rank: int, world_size: int) -> dict:
     """``rows`` with ref_chosen_logps / ref_rejected_logps (and token counts), computed once.
 
     Computed here, by the training workers themselves, before the first PO step: they
@@ -203,13 +253,13 @@ def ensure_reference(engine, tokenizer, rows: dict, lc: dict, rank: int, world_s
     from cwpo_ray import logprobs
     from cwpo_ray.tables import read_table, write_table
 
-    path = Path(lc["reference_table"])
+    path = Path(spec.table)
     if path.exists():
         return read_table(path).to_pydict()
     t0 = time.perf_counter()
-    lengths = logprobs.Lengths(lc["max_prompt_length"], lc["max_length"], lc["chat_template"])
-    n, bs = len(rows["id"]), lc["ref_batch_size"]
-    cache = ReferenceCache(lc["reference_cache"], lc["reference_key"]) if lc.get("reference_cache") else None
+    lengths = spec.lengths
+    n, bs = len(rows["id"]), spec.batch_size
+    cache = ReferenceCache(spec.cache_dir, spec.cache_key) if spec.cache_dir else None
     known = cache.load() if cache else {}
     todo = [i for i in range(n) if ReferenceCache.key(rows["prompt"][i], rows["chosen"][i]) not in known
             or ReferenceCache.key(rows["prompt"][i], rows["rejected"][i]) not in known]
@@ -289,49 +339,36 @@ class ReferenceCache:
                               "tokens": [entries[k][1] for k in keys]}), self.path)
 
 
-def reference_key(source, cfg: Config) -> str:
+def reference_key(source, cfg: Settings) -> str:
     """The start model (path, GGUF file, its files' sizes and mtimes) and how pairs are tokenized."""
-    import hashlib
+    from cwpo_ray.fingerprints import path_fingerprint
 
-    where = Path(source.path)
-    files = []
-    if where.is_dir():
-        names = [where / source.gguf_file] if source.gguf_file else sorted(f for f in where.iterdir() if f.is_file())
-        files = [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in names]
-    key = json.dumps([source.path, source.gguf_file, files, cfg.max_prompt_length, cfg.max_length, cfg.chat_template])
-    return hashlib.sha256(key.encode()).hexdigest()[:16]
+    where = Path(source.path) / source.gguf_file if source.gguf_file else source.path
+    return path_fingerprint(where, source.gguf_file, cfg.max_prompt_length, cfg.max_length, cfg.chat_template)
 
 
 # ----------------------------------------------------------------------------- Ray Train
 
-def _loop_config(cfg: Config, run_id: str, tracking_uri: str) -> dict:
-    keys = ("loss", "ref_batch_size", "beta", "epsilon", "weight_decay", "batch_size", "max_length", "max_prompt_length",
-            "chat_template", "lora",
-            "lora_r", "lora_alpha", "lora_dropout", "lora_targets", "seed", "checkpoint_every", "progress",
-            "fail_at_step")
-    return {**{k: getattr(cfg, k) for k in keys}, "run_id": run_id, "tracking_uri": tracking_uri,
-            "reference_table": str(Path(cfg.out).resolve() / "reference.parquet")}
-
-
-def train_stage(cfg: Config, mode: str, source, table: Path, save_to: Path, n_pairs: int, common: dict):
+def train_stage(cfg: Config, mode: str, source, table: Path, save_to: Path, n_pairs: int, run_id: str,
+                tracking_uri: str):
     """One Ray Train run (SFT or PO) of ``train_loop``; the model is saved to ``save_to``."""
-    from cwpo_ray.distributed import DistributedConfig, run_trainer
+    from cwpo_ray.distributed import run_trainer
 
     epochs, lr = (cfg.sft_epochs, cfg.sft_lr) if mode == "sft" else (cfg.epochs, cfg.lr)
     plan = StepPlan(n_pairs, cfg.batch_size, cfg.num_workers, epochs, cfg.seed, cfg.max_steps, cfg.grad_accumulation)
     warmup = cfg.warmup_steps if cfg.warmup_steps < plan.total_steps else plan.total_steps // 10
     print(f"train-policy {mode}: {n_pairs} pairs, {plan.total_steps} steps ({plan.steps_per_epoch}/epoch), "
           f"global batch {plan.global_batch}, warm-up {warmup}, lr {lr}")
-    dist = DistributedConfig(num_workers=cfg.num_workers, strategy=cfg.strategy, zero_stage=cfg.zero_stage,
-                             offload_optimizer=cfg.offload_optimizer, use_gpu=cfg.use_gpu,
-                             cpus_per_worker=cfg.cpus_per_worker, max_failures=cfg.max_failures,
-                             storage_path=str(Path(cfg.out).resolve() / "ray"))
-    loop_config = {**common, "mode": mode, "model_path": source.path, "gguf_file": source.gguf_file,
-                   "reference_cache": str(Path(cfg.reference_cache).resolve()) if cfg.reference_cache else "",
-                   "reference_key": reference_key(source, cfg),
-                   "table": str(table), "save_to": str(save_to), "lr": lr, "warmup_steps": warmup,
-                   "plan": asdict(plan)}
-    return run_trainer(train_loop, loop_config, dist, name=mode)
+    out = Path(cfg.out).resolve()
+    if cfg.reference_cache:
+        cfg = replace(cfg, reference_cache=str(Path(cfg.reference_cache).resolve()))  # workers may have another cwd
+    job = Job(cfg=cfg, mode=mode, model_path=source.path, gguf_file=source.gguf_file, table=str(table),
+              save_to=str(save_to), lr=lr, warmup_steps=warmup, plan=plan, run_id=run_id, tracking_uri=tracking_uri,
+              reference_table=str(out / "reference.parquet"), reference_key=reference_key(source, cfg))
+    # Ray Train keys a run's checkpoints by name under the storage path: one name per output folder,
+    # so stages sharing a storage_path (the pipeline's arms on s3://) never resume each other's.
+    name = mode if not cfg.storage_path else f"{out.name}-{hashlib.sha256(str(out).encode()).hexdigest()[:8]}-{mode}"
+    return run_trainer(train_loop, {"job": job}, cfg, name=name, default_storage=str(out / "ray"))
 
 
 @dataclass
@@ -371,49 +408,48 @@ class StepPlan:
         return [mine[k:k + self.batch_size] for k in range(0, per_worker, self.batch_size)]
 
 
-def train_loop(lc: dict) -> None:
-    """Runs on every Ray Train worker: SFT (lc['mode'] == 'sft') or PO, with checkpoints and resume."""
+def train_loop(loop_config: dict) -> None:
+    """Runs on every Ray Train worker: SFT (job.mode == 'sft') or PO, with checkpoints and resume."""
     import torch
     from transformers import get_cosine_schedule_with_warmup
 
-    from cwpo_ray.distributed import (DistributedConfig, RankZeroLogger, adamw, device_for, report, resume,
-                                      setup_engine, world)
+    from cwpo_ray.distributed import RankZeroLogger, adamw, device_for, report, resume, setup_engine, world
     from cwpo_ray.models import ModelSource, load_causal_lm, load_tokenizer
     from cwpo_ray.tables import read_table
 
-    dist = DistributedConfig(**lc["dist"])
+    job: Job = loop_config["job"]
+    cfg, dist, plan = job.cfg, loop_config["dist"], job.plan
     rank, world_size = world()
     device = device_for(dist)
-    plan = StepPlan(**lc["plan"])
-    source = ModelSource(lc["model_path"], lc["gguf_file"])
-    torch.manual_seed(lc["seed"])
+    source = ModelSource(job.model_path, job.gguf_file)
+    torch.manual_seed(cfg.seed)
     tokenizer = load_tokenizer(source)
-    model = _with_lora(load_causal_lm(source), lc).to(device)
-    rows = read_table(lc["table"]).to_pydict()
+    model = _with_lora(load_causal_lm(source), cfg).to(device)
+    rows = read_table(job.table).to_pydict()
 
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = adamw(params, lc["lr"], lc["weight_decay"])
+    optimizer = adamw(params, job.lr, cfg.weight_decay)
     engine = setup_engine(model, optimizer, lambda opt: get_cosine_schedule_with_warmup(
-        opt, lc["warmup_steps"], plan.total_steps), dist, micro_batch_size=plan.batch_size,
+        opt, job.warmup_steps, plan.total_steps), dist, micro_batch_size=plan.batch_size,
         accumulation_steps=plan.accumulation)
     start = (resume(engine) or {}).get("step", 0)
-    logger = RankZeroLogger(lc["tracking_uri"], lc["run_id"])
-    if lc["mode"] == "po":
+    logger = RankZeroLogger(job.tracking_uri, job.run_id)
+    if job.mode == "po":
         t0 = time.perf_counter()
-        rows = ensure_reference(engine, tokenizer, rows, lc, rank, world_size)
+        rows = ensure_reference(engine, tokenizer, rows, job.reference, rank, world_size)
         if start == 0:
             logger.log_metrics({"reference/seconds": time.perf_counter() - t0}, step=0)
-    prefix = "sft/" if lc["mode"] == "sft" else ""
+    prefix = "sft/" if job.mode == "sft" else ""
 
     engine.train()
-    bar = _progress_bar(lc, rank, plan, start)
+    bar = _progress_bar(job, rank, start)
     loop_start = time.perf_counter()
     for step in range(start, plan.total_steps):
-        _maybe_fail(lc, step, rank, world_size)
+        _maybe_fail(job, step, rank, world_size)
         t0 = time.perf_counter()
         metrics = {}
         for micro in plan.rows(step, rank):
-            loss, micro_metrics = step_loss(engine, tokenizer, rows, micro, lc)
+            loss, micro_metrics = step_loss(engine, tokenizer, rows, micro, job)
             engine.backward_and_step(loss)  # steps the optimizer after the last micro-batch
             for k, v in micro_metrics.items():  # token counts summed, the rest averaged
                 metrics[k] = metrics.get(k, 0.0) + (v if k == "tokens" else v / plan.accumulation)
@@ -425,7 +461,7 @@ def train_loop(lc: dict) -> None:
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{metrics['loss']:.4f}")
-        if (step + 1) % lc["checkpoint_every"] == 0:
+        if (step + 1) % cfg.checkpoint_every == 0:
             report({**metrics, "step": step + 1}, engine, {"step": step + 1})
         elif step + 1 == plan.total_steps:
             # No checkpoint at the end: the final model is saved next; a model + AdamW state written
@@ -435,38 +471,34 @@ def train_loop(lc: dict) -> None:
         bar.close()
     # Whole-loop time (logging and checkpoints included), what a trainer's "runtime" reports.
     logger.log_metrics({prefix + "loop_seconds": time.perf_counter() - loop_start}, step=plan.total_steps)
-    save_final_model(engine, tokenizer, source, lc, rank)
+    save_final_model(engine, tokenizer, source, job, rank)
 
 
-def step_loss(engine, tokenizer, rows: dict, idx: list[int], lc: dict):
+def step_loss(engine, tokenizer, rows: dict, idx: list[int], job: Job):
     """The loss of one worker's batch and its metrics (token count as 'tokens', summed later)."""
     from cwpo_ray import logprobs
 
-    lengths = logprobs.Lengths(lc["max_prompt_length"], lc["max_length"], lc["chat_template"])
+    lengths = job.lengths
     pick = lambda col: [rows[col][i] for i in idx]  # noqa: E731
-    if lc["mode"] == "sft":
+    if job.mode == "sft":
         batch = logprobs.sft_batch(tokenizer, pick("prompt"), pick("chosen"), lengths)
         loss, tokens = logprobs.sft_loss(engine, batch)
         return loss, {"loss": float(loss.detach()), "tokens": float(tokens)}
     batch = logprobs.pair_batch(tokenizer, pick("prompt"), pick("chosen"), pick("rejected"), lengths)
     return logprobs.po_loss(engine, batch, pick("ref_chosen_logps"), pick("ref_rejected_logps"), pick("weight"),
-                          loss_type=lc["loss"], beta=lc["beta"], epsilon=lc["epsilon"])
+                          loss_type=job.cfg.loss, beta=job.cfg.beta, epsilon=job.cfg.epsilon)
 
 
 def _mean_over_workers(metrics: dict, world_size: int, device) -> dict:
     """Every worker's metrics averaged (token counts summed): what rank 0 logs is the global batch's."""
-    import torch
-    import torch.distributed as td
+    from cwpo_ray.distributed import sum_over_workers
 
-    if world_size == 1 or not td.is_initialized():
-        return metrics
     keys = sorted(metrics)
-    t = torch.tensor([metrics[k] for k in keys], dtype=torch.float64, device=device)
-    td.all_reduce(t)
-    return {k: float(v) if k == "tokens" else float(v) / world_size for k, v in zip(keys, t.tolist())}
+    sums = sum_over_workers([metrics[k] for k in keys], device)
+    return {k: v if k == "tokens" else v / world_size for k, v in zip(keys, sums)}
 
 
-def save_final_model(engine, tokenizer, source, lc: dict, rank: int) -> None:
+def save_final_model(engine, tokenizer, source, job: Job, rank: int) -> None:
     """save_pretrained (+ tokenizer) from rank 0, LoRA merged, published atomically."""
     from cwpo_ray.models import load_causal_lm
     from cwpo_ray.tables import atomic_path
@@ -476,42 +508,42 @@ def save_final_model(engine, tokenizer, source, lc: dict, rank: int) -> None:
         return
     # A fresh, unwrapped, unpartitioned copy to load the weights into: it is the same for
     # DDP and every ZeRO stage, and LoRA merges into it.
-    model = _with_lora(load_causal_lm(source), lc)
+    model = _with_lora(load_causal_lm(source), job.cfg)
     missing, unexpected = model.load_state_dict({k: v.float().cpu() for k, v in state.items()}, strict=False)
     tied = set(getattr(model, "_tied_weights_keys", None) or {}) | {"lm_head.weight"}
     if unexpected or any(not any(k.endswith(t) for t in tied) for k in missing):
         raise RuntimeError(f"final weights do not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    if lc["lora"]:
+    if job.cfg.lora:
         model = model.merge_and_unload()
-    with atomic_path(lc["save_to"]) as tmp:
+    with atomic_path(job.save_to) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
 
 
-def _with_lora(model, lc: dict):
-    if not lc["lora"]:
+def _with_lora(model, cfg: Settings):
+    if not cfg.lora:
         return model
     from peft import LoraConfig, get_peft_model
 
-    targets = [t.strip() for t in lc["lora_targets"].split(",") if t.strip()] or None
-    return get_peft_model(model, LoraConfig(r=lc["lora_r"], lora_alpha=lc["lora_alpha"], lora_dropout=lc["lora_dropout"],
+    targets = [t.strip() for t in cfg.lora_targets.split(",") if t.strip()] or None
+    return get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                                             target_modules=targets, task_type="CAUSAL_LM"))
 
 
-def _progress_bar(lc: dict, rank: int, plan: StepPlan, start: int):
-    if rank != 0 or not lc["progress"]:
+def _progress_bar(job: Job, rank: int, start: int):
+    if rank != 0 or not job.cfg.progress:
         return None
     from tqdm import tqdm
 
-    return tqdm(total=plan.total_steps, initial=start, desc=lc["mode"], unit="step", mininterval=1.0)
+    return tqdm(total=job.plan.total_steps, initial=start, desc=job.mode, unit="step", mininterval=1.0)
 
 
-def _maybe_fail(lc: dict, step: int, rank: int, world_size: int) -> None:
+def _maybe_fail(job: Job, step: int, rank: int, world_size: int) -> None:
     """Testing hook: the last worker's process dies once at PO step ``fail_at_step``."""
     from cwpo_ray.distributed import die_once
 
-    if lc["mode"] == "po" and step == lc["fail_at_step"] and rank == world_size - 1:
-        die_once(Path(lc["save_to"]).parent / f".failed-at-{step}")
+    if job.mode == "po" and step == job.cfg.fail_at_step and rank == world_size - 1:
+        die_once(Path(job.save_to).parent / f".failed-at-{step}")
 
 
 def _existing_run(run_id_file: Path, uri: str) -> Optional[str]:

@@ -1,0 +1,96 @@
+"""What the pipeline shows on the terminal: one line per stage, the final table, errors in full.
+
+Ray, transformers, DeepSpeed and the stages themselves print hundreds of lines (worker logs,
+weight-loading bars, warnings). Under ``log_to(path)`` the process's own stdout and stderr file
+descriptors point at ``path`` instead, so everything, C-level output and Ray's forwarded worker
+logs included, lands in the log file; ``say`` still reaches the terminal. On an error the
+descriptors are restored first, so the traceback is printed on the terminal as usual.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Iterator, TextIO
+
+_terminal: TextIO | None = None  # the real stdout while output is redirected to a log file
+
+
+def say(message: str) -> None:
+    """A line for the person at the terminal (also kept in the log file)."""
+    if _terminal is not None:
+        _terminal.write(message + "\n")
+        _terminal.flush()
+    print(message, flush=True)
+
+
+@contextlib.contextmanager
+def log_to(path: Path) -> Iterator[Path]:
+    """Send this process's stdout and stderr (file descriptors 1 and 2) to ``path`` for the block."""
+    global _terminal
+    if _terminal is not None:  # already redirected (a nested call): one log is enough
+        yield path
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    log = open(path, "a", buffering=1)
+    _terminal = os.fdopen(os.dup(saved[0]), "w", buffering=1)
+    os.dup2(log.fileno(), 1)
+    os.dup2(log.fileno(), 2)
+    try:
+        yield path
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in saved:
+            os.close(fd)
+        _terminal.close()
+        _terminal = None
+        log.close()
+
+
+def _summary(result) -> str:
+    """The few numbers worth a glance from what a pipeline stage returned."""
+    if not isinstance(result, dict):
+        return ""
+    parts = []
+    for key, label in (("n_labeled", "labeled"), ("n_unlabeled", "unlabeled"), ("rows", "pairs annotated")):
+        if isinstance(result.get(key), int):
+            parts.append(f"{result[key]} {label}")
+    metrics = result.get("metrics", result)
+    for key, fmt in (("annotator.heldout_accuracy", "held-out accuracy {:.3f}"),
+                     ("annotator.mean_confidence", "mean confidence {:.3f}"),
+                     ("gra", "GRA {:.3f}")):
+        if isinstance(metrics.get(key), (int, float)):
+            parts.append(fmt.format(metrics[key]))
+    if isinstance(metrics.get("gra_lo"), (int, float)):
+        parts[-1] += f" [{metrics['gra_lo']:.3f}, {metrics['gra_hi']:.3f}]"
+    return ", ".join(parts)
+
+
+def stage_line(name: str, status: str, seconds: float | None = None, result=None, fingerprint: str = "") -> None:
+    summary = _summary(result)
+    took = f" in {seconds:.0f} s" if seconds is not None else ""
+    say(f"  {name:<22} {status}{took}" + (f": {summary}" if summary else "")
+        + (f" (fingerprint {fingerprint})" if fingerprint and status != "done" else ""))
+
+
+@contextlib.contextmanager
+def timed_stage(name: str) -> Iterator[Callable[[object], None]]:
+    """``with timed_stage(name) as done: ...; done(result)`` prints the stage's line when it ends."""
+    start = time.perf_counter()
+    yield lambda result: stage_line(name, "done", time.perf_counter() - start, result)
+
+
+def show_file(path: Path) -> None:
+    """A small text file (the compare table) on the terminal."""
+    if path.exists():
+        for line in path.read_text().rstrip().splitlines():
+            say(line)
