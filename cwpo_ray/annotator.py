@@ -1,7 +1,18 @@
-"""The weak annotator: any HF backbone with its LM head bypassed and a scalar reward head.
+"""The weak annotator: a pretrained backbone with a scalar reward head.
 
-Plain torch/transformers, no Ray. ``Annotator`` is what `cwpo annotate`, `cwpo serve`
-and evaluation share, so a pair gets the same scores everywhere.
+Plain torch/transformers, no Ray. ``Annotator`` is what `cwpo annotate`, `cwpo serve`,
+evaluation and judges share, so a pair gets the same scores everywhere.
+
+Two layouts on disk (docs/ANNOTATOR_FORMAT.md):
+
+- decoders whose transformers ``*ForSequenceClassification`` class scores the last non-pad
+  token (Llama, Qwen2, OPT, GPT-2, ...): the annotator *is* that class with one label, saved
+  with ``save_pretrained``, so ``AutoModelForSequenceClassification.from_pretrained(folder)``
+  gives the same scores outside cwpo-ray. Any one-label reward model in that format (e.g. one
+  trained with TRL's RewardTrainer) loads as an annotator too.
+- encoders (first-token or mean pooling) and other poolings: the backbone via
+  ``save_pretrained`` plus ``reward_head.pt``; transformers has no class that pools that way
+  (BERT's adds a pooler layer), so only ``load_annotator`` reads these.
 
 Input text is ``prompt + separator + response``. When that is longer than
 ``max_length`` tokens, the prompt is cut from the left (its end, nearest the response,
@@ -12,7 +23,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Sequence
 
@@ -20,11 +31,15 @@ import torch
 from torch import nn
 
 from cwpo_ray.losses import confidence
-from cwpo_ray.models import ModelSource, is_encoder, load_backbone, load_tokenizer
+from cwpo_ray.models import ModelSource, is_encoder, load_backbone, load_tokenizer, plain_weights
 
 POOLINGS = ("last", "first", "mean")
+HF_POOLING = "hf"  # scored by a transformers sequence-classification class's own pooling
 HEAD_FILE = "reward_head.pt"
 META_FILE = "annotator.json"
+FORMAT_VERSION = 2  # 2: text_format and hf_sequence_classification recorded; 1 (no such keys) still loads
+DEFAULT_SEPARATOR = "\n"
+DEFAULT_MAX_LENGTH = 512
 
 
 @dataclass
@@ -34,10 +49,20 @@ class AnnotatorMeta:
     backbone: str
     pooling: str
     max_length: int
-    separator: str = "\n"
+    separator: str = DEFAULT_SEPARATOR
     data_fingerprint: str = ""
     metrics: dict = field(default_factory=dict)
-    format_version: int = 1
+    format_version: int = FORMAT_VERSION
+    # True: the folder loads with AutoModelForSequenceClassification (num_labels 1) and scores the same.
+    hf_sequence_classification: bool = False
+    hf_note: str = ""  # the HF class used, or why the folder is not HF-loadable
+    text_format: dict = field(default_factory=dict)  # how a (prompt, response) becomes token ids; written on save
+
+    @classmethod
+    def from_json(cls, text: str) -> "AnnotatorMeta":
+        data = json.loads(text)
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})  # keys of newer versions are ignored
 
 
 def default_pooling(config) -> str:
@@ -59,8 +84,15 @@ def pool_hidden(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str
     raise ValueError(f"unknown pooling {pooling!r}; expected one of {', '.join(POOLINGS)}")
 
 
+def init_head(linear: nn.Linear) -> None:
+    """The reward head's init: unit-scale rewards at the start whatever the hidden size."""
+    nn.init.normal_(linear.weight, std=1.0 / math.sqrt(linear.in_features + 1))
+    if linear.bias is not None:
+        nn.init.zeros_(linear.bias)
+
+
 class RewardModel(nn.Module):
-    """Backbone hidden states -> pooled vector -> one scalar reward per sequence."""
+    """Backbone hidden states -> pooled vector -> one scalar reward per sequence (our own layout)."""
 
     def __init__(self, backbone: nn.Module, pooling: str):
         super().__init__()
@@ -73,13 +105,46 @@ class RewardModel(nn.Module):
         self.backbone = backbone
         self.pooling = pooling
         self.head = nn.Linear(backbone.config.hidden_size, 1)
-        nn.init.normal_(self.head.weight, std=1.0 / math.sqrt(backbone.config.hidden_size + 1))
-        nn.init.zeros_(self.head.bias)
+        init_head(self.head)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         out = self.backbone(input_ids=input_ids, attention_mask=attention_mask)
         hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
         return self.head(pool_hidden(hidden, attention_mask, self.pooling)).squeeze(-1)
+
+
+class SequenceClassifierReward(nn.Module):
+    """A transformers ``*ForSequenceClassification`` model with one label: logit 0 is the reward.
+
+    The model's own forward does the pooling (for decoders: the last token that is not
+    ``config.pad_token_id``), so training, `cwpo annotate`, `cwpo serve` and anyone loading
+    the folder with ``AutoModelForSequenceClassification`` compute the very same function.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        if model.config.num_labels != 1:
+            raise ValueError(f"a reward model needs num_labels 1, this one has {model.config.num_labels}")
+        self.hf = model
+
+    @property
+    def head(self) -> nn.Linear:
+        """The score layer (``score`` in Llama/Qwen2/OPT/GPT-2): the one linear outside the base model."""
+        return classifier_head(self.hf)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.hf(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0]
+
+
+def classifier_head(model: nn.Module) -> nn.Linear:
+    """The linear layer a sequence-classification model adds to its base model; error when not exactly one."""
+    prefix = getattr(model, "base_model_prefix", "")
+    heads = [m for name, m in model.named_children() if name != prefix]
+    linears = [m for m in heads if isinstance(m, nn.Linear)]
+    if len(heads) != 1 or len(linears) != 1:
+        raise ValueError(f"{type(model).__name__}: expected one linear layer besides {prefix!r}, "
+                         f"found {[name for name, _ in model.named_children() if name != prefix]}")
+    return linears[0]
 
 
 def special_tokens(tokenizer) -> tuple[list[int], list[int]]:
@@ -93,7 +158,7 @@ def special_tokens(tokenizer) -> tuple[list[int], list[int]]:
 
 
 def encode(tokenizer, prompts: Sequence[str], responses: Sequence[str], max_length: int,
-           separator: str = "\n") -> tuple[list[list[int]], list[bool]]:
+           separator: str = DEFAULT_SEPARATOR) -> tuple[list[list[int]], list[bool]]:
     """Token ids of ``prompt + separator + response`` under the truncation rule; and which were cut."""
     prefix, suffix = special_tokens(tokenizer)
     budget = max_length - len(prefix) - len(suffix)
@@ -123,21 +188,49 @@ def collate(sequences: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": mask}
 
 
+def text_format(tokenizer, meta: AnnotatorMeta) -> dict:
+    """How a (prompt, response) becomes the ids that are scored, for annotator.json (docs/ANNOTATOR_FORMAT.md)."""
+    prefix, suffix = special_tokens(tokenizer)
+    scored = ("logit 0 of the model at the last token that is not pad_token_id"
+              if meta.hf_sequence_classification else
+              {"last": "reward_head.pt on the last hidden state of the last token (attention mask)",
+               "first": "reward_head.pt on the last hidden state of the first token",
+               "mean": "reward_head.pt on the attention-masked mean of the last hidden states"}.get(meta.pooling, ""))
+    return {
+        "text": "prompt + separator + response (no chat template)",
+        "separator": meta.separator,
+        "tokens": "tokenizer(prompt + separator, add_special_tokens=False) followed by "
+                  "tokenizer(response, add_special_tokens=False), then the special tokens around them",
+        "special_tokens_before": prefix,
+        "special_tokens_after": suffix,
+        "max_length": meta.max_length,
+        "truncation": "over max_length: the prompt + separator tokens are cut from the left; "
+                      "the response is cut from the right only when it alone does not fit",
+        "padding_side": "right",
+        "pad_token_id": tokenizer.pad_token_id,
+        "score": scored,
+    }
+
+
 class Annotator:
     """A reward model with its tokenizer and metadata: scores texts and labels pairs."""
 
-    def __init__(self, model: RewardModel, tokenizer, meta: AnnotatorMeta):
+    def __init__(self, model: nn.Module, tokenizer, meta: AnnotatorMeta):
         self.model, self.tokenizer, self.meta = model, tokenizer, meta
 
     @property
     def name(self) -> str:
         return self.meta.backbone
 
+    def encode(self, prompts: Sequence[str], responses: Sequence[str]) -> tuple[list[list[int]], list[bool]]:
+        """The token ids this annotator scores (the text format of annotator.json)."""
+        return encode(self.tokenizer, prompts, responses, self.meta.max_length, self.meta.separator)
+
     @torch.no_grad()
     def score(self, prompts: Sequence[str], responses: Sequence[str], batch_size: int = 64) -> tuple[list[float], list[bool]]:
         """Reward of each (prompt, response), batched with sequences sorted by length to cut padding."""
         self.model.eval()
-        seqs, truncated = encode(self.tokenizer, prompts, responses, self.meta.max_length, self.meta.separator)
+        seqs, truncated = self.encode(prompts, responses)
         order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
         rewards = [0.0] * len(seqs)
         device = next(self.model.parameters()).device
@@ -165,39 +258,158 @@ class Annotator:
         }
 
 
-def new_annotator(source: ModelSource, pooling: str | None = None, max_length: int = 512,
-                  separator: str = "\n") -> Annotator:
-    """A fresh annotator from a pretrained backbone, with a new scalar head."""
+# ----------------------------------------------------------------------------- the HF layout
+
+def sequence_classification_class(config):
+    """transformers' ``*ForSequenceClassification`` class for this config, or None."""
+    from transformers import AutoModelForSequenceClassification
+
+    try:
+        return AutoModelForSequenceClassification._model_mapping[type(config)]
+    except KeyError:
+        return None
+
+
+def hf_layout_refusal(config, pooling: str, tokenizer) -> str:
+    """Why a fresh annotator cannot be a standard HF sequence classifier ("" when it can)."""
+    if is_encoder(config):
+        return (f"encoder ({config.model_type}, pooling {pooling!r}): its transformers class pools "
+                "differently (BERT's adds a pooler layer), so the backbone and reward_head.pt are saved and only "
+                "cwpo_ray's load_annotator reads them")
+    if pooling != "last":
+        return (f"pooling {pooling!r}: transformers' sequence-classification classes of decoders score the last "
+                "token only, so the backbone and reward_head.pt are saved and only cwpo_ray's load_annotator reads them")
+    if sequence_classification_class(config) is None:
+        return f"transformers has no sequence-classification class for model type {config.model_type!r}"
+    _, suffix = special_tokens(tokenizer)
+    if tokenizer.pad_token_id in suffix:
+        # HF's class reads the last token that is not pad_token_id: it would skip the appended token.
+        return (f"the tokenizer appends its pad token (id {tokenizer.pad_token_id}) to every text, so transformers' "
+                "class would score the token before it")
+    return ""
+
+
+def match_pad(model: nn.Module, tokenizer) -> None:
+    """Make the batches' pad id the one the HF class skips when it looks for the last token.
+
+    The config's value wins when it has one (it is what anyone else loading the folder uses);
+    else the tokenizer's pad (load_tokenizer falls back to eos) is written into the config.
+    """
+    config = model.config
+    if config.pad_token_id is None:
+        config.pad_token_id = tokenizer.pad_token_id
+    elif config.pad_token_id != tokenizer.pad_token_id:
+        tokenizer.pad_token = tokenizer.convert_ids_to_tokens(config.pad_token_id)
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if text_config is not config and text_config.pad_token_id is None:
+        text_config.pad_token_id = config.pad_token_id
+
+
+def load_sequence_classifier(path: str, **kwargs) -> nn.Module:
+    """``AutoModelForSequenceClassification.from_pretrained`` in fp32 that refuses to invent weights.
+
+    transformers only warns when a checkpoint lacks the classifier and initializes it at
+    random; a reward model scored that way is noise, so that is an error here.
+    """
+    from transformers import AutoModelForSequenceClassification
+
+    model, info = AutoModelForSequenceClassification.from_pretrained(
+        path, dtype=torch.float32, output_loading_info=True, **kwargs)
+    fresh = sorted(info.get("missing_keys") or []) + sorted(str(k) for k in info.get("mismatched_keys") or [])
+    if fresh:
+        raise ValueError(f"{path} is not a trained sequence-classification model: loading it with "
+                         f"{type(model).__name__} would initialize {', '.join(fresh[:5])} at random")
+    return plain_weights(model).eval()
+
+
+def is_hf_reward_model(folder: str | Path) -> bool:
+    """A folder whose config.json declares one label and a ``*ForSequenceClassification`` architecture."""
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        return False
+    config = json.loads(path.read_text())
+    labels = len(config["id2label"]) if isinstance(config.get("id2label"), dict) else config.get("num_labels", 2)
+    archs = config.get("architectures") or []
+    return labels == 1 and any(str(a).endswith("ForSequenceClassification") for a in archs)
+
+
+def default_max_length(config, tokenizer=None, wanted: int = DEFAULT_MAX_LENGTH) -> int:
+    limits = [wanted, getattr(config, "max_position_embeddings", None)]
+    if tokenizer is not None and (getattr(tokenizer, "model_max_length", 0) or 0) < 1_000_000:
+        limits.append(tokenizer.model_max_length)  # unset limits are a huge sentinel
+    return min(x for x in limits if x)
+
+
+# ----------------------------------------------------------------------------- create, save, load
+
+def new_annotator(source: ModelSource, pooling: str | None = None, max_length: int = DEFAULT_MAX_LENGTH,
+                  separator: str = DEFAULT_SEPARATOR) -> Annotator:
+    """A fresh annotator from a pretrained backbone, with a new scalar head.
+
+    Decoders with last-token pooling become transformers' sequence-classification class for
+    their architecture (one label); everything else a backbone + our own head.
+    """
+    from transformers import AutoConfig
+
     tokenizer = load_tokenizer(source)
-    backbone = load_backbone(source)
-    pooling = pooling or default_pooling(backbone.config)
-    limit = getattr(backbone.config, "max_position_embeddings", None)
-    if limit:
-        max_length = min(max_length, limit)
-    backbone.config.pad_token_id = tokenizer.pad_token_id
-    meta = AnnotatorMeta(backbone=str(source), pooling=pooling, max_length=max_length, separator=separator)
-    return Annotator(RewardModel(backbone, pooling), tokenizer, meta)
+    config = AutoConfig.from_pretrained(source.path, **source.kwargs())
+    pooling = pooling or default_pooling(config)
+    max_length = default_max_length(config, wanted=max_length)
+    refusal = hf_layout_refusal(config, pooling, tokenizer)
+    if not refusal:
+        from transformers import AutoModelForSequenceClassification
+
+        hf = plain_weights(AutoModelForSequenceClassification.from_pretrained(
+            source.path, num_labels=1, dtype=torch.float32, **source.kwargs()))
+        match_pad(hf, tokenizer)
+        model = SequenceClassifierReward(hf)
+        init_head(model.head)  # ours, not HF's 0.02 std: the same reward scale as the encoder head
+        note = type(hf).__name__
+    else:
+        backbone = load_backbone(source)
+        backbone.config.pad_token_id = tokenizer.pad_token_id
+        model = RewardModel(backbone, pooling)
+        note = refusal
+    meta = AnnotatorMeta(backbone=str(source), pooling=pooling, max_length=max_length, separator=separator,
+                         hf_sequence_classification=not refusal, hf_note=note)
+    return Annotator(model, tokenizer, meta)
 
 
 def save_annotator(annotator: Annotator, folder: str | Path, state_dict: dict | None = None) -> Path:
-    """Backbone and tokenizer via save_pretrained, the head in its own file, metadata as JSON.
+    """Weights and tokenizer via save_pretrained, metadata (with the text format) as JSON.
 
-    ``state_dict`` (a full ``RewardModel`` state dict, e.g. gathered from a distributed
-    engine) is saved instead of the model's own parameters when given.
+    HF layout: the whole sequence classifier, loadable with AutoModelForSequenceClassification.
+    Own layout: the backbone, and the head in ``reward_head.pt``. ``state_dict`` (a full
+    state dict of ``annotator.model``, e.g. gathered from a distributed engine) is saved
+    instead of the model's own parameters when given.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     if state_dict is None:
         state_dict = annotator.model.state_dict()
-    backbone_sd = {k[len("backbone."):]: v for k, v in state_dict.items() if k.startswith("backbone.")}
-    head_sd = {k[len("head."):]: v.detach().cpu() for k, v in state_dict.items() if k.startswith("head.")}
-    if set(head_sd) != {"weight", "bias"}:
-        raise ValueError(f"state dict has no complete reward head (head keys: {sorted(head_sd)})")
-    annotator.model.backbone.save_pretrained(folder, state_dict=backbone_sd)
+    model = annotator.model
+    if isinstance(model, SequenceClassifierReward):
+        hf_sd = {k[len("hf."):]: v for k, v in state_dict.items() if k.startswith("hf.")}
+        missing = set(model.hf.state_dict()) - set(hf_sd)
+        if missing:
+            raise ValueError(f"state dict lacks {sorted(missing)[:5]}")
+        model.hf.config.num_labels = 1
+        model.hf.save_pretrained(folder, state_dict=hf_sd)
+        (folder / HEAD_FILE).unlink(missing_ok=True)  # a stale head from an older save would mislead
+    else:
+        backbone_sd = {k[len("backbone."):]: v for k, v in state_dict.items() if k.startswith("backbone.")}
+        head_sd = {k[len("head."):]: v.detach().cpu() for k, v in state_dict.items() if k.startswith("head.")}
+        if set(head_sd) != {"weight", "bias"}:
+            raise ValueError(f"state dict has no complete reward head (head keys: {sorted(head_sd)})")
+        model.backbone.save_pretrained(folder, state_dict=backbone_sd)
+        # The head is saved explicitly: reward heads get lost or re-initialized otherwise (a known failure under LoRA and ZeRO-3 elsewhere).
+        torch.save(head_sd, folder / HEAD_FILE)
     annotator.tokenizer.save_pretrained(folder)
-    # The head is saved explicitly: reward heads get lost or re-initialized otherwise (a known failure under LoRA and ZeRO-3 elsewhere).
-    torch.save(head_sd, folder / HEAD_FILE)
-    (folder / META_FILE).write_text(json.dumps(asdict(annotator.meta), indent=2))
+    meta = annotator.meta
+    meta.format_version = FORMAT_VERSION
+    meta.hf_sequence_classification = isinstance(model, SequenceClassifierReward)
+    meta.text_format = text_format(annotator.tokenizer, meta)
+    (folder / META_FILE).write_text(json.dumps(asdict(meta), indent=2))
     return folder
 
 
@@ -212,14 +424,41 @@ def _load_saved_backbone(source: ModelSource):
 
 
 def load_annotator(folder: str | Path, device: str = "cpu") -> Annotator:
-    """An annotator saved by ``save_annotator``, giving identical scores."""
+    """An annotator folder (``save_annotator``, any version) or a one-label HF reward-model folder.
+
+    - annotator.json saying ``hf_sequence_classification``: AutoModelForSequenceClassification;
+    - annotator.json otherwise (encoders; decoders saved before the HF layout): backbone + reward_head.pt;
+    - no annotator.json, config.json with one label and a ``*ForSequenceClassification``
+      architecture (e.g. a TRL RewardTrainer output): that class, scored in the default text
+      format (prompt + "\\n" + response, max_length up to 512).
+    """
     folder = Path(folder)
-    for name in (META_FILE, HEAD_FILE):
-        if not (folder / name).is_file():
-            raise FileNotFoundError(f"{folder} is not a complete annotator folder: {name} missing")
-    meta = AnnotatorMeta(**json.loads((folder / META_FILE).read_text()))
     source = ModelSource(str(folder))
-    model = RewardModel(_load_saved_backbone(source), meta.pooling)
-    model.head.load_state_dict(torch.load(folder / HEAD_FILE, map_location="cpu"))
+    if (folder / META_FILE).is_file():
+        meta = AnnotatorMeta.from_json((folder / META_FILE).read_text())
+        if meta.hf_sequence_classification:
+            model = SequenceClassifierReward(load_sequence_classifier(str(folder)))
+        else:
+            if not (folder / HEAD_FILE).is_file():
+                raise FileNotFoundError(f"{folder} is not a complete annotator folder: {HEAD_FILE} missing")
+            model = RewardModel(_load_saved_backbone(source), meta.pooling)
+            model.head.load_state_dict(torch.load(folder / HEAD_FILE, map_location="cpu"))
+    elif is_hf_reward_model(folder):
+        model = SequenceClassifierReward(load_sequence_classifier(str(folder)))
+        meta = AnnotatorMeta(backbone=str(folder), pooling=HF_POOLING, max_length=0,
+                             hf_sequence_classification=True,
+                             hf_note=f"{type(model.hf).__name__} reward model without annotator.json: "
+                                     "scored in the default text format")
+    else:
+        raise FileNotFoundError(
+            f"{folder} is neither an annotator folder ({META_FILE}) nor a Hugging Face reward model "
+            "(config.json with one label and a *ForSequenceClassification architecture)")
+    tokenizer = load_tokenizer(source)
+    if isinstance(model, SequenceClassifierReward):
+        match_pad(model.hf, tokenizer)
+    if not meta.max_length:
+        meta.max_length = default_max_length(model.hf.config, tokenizer)
+    if not meta.text_format:
+        meta.text_format = text_format(tokenizer, meta)
     model.to(device).eval()
-    return Annotator(model, load_tokenizer(source), meta)
+    return Annotator(model, tokenizer, meta)

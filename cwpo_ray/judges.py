@@ -5,9 +5,17 @@ A judge is any callable ``list[(prompt, response)] -> list[float]`` (higher is b
 
 - ``"vader"``: VADER compound sentiment of the response, in [-1, 1] (the built-in benchmark's
   gold judge: it prefers the more positive, helpful-sounding answer and ignores the prompt);
+- ``"textblob"``: TextBlob's polarity of the response, in [-1, 1] (a second lexicon judge that
+  made no label, to check that a gain under VADER is not VADER-specific);
 - ``"module:function"``: a Python callable with the judge signature, imported by name;
+- an annotator folder (``annotator.json``, what `cwpo train-annotator` writes): scored through
+  ``load_annotator``, exactly as `cwpo annotate` scores;
 - anything else: an HF reward-model folder or hub id (``AutoModelForSequenceClassification``),
-  score = logit 0 of ``prompt + response`` (as Skywork / OpenAssistant reward models use it).
+  score = logit 0. The text: the tokenizer's chat template when it has one (as Skywork reward
+  models are used), else (prompt, response) as a text pair for encoders (OpenAssistant's
+  DeBERTa), else the annotator's format ``prompt + "\n" + response``, so a decoder reward model
+  without a template gives the same scores as judge and as `cwpo annotate --annotator`. A folder
+  whose classifier weights are missing is an error, not a randomly initialized head.
 """
 
 from __future__ import annotations
@@ -33,40 +41,83 @@ class VaderJudge:
         return [float(self._analyzer.polarity_scores(response)["compound"]) for _, response in pairs]
 
 
+class TextBlobJudge:
+    """TextBlob's pattern polarity of the response alone, in [-1, 1]: the second gold judge.
+
+    Why this one: the built-in benchmark's human labels are drawn from VADER and GRA is judged by
+    VADER, so a gain could be specific to VADER's lexicon. TextBlob's polarity comes from another
+    lexicon (Pattern's, adjectives hand-rated on product reviews, with its own negation and
+    intensifier rules), had no part in making any label, and ships inside the PyPI package: it
+    scores offline with no corpus download (NLTK's corpora are needed only for other TextBlob
+    features). On the shipped pairs it agrees with VADER on which response is better on 64% of
+    the pairs both decide, so it is a different judge, not a copy. Pure CPU, ~1k responses/s.
+    """
+
+    name = "textblob"
+
+    def __init__(self):
+        from textblob.en.sentiments import PatternAnalyzer
+
+        self._analyzer = PatternAnalyzer()
+
+    def __call__(self, pairs: Sequence[tuple[str, str]]) -> list[float]:
+        return [float(self._analyzer.analyze(response)[0]) for _, response in pairs]
+
+
+class AnnotatorJudge:
+    """An annotator folder as a judge: its scores are `cwpo annotate`'s."""
+
+    def __init__(self, folder: str, batch_size: int = 64):
+        from cwpo_ray.annotator import load_annotator
+
+        self.name, self.batch_size = folder, batch_size
+        self.annotator = load_annotator(folder)
+
+    def __call__(self, pairs: Sequence[tuple[str, str]]) -> list[float]:
+        pairs = list(pairs)
+        return self.annotator.score([p for p, _ in pairs], [r for _, r in pairs], self.batch_size)[0]
+
+
 class RewardModelJudge:
     """A sequence-classification reward model; logit 0 of the (prompt, response) text is the score."""
 
     def __init__(self, spec: str, batch_size: int = 16, max_length: int = 512):
-        from cwpo_ray.models import load_tokenizer, resolve_model
-
-        from transformers import AutoModelForSequenceClassification
+        from cwpo_ray.annotator import (Annotator, AnnotatorMeta, HF_POOLING, SequenceClassifierReward,
+                                        default_max_length, load_sequence_classifier, match_pad)
+        from cwpo_ray.models import is_encoder, load_tokenizer, resolve_model
 
         source = resolve_model(spec)
         self.name = spec
         self.batch_size, self.max_length = batch_size, max_length
         self.tokenizer = load_tokenizer(source)
-        self.model = AutoModelForSequenceClassification.from_pretrained(source.path, **source.kwargs()).eval()
-        if self.model.config.pad_token_id is None:
-            # Decoder reward models find the last real token through the pad id.
-            self.model.config.pad_token_id = self.tokenizer.pad_token_id
-
-    def _texts(self, pairs):
-        if getattr(self.tokenizer, "chat_template", None):
-            return [self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": p}, {"role": "assistant", "content": r}], tokenize=False)
-                for p, r in pairs]
-        return None  # encoder RMs take (prompt, response) as a text pair
+        # Raises when the checkpoint has no trained classifier (transformers would only warn).
+        self.model = load_sequence_classifier(source.path, **source.kwargs())
+        # Decoder reward models find the last real token through the pad id.
+        match_pad(self.model, self.tokenizer)
+        self.mode = ("chat" if getattr(self.tokenizer, "chat_template", None)
+                     else "pair" if is_encoder(self.model.config) else "annotator")
+        self.annotator = None
+        if self.mode == "annotator":
+            meta = AnnotatorMeta(backbone=spec, pooling=HF_POOLING, hf_sequence_classification=True,
+                                 max_length=default_max_length(self.model.config, self.tokenizer, max_length))
+            self.annotator = Annotator(SequenceClassifierReward(self.model), self.tokenizer, meta)
 
     def __call__(self, pairs: Sequence[tuple[str, str]]) -> list[float]:
         import torch
 
+        pairs = list(pairs)
+        if self.annotator is not None:
+            return self.annotator.score([p for p, _ in pairs], [r for _, r in pairs], self.batch_size)[0]
         scores: list[float] = []
         for i in range(0, len(pairs), self.batch_size):
-            chunk = list(pairs[i:i + self.batch_size])
-            texts = self._texts(chunk)
-            if texts is not None:
+            chunk = pairs[i:i + self.batch_size]
+            if self.mode == "chat":
+                texts = [self.tokenizer.apply_chat_template(
+                    [{"role": "user", "content": p}, {"role": "assistant", "content": r}], tokenize=False)
+                    for p, r in chunk]
+                # The template already holds the special tokens (a second BOS would shift the scores).
                 enc = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length,
-                                     return_tensors="pt")
+                                     add_special_tokens=False, return_tensors="pt")
             else:
                 enc = self.tokenizer([p for p, _ in chunk], [r for _, r in chunk], padding=True, truncation=True,
                                      max_length=self.max_length, return_tensors="pt")
@@ -94,12 +145,18 @@ def _looks_like_callable(spec: str) -> bool:
 
 
 def load_judge(spec: str) -> Judge:
-    """``"vader"``, ``"module:function"`` or a reward-model folder / hub id -> a judge callable."""
+    """``"vader"``, ``"module:function"``, an annotator folder or a reward-model folder / hub id -> a judge."""
+    from cwpo_ray.annotator import META_FILE
+
     spec = spec.strip()
     if spec.lower() == "vader":
         return VaderJudge()
+    if spec.lower() == "textblob":
+        return TextBlobJudge()
     if _looks_like_callable(spec):
         return _import_callable(spec)
+    if (Path(spec) / META_FILE).is_file():
+        return AnnotatorJudge(spec)
     return RewardModelJudge(spec)
 
 

@@ -159,7 +159,7 @@ def test_saved_annotator_reloads_with_identical_scores(ray_cluster, tiny_decoder
     torch.manual_seed(3)
     ann = new_annotator(ModelSource(str(tiny_decoder)), max_length=32)
     with torch.no_grad():
-        ann.model.head.bias.fill_(0.25)  # a head that differs from any fresh init
+        ann.model.head.weight.add_(0.25)  # a head that differs from any fresh init (a decoder's HF score layer has no bias)
     prompts, responses = ["Tell me about rain."] * 3, ["rain is good.", "rain is bad and wet and cold.", "x"]
     before, _ = ann.score(prompts, responses)
     save_annotator(ann, tmp_path / "ann")
