@@ -8,13 +8,20 @@ index so the output does not depend on how batches were spread over processes.
 
 ``engine="ray"`` spreads the transformers path over a Ray Data actor pool with fractional
 CPUs (an actor at a whole CPU starved the read/write tasks on 2 cores).
+
+Every engine has a lifecycle: ``open_generator`` creates it for one model, the caller uses it,
+and leaving the ``with`` block releases it (weights dropped, CUDA cache emptied; for vLLM also
+its engine process and distributed state), so `cwpo evaluate` can sample the policy and then
+the reference in one process: a second vLLM ``LLM`` does not fit next to a live first one.
 """
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import os
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterator, Sequence
 
 
 @dataclass(frozen=True)
@@ -97,6 +104,22 @@ class TransformersGenerator:
                 print(f"  generated {min(i + s.batch_size, len(prompts))}/{len(prompts)} prompts", flush=True)
         return out
 
+    def close(self) -> None:
+        self.model = None
+        release_accelerator_memory()
+
+
+def release_accelerator_memory() -> None:
+    """Collect dropped models now and hand their cached CUDA blocks back (the next model needs them)."""
+    gc.collect()
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except ImportError:
+        pass
+
 
 class _RayGenerateBatch:
     """Ray Data actor: one model per actor, reused across batches. A row is one whole prompt
@@ -137,19 +160,62 @@ def _generate_ray(model: str, gguf_file: str | None, prompts: Sequence[str], s: 
     return [r for row in rows for r in json.loads(row["responses"])]
 
 
-def _generate_vllm(model: str, gguf_file: str | None, prompts: Sequence[str], s: GenSettings) -> list[list[str]]:
-    from vllm import LLM, SamplingParams
+class VLLMGenerator:
+    """One vLLM engine for one model. ``close`` tears it down as vLLM documents for a second
+    ``LLM`` in the same process: delete the engine, destroy model parallel and the distributed
+    environment, collect, empty the CUDA cache. Unverified here (no vLLM, no GPU on this machine)."""
 
-    from cwpo_ray.models import load_tokenizer, resolve_model
+    def __init__(self, model: str, gguf_file: str | None, s: GenSettings):
+        from vllm import LLM
 
-    source = resolve_model(model, gguf_file)
-    path = os.path.join(source.path, source.gguf_file) if source.gguf_file else source.path
-    llm = LLM(model=path, tokenizer=source.path, seed=s.seed, dtype="auto")
-    texts = chat_texts(load_tokenizer(source), prompts)
-    params = SamplingParams(n=s.n, temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_new_tokens,
-                            seed=s.seed)
-    outputs = llm.generate(texts, params)
-    return [[c.text.strip() for c in o.outputs] for o in outputs]
+        from cwpo_ray.models import load_tokenizer, resolve_model
+
+        source = resolve_model(model, gguf_file)
+        path = os.path.join(source.path, source.gguf_file) if source.gguf_file else source.path
+        self.tokenizer = load_tokenizer(source)
+        self.llm = LLM(model=path, tokenizer=source.path, seed=s.seed, dtype="auto")
+
+    def generate(self, prompts: Sequence[str], s: GenSettings, progress: bool = False) -> list[list[str]]:
+        from vllm import SamplingParams
+
+        params = SamplingParams(n=s.n, temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_new_tokens,
+                                seed=s.seed)
+        outputs = self.llm.generate(chat_texts(self.tokenizer, prompts), params)
+        return [[c.text.strip() for c in o.outputs] for o in outputs]
+
+    def close(self) -> None:
+        llm, self.llm = self.llm, None
+        if llm is None:
+            return
+        # V1 engines run the model in an engine-core process; stop it rather than wait for the finalizer.
+        core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+        if hasattr(core, "shutdown"):
+            with contextlib.suppress(Exception):
+                core.shutdown()
+        del llm
+        from vllm.distributed.parallel_state import destroy_distributed_environment, destroy_model_parallel
+
+        destroy_model_parallel()
+        destroy_distributed_environment()
+        with contextlib.suppress(AssertionError, RuntimeError, ValueError):
+            import torch.distributed as tdist
+
+            if tdist.is_available() and tdist.is_initialized():
+                tdist.destroy_process_group()
+        release_accelerator_memory()
+
+
+class RayGenerator:
+    """Ray Data actors, each loading the model; the actor pool ends with its dataset, so nothing is held here."""
+
+    def __init__(self, model: str, gguf_file: str | None):
+        self.model, self.gguf_file = model, gguf_file
+
+    def generate(self, prompts: Sequence[str], s: GenSettings, progress: bool = False) -> list[list[str]]:
+        return _generate_ray(self.model, self.gguf_file, prompts, s)
+
+    def close(self) -> None:
+        pass
 
 
 def pick_engine(engine: str) -> str:
@@ -160,15 +226,31 @@ def pick_engine(engine: str) -> str:
     return engine
 
 
+@contextlib.contextmanager
+def open_generator(model: str, s: GenSettings, gguf_file: str | None = None) -> Iterator:
+    """The engine for one model: created on entry, released on exit (also on errors).
+
+    Use one model at a time: ``with open_generator(policy, s) as g: ...`` and only then the
+    reference; two engines alive at once is what runs a GPU out of memory.
+    """
+    engine = pick_engine(s.engine)
+    if engine == "vllm":
+        gen = VLLMGenerator(model, gguf_file, s)
+    elif engine == "ray":
+        gen = RayGenerator(model, gguf_file)
+    else:
+        gen = TransformersGenerator(model, gguf_file, threads=s.threads)
+    try:
+        yield gen
+    finally:
+        gen.close()
+
+
 def generate(model: str, prompts: Sequence[str], s: GenSettings, gguf_file: str | None = None,
              progress: bool = False) -> list[list[str]]:
-    """``s.n`` responses for each prompt, in prompt order."""
+    """``s.n`` responses for each prompt, in prompt order; the engine is released before returning."""
     prompts = list(prompts)
     if not prompts:
         return []
-    engine = pick_engine(s.engine)
-    if engine == "vllm":
-        return _generate_vllm(model, gguf_file, prompts, s)
-    if engine == "ray":
-        return _generate_ray(model, gguf_file, prompts, s)
-    return TransformersGenerator(model, gguf_file, threads=s.threads).generate(prompts, s, progress=progress)
+    with open_generator(model, s, gguf_file) as gen:
+        return gen.generate(prompts, s, progress=progress)
