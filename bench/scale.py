@@ -1,0 +1,354 @@
+"""Scale bench: `cwpo annotate` on 100k / 1M / 3M synthetic pairs with a tiny annotator.
+
+The annotator is a 1-layer, 32-wide BERT with a fresh head (tests/tiny_models.py's tokenizer),
+so Ray, reading and writing set the cost, not the model. For each size N it makes N short
+pairs (with a human_choice) in Parquet files of 100k rows, runs `cwpo annotate` as a fresh
+driver process with its own local Ray, and prints:
+
+  pairs/s (from report.json, and wall-clock with Ray start-up), the marginal pairs/s between
+  consecutive sizes (linearity), the driver's peak RSS and the largest actor's peak RSS
+  (psutil, sampled every 0.2 s over the driver's process tree), output file count and sizes,
+  and (at --kill-size) the time of a rerun after the whole job was SIGKILLed at ~50%.
+
+Usage: .venv/bin/python bench/scale.py --sizes 100000,1000000,3000000 --kill-size 1000000
+Every run checks that each input id is in annotated + quarantine exactly once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))
+
+WORDS = ("the a of to and in is it you that was for on are with as they be at one have this from or had by "
+         "word but what some we can out other were all there when up use your how said an each she which do "
+         "garden river music bread train helpful kind clear honest useful").split()
+ROWS_PER_FILE = 100_000
+
+
+def tiny_annotator(folder: Path) -> Path:
+    """A 1-layer, 32-wide BERT annotator (random weights) saved as `cwpo train-annotator` would."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    from cwpo_ray.annotator import new_annotator, save_annotator
+    from cwpo_ray.models import ModelSource
+    from tiny_models import build_encoder_tokenizer
+
+    backbone = folder / "backbone"
+    tok = build_encoder_tokenizer(backbone)
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=64, pad_token_id=tok.pad_token_id)
+              ).save_pretrained(backbone)
+    return save_annotator(new_annotator(ModelSource(str(backbone)), max_length=32), folder / "annotator")
+
+
+def make_pairs(n: int, folder: Path, seed: int = 0) -> Path:
+    """``n`` short pairs (prompt 6 words, responses 5-8 words) with ids s0..s{n-1}, 100k rows a file."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    for f, lo in enumerate(range(0, n, ROWS_PER_FILE)):
+        ids = range(lo, min(n, lo + ROWS_PER_FILE))
+        rows = {"id": [f"s{i}" for i in ids],
+                "prompt": [" ".join(rng.choices(WORDS, k=6)) for _ in ids],
+                "response_a": [" ".join(rng.choices(WORDS, k=rng.randint(5, 8))) for _ in ids],
+                "response_b": [" ".join(rng.choices(WORDS, k=rng.randint(5, 8))) + f" {i}" for i in ids],
+                "human_choice": [rng.choice("ab") for _ in ids]}
+        pq.write_table(pa.table(rows), folder / f"part-{f:04d}.parquet")
+    return folder
+
+
+class TreeRSS:
+    """Peak RSS of a driver process and of each Ray actor under it (sampled every 0.2 s)."""
+
+    def __init__(self, pid: int):
+        self.root, self.driver, self.actors, self.pids = psutil.Process(pid), 0, {}, set()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self._stop.is_set():
+            try:
+                self.driver = max(self.driver, self.root.memory_info().rss)
+                kids = self.root.children(recursive=True)
+            except psutil.Error:
+                return
+            for p in kids:
+                self.pids.add(p.pid)
+                try:
+                    if "MapWorker" in " ".join(p.cmdline()):
+                        self.actors[p.pid] = max(self.actors.get(p.pid, 0), p.memory_info().rss)
+                except psutil.Error:
+                    pass
+            time.sleep(0.2)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+def annotate_cmd(data: Path, annotator: Path, out: Path, extra: list[str]) -> list[str]:
+    return [sys.executable, "-m", "cwpo_ray", "annotate", "--data", str(data), "--annotator", str(annotator),
+            "--out", str(out), "--num-actors", "2", "--cpus-per-actor", "0.5", *extra]
+
+
+def run_annotate(cmd: list[str], log: Path, kill_at: float | None = None, units: int = 0) -> dict:
+    """Run `cwpo annotate` in its own session; with ``kill_at``, SIGKILL its whole process tree once
+    that fraction of its ``units`` is committed. Returns wall seconds and peak RSS figures."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
+               RAY_DATA_DISABLE_PROGRESS_BARS="1")
+    out = Path(cmd[cmd.index("--out") + 1])
+    start = time.perf_counter()
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=REPO, start_new_session=True)
+        with TreeRSS(proc.pid) as rss:
+            killed = False
+            while proc.poll() is None:
+                if kill_at is not None and len(list((out / ".annotate-work" / "units").glob("*.json"))) >= kill_at * units:
+                    pids = rss.pids | {p.pid for p in psutil.Process(proc.pid).children(recursive=True)}
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    for pid in pids:  # Ray processes that left the group go too
+                        try:
+                            os.kill(pid, signal.SIGKILL)
+                        except ProcessLookupError:
+                            pass
+                    killed = True
+                    proc.wait()
+                    break
+                time.sleep(0.2)
+            rc = proc.wait()
+    seconds = time.perf_counter() - start
+    if rc and not killed:
+        raise RuntimeError(f"cwpo annotate failed ({rc}); see {log}")
+    return {"wall": seconds, "driver_mib": rss.driver / 2**20,
+            "actor_mib": max(rss.actors.values(), default=0) / 2**20, "actors": len(rss.actors), "killed": killed}
+
+
+def check_exactly_once(out: Path, n: int) -> None:
+    ids = pa.concat_arrays([pq.read_table(out / t, columns=["id"])["id"].combine_chunks()
+                            for t in ("annotated.parquet", "quarantine.parquet")])
+    unique = len(pa.compute.unique(ids))
+    assert len(ids) == unique == n, f"{out}: {len(ids)} ids, {unique} distinct, input {n}"
+
+
+def output_files(out: Path) -> tuple[int, list[float]]:
+    files = sorted((out / "annotated.parquet").glob("*.parquet"))
+    return len(files), [f.stat().st_size / 2**20 for f in files]
+
+
+def bench_annotate(args, work: Path) -> list[str]:
+    from cwpo_ray.recipes.annotate import plan_units
+    from cwpo_ray.tables import table_files
+
+    annotator = tiny_annotator(work / "model")
+    rows, lines, previous = [], [], None
+    for n in sorted(int(s) for s in args.sizes.split(",") if s):
+        data = make_pairs(n, work / f"pairs-{n}")
+        out = work / f"out-{n}"
+        r = run_annotate(annotate_cmd(data, annotator, out, args.extra), work / f"annotate-{n}.log")
+        report = json.loads((out / "report.json").read_text())
+        check_exactly_once(out, n)
+        count, sizes = output_files(out)
+        marginal = (n - previous[0]) / (report["seconds"] - previous[1]) if previous else None
+        previous = (n, report["seconds"])
+        rows.append(f"| {n:,} | {report['seconds']:.1f} | {report['pairs_per_second']:,.0f} | {n / r['wall']:,.0f} | "
+                    f"{'' if marginal is None else f'{marginal:,.0f}'} | {r['driver_mib']:.0f} | {r['actor_mib']:.0f} | "
+                    f"{count} | {', '.join(f'{s:.1f}' for s in sizes)} |")
+        print(rows[-1], flush=True)
+        if n == args.kill_size:
+            units = len(plan_units(table_files(data), 20_000 if "--unit-rows" not in args.extra
+                                   else int(args.extra[args.extra.index("--unit-rows") + 1])))
+            again = work / f"kill-{n}"
+            cmd = annotate_cmd(data, annotator, again, args.extra)
+            first = run_annotate(cmd, work / f"kill-{n}-first.log", kill_at=0.5, units=units)
+            assert first["killed"], "the run finished before it could be killed"
+            rerun = run_annotate(cmd, work / f"kill-{n}-rerun.log")
+            rep = json.loads((again / "report.json").read_text())
+            check_exactly_once(again, n)
+            lines.append(f"- kill at ~50% of {n:,} pairs ({units} units): killed after {first['wall']:.0f} s; the rerun "
+                         f"took {rerun['wall']:.0f} s wall (a full run: {r['wall']:.0f} s), labeled "
+                         f"{rep['annotated_this_run']:,} pairs, resumed {rep['resumed_units']} of {rep['units']} units; "
+                         f"every id exactly once in annotated + quarantine; report.json covers {rep['input_rows']:,} rows")
+            print(lines[-1], flush=True)
+    head = ["| pairs | seconds (report) | pairs/s | pairs/s (wall, with Ray start) | marginal pairs/s | "
+            "driver peak RSS (MiB) | largest actor peak RSS (MiB) | annotated files | file sizes (MiB) |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    return head + rows + [""] + lines
+
+
+# ----------------------------------------------------------------------------- train-policy at scale
+# `python bench/scale.py policy --sizes 10000,1000000`: `cwpo train-policy --sft-epochs 0 --max-steps 20`
+# with a tiny Llama policy (tests/tiny_models.py, saved with save_pretrained) on N synthetic
+# annotated pairs, the reference pass over all N pairs included; prints each worker's and the
+# driver's peak RSS (the kernel's VmHWM, read every 0.2 s from /proc while the process lives, and
+# the largest sampled RSS), the reference pass's seconds and the wall time.
+
+POLICY_FLAGS = ["--sft-epochs", "0", "--max-steps", "20", "--num-workers", "2", "--cpus-per-worker", "1",
+                "--batch-size", "8", "--max-length", "64", "--max-prompt-length", "32", "--ref-batch-size", "64",
+                "--checkpoint-every", "1000", "--no-progress", "--experiment", "bench-scale-policy"]
+
+
+def make_policy_pairs(n: int, folder: Path, seed: int = 0) -> Path:
+    """``n`` annotated pairs (prompt 6 words, responses 5-8 words, a confidence), 100k rows a file."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    for f, lo in enumerate(range(0, n, ROWS_PER_FILE)):
+        ids = range(lo, min(n, lo + ROWS_PER_FILE))
+        pq.write_table(pa.table({
+            "id": [f"s{i}" for i in ids],
+            "prompt": [" ".join(rng.choices(WORDS, k=6)) for _ in ids],
+            "chosen": [" ".join(rng.choices(WORDS, k=rng.randint(5, 8))) for _ in ids],
+            "rejected": [" ".join(rng.choices(WORDS, k=rng.randint(5, 8))) + f" {i}" for i in ids],
+            "confidence": [rng.random() for _ in ids]}), folder / f"part-{f:04d}.parquet")
+    return folder
+
+
+class PeakRSS:
+    """Peak memory of a driver process and of each Ray Train worker under it: the kernel's own peak
+    (VmHWM) and the largest RSS sampled, every 0.2 s."""
+
+    def __init__(self, pid: int, worker_tag: str = "RayTrainWorker"):
+        self.root, self.tag = psutil.Process(pid), worker_tag
+        self.driver = {"hwm": 0, "rss": 0}
+        self.workers: dict[int, dict] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    @staticmethod
+    def _sample(p: psutil.Process, into: dict) -> None:
+        into["rss"] = max(into["rss"], p.memory_info().rss)
+        with open(f"/proc/{p.pid}/status") as fh:
+            hwm = next((int(line.split()[1]) * 1024 for line in fh if line.startswith("VmHWM:")), 0)
+        into["hwm"] = max(into["hwm"], hwm)
+
+    def _run(self):
+        while not self._stop.is_set():
+            try:
+                self._sample(self.root, self.driver)
+                kids = self.root.children(recursive=True)
+            except (psutil.Error, OSError):
+                return
+            for p in kids:
+                try:
+                    if self.tag in " ".join(p.cmdline()):
+                        self._sample(p, self.workers.setdefault(p.pid, {"hwm": 0, "rss": 0}))
+                except (psutil.Error, OSError):
+                    pass
+            time.sleep(0.2)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+def run_policy(data: Path, model: Path, out: Path, log: Path) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
+               DS_ACCELERATOR="cpu", MLFLOW_TRACKING_URI=f"file://{out.parent / 'mlruns'}")
+    cmd = [sys.executable, "-m", "cwpo_ray", "train-policy", "--data", str(data), "--model", str(model),
+           "--out", str(out), *POLICY_FLAGS]
+    start = time.perf_counter()
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=REPO, start_new_session=True)
+        with PeakRSS(proc.pid) as peak:
+            rc = proc.wait()
+    if rc:
+        raise RuntimeError(f"cwpo train-policy failed ({rc}); see {log}")
+    text = log.read_text()
+    ref = [line for line in text.splitlines() if "reference log-probs of" in line]
+    seconds = float(ref[-1].rsplit(" in ", 1)[1].split("s")[0]) if ref else float("nan")
+    mib = lambda v: v / 2**20  # noqa: E731
+    return {"cmd": " ".join(cmd[1:]), "wall": time.perf_counter() - start, "reference_s": seconds,
+            "driver_hwm": mib(peak.driver["hwm"]), "driver_rss": mib(peak.driver["rss"]),
+            "workers_hwm": [mib(w["hwm"]) for w in peak.workers.values()],
+            "workers_rss": [mib(w["rss"]) for w in peak.workers.values()]}
+
+
+def bench_policy(sizes: list[int], work: Path) -> list[str]:
+    from tiny_models import build_tiny_decoder
+
+    model = build_tiny_decoder(work / "tiny-policy")
+    head = ["| pairs | wall s | reference pass s | pairs/s (reference) | worker peak RSS MiB (VmHWM, each) | "
+            "worker max sampled RSS MiB | driver peak RSS MiB (VmHWM) | driver max sampled RSS MiB |",
+            "|---:|---:|---:|---:|---|---|---:|---:|"]
+    rows, results = [], {}
+    for n in sizes:
+        t0 = time.perf_counter()
+        data = make_policy_pairs(n, work / f"policy-pairs-{n}")
+        made = time.perf_counter() - t0
+        r = results[n] = run_policy(data, model, work / f"policy-out-{n}", work / f"policy-{n}.log")
+        rows.append(f"| {n:,} | {r['wall']:.0f} | {r['reference_s']:.0f} | {n / r['reference_s']:,.0f} | "
+                    f"{', '.join(f'{v:.0f}' for v in r['workers_hwm'])} | {', '.join(f'{v:.0f}' for v in r['workers_rss'])} | "
+                    f"{r['driver_hwm']:.0f} | {r['driver_rss']:.0f} |")
+        print(rows[-1], f"(data made in {made:.0f} s)", flush=True)
+    lines = head + rows
+    if len(sizes) > 1:
+        lo, hi = results[min(sizes)], results[max(sizes)]
+        lines.append("")
+        lines.append(f"- ratio {max(sizes):,} / {min(sizes):,} pairs: worker peak RSS (largest VmHWM) "
+                     f"{max(hi['workers_hwm']) / max(lo['workers_hwm']):.3f}x, driver peak RSS "
+                     f"{hi['driver_hwm'] / lo['driver_hwm']:.3f}x")
+    lines.append(f"- command: `python {lo['cmd'] if len(sizes) > 1 else results[sizes[0]]['cmd']}`")
+    return lines
+
+
+def policy_main(argv: list[str]) -> None:
+    ap = argparse.ArgumentParser(prog="bench/scale.py policy", description="train-policy memory at scale")
+    ap.add_argument("--sizes", default="10000,1000000", help="comma-separated pair counts")
+    ap.add_argument("--work", default=None, help="work folder (default: a new temporary one)")
+    args = ap.parse_args(argv)
+    work = Path(args.work or tempfile.mkdtemp(prefix="bench-scale-policy-"))
+    work.mkdir(parents=True, exist_ok=True)
+    lines = bench_policy([int(s) for s in args.sizes.split(",") if s], work)
+    print(f"\n`cwpo train-policy`, tiny Llama (2 layers, 32 wide), 2 workers x 1 CPU, {psutil.cpu_count()} cores, "
+          f"{psutil.virtual_memory().total / 2**30:.0f} GiB")
+    print("\n".join(lines))
+    print(f"\n(work folder: {work})")
+
+
+def main() -> None:
+    if sys.argv[1:2] == ["policy"]:  # the train-policy part, with its own flags
+        return policy_main(sys.argv[2:])
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", default="100000,1000000", help="comma-separated pair counts")
+    ap.add_argument("--kill-size", type=int, default=1_000_000, help="size at which to kill at ~50%% and rerun (0: none)")
+    ap.add_argument("--work", default=None, help="work folder (default: a new temporary one)")
+    ap.add_argument("extra", nargs="*", help="more `cwpo annotate` flags, after --")
+    args = ap.parse_args()
+    work = Path(args.work or tempfile.mkdtemp(prefix="bench-scale-"))
+    work.mkdir(parents=True, exist_ok=True)
+    lines = bench_annotate(args, work)
+    print(f"\n`cwpo annotate`, tiny annotator (1-layer 32-wide BERT, max_length 32), 2 actors x 0.5 CPU, "
+          f"{psutil.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB")
+    print("\n".join(lines))
+    print(f"\n(work folder: {work})")
+
+
+if __name__ == "__main__":
+    main()
