@@ -10,7 +10,8 @@ Endpoints (all JSON):
 
 Each pair of a request is queued on its own for ``@serve.batch``, so pairs from many
 concurrent requests share one forward pass; scores come from ``Annotator.label_pairs``,
-the function `cwpo annotate` uses. Bad input always gets a 4xx with a body
+the function `cwpo annotate` uses (any folder ``load_annotator`` reads: an annotator, or a
+one-label transformers reward model). Bad input always gets a 4xx with a body
 ``{"error": ..., "field": ...}`` naming the offending field (``pairs[0].prompt``, ``body``).
 
 When ``CWPO_API_TOKEN`` is set (in the replica's environment, or in the environment of the
@@ -51,7 +52,8 @@ API_VERSION = "1"
 class ServeSettings:
     """How the app is deployed. Field names are the keys of ``build_app`` args and the CLI flags."""
 
-    annotator: str = option(help="annotator folder written by train-annotator", must_exist=True)
+    annotator: str = option(help="annotator folder written by train-annotator, or a one-label HF reward-model "
+                                 "folder (docs/ANNOTATOR_FORMAT.md)", must_exist=True)
     max_batch_size: int = option(32, "most pairs scored in one forward pass (dynamic batching)")
     batch_wait_timeout_s: float = option(0.01, "longest a pair waits for others to fill its batch")
     max_pairs: int = option(256, "most pairs in one request")
