@@ -1,8 +1,10 @@
 """Gold reward accuracy (GRA), bootstrap intervals, paired differences, implicit-reward accuracy: pure numpy.
 
 GRA (gold reward accuracy) is the paper's headline number: the fraction of test prompts on
-which the gold judge scores the aligned policy's response above its SFT start's. Ties count
-half, so two identical models score exactly 0.5.
+which the gold judge scores the aligned policy's response above its SFT start's. ``gra`` counts
+ties half, so two identical models score exactly 0.5; ``gra_strict`` is the paper's definition
+("scores higher", ties count 0), reported beside it because a lexicon judge such as VADER ties
+often (two responses without a sentiment word both score 0): the two differ by half the tie rate.
 """
 
 from __future__ import annotations
@@ -19,6 +21,11 @@ def wins(policy_scores: Sequence[float], reference_scores: Sequence[float]) -> n
     if p.shape != r.shape:
         raise ValueError(f"policy and reference scores differ in length: {p.shape} vs {r.shape}")
     return (p > r).astype(float) + 0.5 * (p == r)
+
+
+def strict_wins(policy_scores: Sequence[float], reference_scores: Sequence[float]) -> np.ndarray:
+    """Per prompt: 1 if the policy's response scores strictly higher, else 0 (the paper's win)."""
+    return (wins(policy_scores, reference_scores) == 1.0).astype(float)
 
 
 def gra(policy_scores: Sequence[float], reference_scores: Sequence[float]) -> float:
@@ -44,9 +51,16 @@ def bootstrap_ci(values: Sequence[float], statistic: Callable[[np.ndarray], floa
 
 def gra_with_ci(policy_scores, reference_scores, n_boot: int = 2000, level: float = 0.95,
                 seed: int = 0) -> dict[str, float]:
+    """GRA (ties half) and strict GRA (ties 0), each with its percentile bootstrap interval, the tie
+    rate and the number of prompts. Both intervals resample the same prompts (same seed)."""
     w = wins(policy_scores, reference_scores)
+    s = (w == 1.0).astype(float)
     lo, hi = bootstrap_ci(w, n_boot=n_boot, level=level, seed=seed)
-    return {"gra": float(w.mean()) if w.size else float("nan"), "gra_lo": lo, "gra_hi": hi, "n": int(w.size)}
+    s_lo, s_hi = bootstrap_ci(s, n_boot=n_boot, level=level, seed=seed)
+    nan = float("nan")
+    return {"gra": float(w.mean()) if w.size else nan, "gra_lo": lo, "gra_hi": hi,
+            "gra_strict": float(s.mean()) if s.size else nan, "gra_strict_lo": s_lo, "gra_strict_hi": s_hi,
+            "ties": float((w == 0.5).mean()) if w.size else nan, "n": int(w.size)}
 
 
 def paired_difference(wins_a, wins_b, n_boot: int = 2000, level: float = 0.95, seed: int = 0) -> dict[str, float]:
@@ -71,3 +85,29 @@ def implicit_reward_accuracy(policy_chosen, policy_rejected, ref_chosen, ref_rej
     if margin.size == 0:
         return float("nan")
     return float(np.mean((margin > 0) + 0.5 * (margin == 0)))
+
+
+def excludes_zero(lo: float, hi: float) -> bool:
+    """Whether a difference's interval lies wholly on one side of 0 (NaN bounds: no)."""
+    return bool(lo > 0 or hi < 0)
+
+
+def across_judges(intervals: Sequence[tuple[float, float]]) -> str:
+    """How one paired difference (an arm contrast) reads under several gold judges, from its
+    interval ``(lo, hi)`` under each:
+
+    - ``"all judges"``: every interval excludes 0, all on the same side;
+    - ``"judge-specific"``: at least one interval excludes 0 and at least one does not, so the
+      gain (or loss) shows under some judges only and may be an artifact of their scoring;
+    - ``"judges disagree"``: every interval excludes 0 but on opposite sides;
+    - ``"none"``: no interval excludes 0;
+    - ``""``: fewer than two judges, nothing to compare.
+    """
+    if len(intervals) < 2:
+        return ""
+    sides = [(1 if lo > 0 else -1) if excludes_zero(lo, hi) else 0 for lo, hi in intervals]
+    if all(s == 0 for s in sides):
+        return "none"
+    if any(s == 0 for s in sides):
+        return "judge-specific"
+    return "all judges" if len(set(sides)) == 1 else "judges disagree"
