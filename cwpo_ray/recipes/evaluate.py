@@ -3,13 +3,22 @@
 For every test prompt, one response is sampled from the policy and one from the reference
 (its SFT start) with the same seed, so two identical models produce identical responses and
 score exactly 0.5. The gold judge scores both; GRA is the fraction of prompts where the
-policy's response scores higher (ties count half), with a 95% percentile-bootstrap interval.
+policy's response scores higher (ties count half), with a 95% percentile-bootstrap interval;
+``gra_strict`` (ties count 0: the paper's definition) and its interval beside it.
 Also reported: the mean gold reward of each model and, on the test pairs (chosen / rejected),
 the implicit-reward accuracy: how often the policy's log-prob margin over the reference
-prefers the chosen response (pairs the gold judge ties are skipped when gold columns exist).
+prefers the chosen response (pairs the gold judge ties are skipped when gold columns exist;
+a prompts-only table, such as the built-in benchmark's test_unseen.parquet, skips it).
 
-Writes OUT/eval.json and OUT/responses.parquet; logs eval/* metrics to the active MLflow
-run, or to --run-id when given.
+Every judge in ``extra_judges`` scores the same responses too, and every GRA metric is reported
+per judge: ``gra``, ``gra_strict``, ... for the main judge, ``textblob.gra``, ... for an extra
+one, so a gain that shows under one judge only can be told from one that shows under all.
+
+Writes OUT/eval.json and OUT/responses.parquet (per prompt: both responses, ``policy_score`` /
+``reference_score`` under the main judge and ``policy_score_<judge>`` / ``reference_score_<judge>``
+under every judge); logs the metrics to the active MLflow run, or to --run-id when given, as
+``eval/*`` for the test split and ``validation/*`` for the validation split, so numbers that
+selected a model never mix with the numbers reported for it.
 """
 
 from __future__ import annotations
@@ -28,7 +37,11 @@ from cwpo_ray.config import option, to_dict
 EPILOG = """examples:
   cwpo evaluate --policy runs/cw-dpo/policy --reference runs/cw-dpo/sft --prompts runs/data/bench/test.parquet --out runs/cw-dpo/eval
   cwpo evaluate --policy P --reference smollm2-135m --prompts test.parquet --judge my_rms:score --out E
+  cwpo evaluate --policy P --reference R --prompts runs/data/bench/validation.parquet --split validation --out E
+  cwpo evaluate --policy P --reference R --prompts cwpo_ray/benchmark_data/test_unseen.parquet --out E
 """
+
+SPLITS = ("test", "validation")
 
 
 @dataclass
@@ -50,6 +63,12 @@ class Settings:
     chat_template: bool = option(True, "pair accuracy: prompts in the model's chat format (as train-policy; the "
                                        "pipeline uses the policy's)")
     n_boot: int = option(2000, "bootstrap resamples of the GRA interval")
+    extra_judges: list[str] = option(help="judges that score the same responses beside the main one (every GRA "
+                                          "metric per judge, as JUDGE.gra ...); the default, textblob, made no "
+                                          "label of the built-in benchmark", factory=lambda: ["textblob"])
+    split: str = option("test", "which split the prompts are: test (metrics logged as eval/*) or validation "
+                                "(validation/*; for choosing a model, never for reporting); the pipeline "
+                                "evaluates on this split's table", choices=SPLITS)
     num_cpus: float = option(1.0, "pipeline: CPUs of the Ray task that evaluates (also its torch threads)")
     num_gpus: float = option(0.0, "pipeline: GPUs of the Ray task that evaluates (1 on a GPU cluster)")
 
@@ -62,6 +81,30 @@ class Settings:
             raise ValueError(f"max_prompts must be at least 1, got {self.max_prompts}")
         if self.num_cpus < 0 or self.num_gpus < 0:
             raise ValueError("num_cpus and num_gpus must be >= 0")
+        if self.split not in SPLITS:
+            raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {self.split!r}")
+        keys = [judge_key(j) for j in [self.judge, *self.extra_judges]]
+        if any(not k for k in keys):
+            raise ValueError("extra_judges: a judge name is empty")
+        if len(set(keys[1:])) != len(keys[1:]):
+            raise ValueError(f"extra_judges: two judges share a name ({', '.join(keys[1:])})")
+
+
+def judge_key(spec: str) -> str:
+    """The short name a judge's metrics and columns carry: ``textblob``, ``vader``; for a folder or
+    hub id its last part, ``module_function`` for ``module:function``; only [A-Za-z0-9_-] kept (a
+    dot separates the judge from the metric, and MLflow and Parquet accept these everywhere)."""
+    import re
+
+    spec = spec.strip().rstrip("/\\")
+    tail = re.split(r"[/\\]", spec)[-1] if spec else ""
+    return re.sub(r"[^A-Za-z0-9_-]+", "_", tail).strip("_").lower()
+
+
+def extra_judge_specs(cfg: "Settings") -> list[str]:
+    """The extra judges to run: the main judge is not run twice."""
+    main = judge_key(cfg.judge)
+    return [j for j in cfg.extra_judges if judge_key(j) != main]
 
 
 @dataclass(kw_only=True)
@@ -149,28 +192,51 @@ def cached(cfg: Config, what: str, rows: list, compute):
     return value
 
 
-def log_to_mlflow(cfg: Config, metrics: dict, out: Path) -> Optional[str]:
-    """The active run if there is one, else --run-id; nothing when neither."""
+def metric_prefix(split: str) -> str:
+    """``eval`` for the test split (what `cwpo compare` reports), else the split's name."""
+    return "eval" if split == "test" else split
+
+
+def log_to_mlflow(cfg: Config, metrics: dict, out: Path, judges: list[str]) -> Optional[str]:
+    """The active run if there is one, else --run-id; nothing when neither. A validation evaluation's
+    metrics and eval.json go under ``validation/``, a test evaluation's under ``eval/`` and the root."""
     import mlflow
 
     from cwpo_ray import tracking
 
-    numeric = {f"eval/{k}": float(v) for k, v in metrics.items()
+    prefix = metric_prefix(cfg.split)
+    numeric = {f"{prefix}/{k}": float(v) for k, v in metrics.items()
                if isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)}
-    if mlflow.active_run() is not None:
+    # compare reads which judge is the main one and which are extra from these tags.
+    tags = {f"{prefix}/judge": judges[0], f"{prefix}/judges": ",".join(judges)}
+    artifact_path = None if cfg.split == "test" else cfg.split
+
+    def log():
         mlflow.log_metrics(numeric)
-        mlflow.log_artifact(str(out / "eval.json"))
+        mlflow.set_tags(tags)
+        mlflow.log_artifact(str(out / "eval.json"), artifact_path=artifact_path)
+
+    if mlflow.active_run() is not None:
+        log()
         return mlflow.active_run().info.run_id
     if cfg.run_id:
         with tracking.start_run(cfg.experiment, run_id=cfg.run_id) as run:
-            mlflow.log_metrics(numeric)
-            mlflow.log_artifact(str(out / "eval.json"))
+            log()
             return run.info.run_id
     return None
 
 
-def run(cfg: Config) -> int:
+def judge_metrics(policy_scores, reference_scores, cfg: Config) -> dict:
+    """GRA, strict GRA (each with its interval), tie rate, n, and both models' mean gold reward."""
     from cwpo_ray.gra import gra_with_ci
+
+    m = gra_with_ci(policy_scores, reference_scores, n_boot=cfg.n_boot, seed=cfg.seed)
+    m.update(gold_policy=float(np.mean(policy_scores)) if len(policy_scores) else float("nan"),
+             gold_reference=float(np.mean(reference_scores)) if len(reference_scores) else float("nan"))
+    return m
+
+
+def run(cfg: Config) -> int:
     from cwpo_ray.judges import judge_name, load_judge
     from cwpo_ray.tables import atomic_path, write_table
 
@@ -185,11 +251,18 @@ def run(cfg: Config) -> int:
     reference_responses = cached(cfg, "responses", rows, lambda: sample(cfg, cfg.reference, prompts))
     gen_seconds = time.time() - t0
 
+    # Every judge scores the same responses; the main one's metrics keep their plain names.
     judge = load_judge(cfg.judge)
-    policy_scores = judge(list(zip(prompts, policy_responses)))
-    reference_scores = judge(list(zip(prompts, reference_responses)))
-    metrics = gra_with_ci(policy_scores, reference_scores, n_boot=cfg.n_boot, seed=cfg.seed)
-    metrics.update(gold_policy=float(np.mean(policy_scores)), gold_reference=float(np.mean(reference_scores)))
+    specs = [cfg.judge, *extra_judge_specs(cfg)]
+    keys = [judge_key(j) for j in specs]
+    scores = {}
+    for key, spec, j in zip(keys, specs, [judge] + [load_judge(s) for s in specs[1:]]):
+        scores[key] = ([float(x) for x in j(list(zip(prompts, policy_responses)))],
+                       [float(x) for x in j(list(zip(prompts, reference_responses)))])
+    policy_scores, reference_scores = scores[keys[0]]
+    metrics = judge_metrics(policy_scores, reference_scores, cfg)
+    for key in keys[1:]:
+        metrics.update({f"{key}.{k}": v for k, v in judge_metrics(*scores[key], cfg).items() if k != "n"})
     if cfg.pair_accuracy and rows and "chosen" in rows[0]:
         metrics["pair_accuracy"], metrics["n_pairs"] = implicit_accuracy(cfg, rows)
     metrics["seconds"] = round(time.time() - t0, 1)
@@ -197,17 +270,20 @@ def run(cfg: Config) -> int:
 
     write_table(pa.Table.from_pylist([
         {"id": str(r.get("id", i)), "prompt": p, "policy_response": a, "reference_response": b,
-         "policy_score": float(sa), "reference_score": float(sb)}
-        for i, (r, p, a, b, sa, sb) in enumerate(zip(rows, prompts, policy_responses, reference_responses,
-                                                       policy_scores, reference_scores))]),
+         "policy_score": policy_scores[i], "reference_score": reference_scores[i],
+         **{f"{side}_score_{key}": scores[key][s][i] for key in keys for s, side in enumerate(("policy", "reference"))}}
+        for i, (r, p, a, b) in enumerate(zip(rows, prompts, policy_responses, reference_responses))]),
         out / "responses.parquet")
-    report = {"stage": "evaluate", "judge": judge_name(judge), "metrics": metrics, "config": to_dict(cfg)}
+    report = {"stage": "evaluate", "split": cfg.split, "judge": judge_name(judge), "judges": keys,
+              "metrics": metrics, "config": to_dict(cfg)}
     with atomic_path(out / "eval.json") as tmp:
         tmp.write_text(json.dumps(report, indent=2) + "\n")
-    run_id = log_to_mlflow(cfg, metrics, out)
+    run_id = log_to_mlflow(cfg, metrics, out, keys)
     pa_text = f", pair accuracy {metrics['pair_accuracy']:.3f}" if "pair_accuracy" in metrics else ""
-    print(f"cwpo evaluate: GRA {metrics['gra']:.3f} [{metrics['gra_lo']:.3f}, {metrics['gra_hi']:.3f}] "
-          f"on {metrics['n']} prompts; gold {metrics['gold_policy']:.3f} vs {metrics['gold_reference']:.3f} "
-          f"(reference){pa_text}; {metrics['seconds']} s -> {out / 'eval.json'}"
-          + (f" (MLflow run {run_id})" if run_id else ""), flush=True)
+    extra = "".join(f"; {k} GRA {metrics[k + '.gra']:.3f} [{metrics[k + '.gra_lo']:.3f}, {metrics[k + '.gra_hi']:.3f}]"
+                    for k in keys[1:])
+    print(f"cwpo evaluate ({cfg.split}): GRA {metrics['gra']:.3f} [{metrics['gra_lo']:.3f}, {metrics['gra_hi']:.3f}] "
+          f"(strict {metrics['gra_strict']:.3f}) on {metrics['n']} prompts under {keys[0]}; gold "
+          f"{metrics['gold_policy']:.3f} vs {metrics['gold_reference']:.3f} (reference){extra}{pa_text}; "
+          f"{metrics['seconds']} s -> {out / 'eval.json'}" + (f" (MLflow run {run_id})" if run_id else ""), flush=True)
     return 0
