@@ -12,6 +12,8 @@ Ids: the source's own id when it has one per pair (stringified), else ``pair_id`
 prompt and the *sorted* two responses, so the same pair has one id whichever response won.
 The labeled/unlabeled split and the position of the human's choice are seeded hashes of the id
 (``split_of``, ``a_is_chosen``): the same on every machine and process, in any input order.
+The validation split is a seeded hash of the *prompt* (``is_validation``): a source with several
+pairs per prompt (HH-RLHF) has each prompt wholly in validation or wholly out of it.
 """
 
 from __future__ import annotations
@@ -77,6 +79,38 @@ def split_of(id: str, seed: int, labeled_fraction: float) -> str:
     Raising ``labeled_fraction`` only ever moves pairs from unlabeled to labeled.
     """
     return "labeled" if _unit(f"{seed}:split:{id}") < labeled_fraction else "unlabeled"
+
+
+def prompt_key(prompt: str) -> int:
+    """A compact (64-bit) key of a prompt, for telling whether a train prompt is also a test prompt."""
+    return int.from_bytes(hashlib.blake2b(b"prompt\x00" + _utf8(prompt), digest_size=8).digest(), "big")
+
+
+def is_validation(prompt: str, seed: int, validation_fraction: float) -> bool:
+    """Whether a train prompt is held out for validation: a seeded hash of the prompt text (blake2b,
+    not Python's salted ``hash``, so every machine and process agrees), independent of ``split_of``.
+    Keyed on the prompt, not the pair id, so no prompt is both validated on and trained on.
+    Raising ``validation_fraction`` only ever moves prompts into validation."""
+    return _unit(f"{seed}:validation:{prompt}") < validation_fraction
+
+
+def gold_of(row: Mapping[str, Any], result: "Pair | Unjudged") -> tuple[float, float] | None:
+    """The gold scores of a normalized pair's two responses when the raw row carries them (the built-in
+    benchmark's ``gold_a`` / ``gold_b``, or ``gold_chosen`` / ``gold_rejected``), in the order of
+    ``result`` (chosen, rejected / response_a, response_b); None when absent or not numbers."""
+    def num(key):
+        v = row.get(key)
+        return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and v == v else None
+
+    if isinstance(result, Pair) and num("gold_chosen") is not None and num("gold_rejected") is not None:
+        return num("gold_chosen"), num("gold_rejected")
+    ga, gb = num("gold_a"), num("gold_b")
+    if ga is None or gb is None or row.get("response_a") is None:  # gold_a names response_a's score
+        return None
+    if isinstance(result, Unjudged):
+        return ga, gb
+    a_first = row.get("response_a") == result.chosen
+    return (ga, gb) if a_first else (gb, ga)
 
 
 def a_is_chosen(id: str, seed: int) -> bool:

@@ -24,6 +24,7 @@ from fixtures_data import (hh_row, read_rows, synthetic_pairs, tldr_row, uf_row,
 
 REPO = Path(__file__).resolve().parent.parent
 LABELED = ["id", "prompt", "chosen", "rejected"]
+VALIDATION = LABELED + ["gold_chosen", "gold_rejected"]
 UNLABELED = ["id", "prompt", "response_a", "response_b", "human_choice"]
 QUARANTINE = ["id", "reason", "raw"]
 
@@ -35,7 +36,7 @@ def run_data(capsys, source: str, out: Path, *extra: str) -> tuple[int, str, str
 
 
 def outputs(out: Path) -> dict[str, list[dict]]:
-    return {t: read_rows(out / f"{t}.parquet") for t in ("labeled", "unlabeled", "test", "quarantine")
+    return {t: read_rows(out / f"{t}.parquet") for t in ("labeled", "unlabeled", "validation", "test", "quarantine")
             if (out / f"{t}.parquet").exists()}
 
 
@@ -43,7 +44,7 @@ def resolved(out: Path) -> dict[str, tuple[str, str, str, str]]:
     """id -> (table, prompt, chosen, rejected), the human choice of unlabeled pairs put back."""
     tables = outputs(out)
     got = {}
-    for t in ("labeled", "test"):
+    for t in ("labeled", "validation", "test"):
         for r in tables.get(t, []):
             got[r["id"]] = (t, r["prompt"], r["chosen"], r["rejected"])
     for r in tables["unlabeled"]:
@@ -64,15 +65,18 @@ def check_counts(out: Path, stdout: str) -> dict:
     assert c["labeled"] == len(tables["labeled"]) and c["unlabeled"] == len(tables["unlabeled"])
     assert c["quarantined"] == len(tables["quarantine"])
     assert (c["test"] or 0) == len(tables.get("test", []))
-    assert c["read"] == c["kept"] + c["quarantined"] == c["labeled"] + c["unlabeled"] + (c["test"] or 0) + c["quarantined"]
+    assert (c["validation"] or 0) == len(tables.get("validation", []))
+    assert c["read"] == c["kept"] + c["quarantined"] == (c["labeled"] + c["unlabeled"] + (c["validation"] or 0)
+                                                         + (c["test"] or 0) + c["quarantined"])
     assert c["read"] == c["read_train"] + c["read_test"]
     assert sum(c["quarantine_reasons"].values()) == c["quarantined"]
     assert c["duplicates"] == c["quarantine_reasons"].get("duplicate", 0) + c["quarantine_reasons"].get("duplicate id", 0)
     assert f"read {c['read']} = kept {c['kept']} + quarantined {c['quarantined']}" in stdout
-    for t, cols in (("labeled", LABELED), ("unlabeled", UNLABELED), ("quarantine", QUARANTINE), ("test", LABELED)):
+    for t, cols in (("labeled", LABELED), ("unlabeled", UNLABELED), ("quarantine", QUARANTINE), ("test", LABELED),
+                    ("validation", VALIDATION)):
         if t in tables:
             assert manifest["columns"][t] == cols
-    ids = [r["id"] for t in ("labeled", "unlabeled", "test") for r in tables.get(t, [])]
+    ids = [r["id"] for t in ("labeled", "unlabeled", "validation", "test") for r in tables.get(t, [])]
     assert len(ids) == len(set(ids)), "an id appears twice across the kept tables"
     return manifest
 
@@ -321,9 +325,11 @@ def test_split_is_deterministic_and_independent_of_order_and_sharding(tmp_path, 
     a, b = outputs(tmp_path / "a"), outputs(tmp_path / "b")
     key = lambda t: sorted(map(json.dumps, t))  # noqa: E731
     assert key(a["labeled"]) == key(b["labeled"]) and key(a["unlabeled"]) == key(b["unlabeled"])
+    assert key(a["validation"]) == key(b["validation"])
 
-    n_lab, n_unl = len(a["labeled"]), len(a["unlabeled"])
-    assert n_lab + n_unl == 2000 and abs(n_lab / 2000 - 0.3) < 0.04
+    n_lab, n_unl, n_val = len(a["labeled"]), len(a["unlabeled"]), len(a["validation"])
+    assert n_lab + n_unl + n_val == 2000 and abs(n_val / 2000 - 0.1) < 0.03
+    assert abs(n_lab / (n_lab + n_unl) - 0.3) < 0.04
     assert abs(sum(r["human_choice"] == "a" for r in a["unlabeled"]) / n_unl - 0.5) < 0.05
     # Every pair keeps its human preference wherever it went.
     want = {pair_id(r["prompt"], r["chosen"], r["rejected"]): (r["chosen"], r["rejected"]) for r in rows}
@@ -332,7 +338,7 @@ def test_split_is_deterministic_and_independent_of_order_and_sharding(tmp_path, 
     assert run_data(capsys, f"pairs:{tmp_path / 'one.jsonl'}", tmp_path / "c", "--seed", "1",
                     "--labeled-fraction", "0.5")[0] == 0
     c = outputs(tmp_path / "c")
-    assert abs(len(c["labeled"]) / 2000 - 0.5) < 0.04
+    assert abs(len(c["labeled"]) / (2000 - len(c["validation"])) - 0.5) < 0.04
     assert {r["id"] for r in a["labeled"]} != {r["id"] for r in c["labeled"]}
 
     assert run_data(capsys, f"pairs:{tmp_path / 'one.jsonl'}", tmp_path / "d", "max_rows=100")[0] == 0
@@ -348,7 +354,8 @@ def test_duplicates_kept_once_and_rerun_replaces(tmp_path, capsys):
     code, out, err = run_data(capsys, f"pairs:{tmp_path / 'dups'}", tmp_path / "out")
     assert code == 0, err
     c = check_counts(tmp_path / "out", out)["counts"]
-    assert (c["read"], c["test"], c["labeled"] + c["unlabeled"], c["quarantine_reasons"]) == (80, 10, 40, {"duplicate": 30})
+    assert (c["read"], c["test"], c["labeled"] + c["unlabeled"] + c["validation"], c["quarantine_reasons"]) == (
+        80, 10, 40, {"duplicate": 30})
     assert "30  duplicate" in out
     first = resolved(tmp_path / "out")
     assert all(first[pair_id(r["prompt"], r["chosen"], r["rejected"])][2:] == (r["chosen"], r["rejected"]) for r in base)
@@ -360,7 +367,13 @@ def test_duplicates_kept_once_and_rerun_replaces(tmp_path, capsys):
     c = check_counts(tmp_path / "out", out)["counts"]
     assert c["read"] == 3 and c["quarantined"] == 0 and not (tmp_path / "out" / "test.parquet").exists()
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
-        "labeled.parquet", "manifest.json", "quarantine.parquet", "unlabeled.parquet"]
+        "labeled.parquet", "manifest.json", "quarantine.parquet", "unlabeled.parquet", "validation.parquet"]
+    # validation_fraction 0: no validation split, and the previous run's table is gone.
+    code, out, err = run_data(capsys, f"pairs:{tmp_path / 'small.jsonl'}", tmp_path / "out", "--validation-fraction", "0")
+    assert code == 0, err
+    c = check_counts(tmp_path / "out", out)["counts"]
+    assert c["validation"] is None and c["labeled"] + c["unlabeled"] == 3
+    assert not (tmp_path / "out" / "validation.parquet").exists()
 
 
 def test_a_run_that_fails_midway_leaves_the_previous_tables(tmp_path, capsys, monkeypatch):

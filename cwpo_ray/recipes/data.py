@@ -7,16 +7,26 @@ response_a, response_b, human_choice?). WHERE is a local .parquet / .jsonl(.gz) 
 folder of them, or a hub dataset id (read with `datasets`, streaming).
 
 In a local folder, files whose path contains "test" (for tldr also "valid") are the test split,
-the rest is train. On the hub: Anthropic/hh-rlhf train/test, openai/summarize_from_feedback
+the rest is train; a Parquet file of prompts alone (a prompt column, no response columns: the
+built-in benchmark's test_unseen.parquet) is an evaluation table, not pairs, and is skipped (the
+manifest lists it). On the hub: Anthropic/hh-rlhf train/test, openai/summarize_from_feedback
 (config comparisons) train/validation, HuggingFaceH4/ultrafeedback_binarized train_prefs/test_prefs.
 
-Each train pair goes to labeled or unlabeled by a seeded hash of its id (about
+First, about validation_fraction of the train *prompts* (a seeded hash of the prompt text, so a
+prompt with several pairs is held out whole) form the validation split: for choosing a model
+(checkpoints, settings), so that the test split is only ever reported on. A train prompt that is
+also a test prompt is never a validation prompt, so validation, test and labeled + unlabeled
+share no prompt. A validation row has the test table's columns: id, prompt, chosen, rejected
+(by the gold scores when the source has them, as in the built-in benchmark's test table, else by
+the human label; empty for a pair without either) and gold_chosen, gold_rejected (empty without
+gold). Every other train pair goes to labeled or unlabeled by a seeded hash of its id (about
 labeled_fraction labeled); unlabeled pairs show the two responses in a seeded random order,
 the human's choice kept aside in human_choice. Bad rows and duplicates (same prompt and same
 two responses; the test split is read first, so a test pair is never also a train pair) go to
 quarantine.parquet with a reason. Writes OUT/labeled.parquet, OUT/unlabeled.parquet,
-OUT/test.parquet (when there is a test split), OUT/quarantine.parquet and OUT/manifest.json,
-each atomically; a rerun replaces them. Memory stays flat however large the source.
+OUT/validation.parquet (unless validation_fraction is 0), OUT/test.parquet (when there is a test
+split), OUT/quarantine.parquet and OUT/manifest.json, each atomically; a rerun replaces them.
+Memory stays flat however large the source.
 """
 
 from __future__ import annotations
@@ -30,9 +40,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional
 
+import pyarrow as pa
+
 from cwpo_ray.config import ConfigError, option, to_dict
-from cwpo_ray.sources import (NORMALIZERS, Pair, Unjudged, a_is_chosen, id_key, pair_id, quarantine_id,
-                              raw_json, split_of)
+from cwpo_ray.sources import (NORMALIZERS, Pair, Unjudged, a_is_chosen, gold_of, id_key, is_validation, pair_id,
+                              prompt_key, quarantine_id, raw_json, split_of)
 from cwpo_ray.tables import (LABELED_SCHEMA, QUARANTINE_SCHEMA, TABLE_SUFFIXES, UNLABELED_SCHEMA, ParquetSink,
                              atomic_path, table_files)
 
@@ -40,6 +52,7 @@ EPILOG = """examples:
   cwpo data --source hh-rlhf:Anthropic/hh-rlhf --out runs/data/hh
   cwpo data --source pairs:my_pairs.parquet --out runs/data/mine --labeled-fraction 0.2 --seed 1
   cwpo data --source tldr:downloads/comparisons/ --out runs/data/tldr max_rows=20000
+  cwpo data --source pairs:cwpo_ray/benchmark_data --out runs/data/bench --validation-fraction 0.2
 """
 
 KINDS = tuple(NORMALIZERS)
@@ -50,7 +63,12 @@ HUB_DEFAULTS = {
     "ultrafeedback": ("train_prefs", "test_prefs", None),
     "pairs": ("train", "test", None),
 }
-TABLES = ("labeled", "unlabeled", "test", "quarantine")
+TABLES = ("labeled", "unlabeled", "validation", "test", "quarantine")
+# The test table's columns, and the gold scores of its two responses when the source has them.
+VALIDATION_SCHEMA = pa.schema([(c, pa.string()) for c in ("id", "prompt", "chosen", "rejected")]
+                              + [("gold_chosen", pa.float64()), ("gold_rejected", pa.float64())])
+# A table with a prompt column and none of these holds prompts alone, not pairs.
+RESPONSE_COLUMNS = ("chosen", "rejected", "response_a", "response_b", "summaries")
 
 
 def parse_source(source: str) -> tuple[str, str]:
@@ -84,6 +102,9 @@ class Settings:
     The pipeline's ``data`` section is this class."""
 
     labeled_fraction: float = option(0.3, "fraction of train pairs that keep their human label, in (0, 1)")
+    validation_fraction: float = option(0.1, "fraction of train prompts held out as the validation split (for "
+                                             "choosing a model; no prompt shared with labeled, unlabeled or "
+                                             "test), in [0, 1); 0: no validation split")
     max_rows: Optional[int] = option(None, "read at most this many rows of each split (train, test)")
     train_split: str = option("", "hub split read as train (empty: the source's usual name)")
     test_split: str = option("", "hub split read as test ('none': no test table; empty: the source's usual name)")
@@ -94,6 +115,8 @@ class Settings:
     def validate(self) -> None:
         if not 0.0 < self.labeled_fraction < 1.0:
             raise ValueError(f"labeled_fraction must be in (0, 1), got {self.labeled_fraction}")
+        if not 0.0 <= self.validation_fraction < 1.0:
+            raise ValueError(f"validation_fraction must be in [0, 1), got {self.validation_fraction}")
         if self.max_rows is not None and self.max_rows < 1:
             raise ValueError(f"max_rows must be at least 1, got {self.max_rows}")
         if self.batch_size < 1:
@@ -104,8 +127,9 @@ class Settings:
 class Config(Settings):
     source: str = option(help="KIND:WHERE; KIND one of hh-rlhf, tldr, ultrafeedback, pairs; WHERE a local "
                               "file/folder in that format or a hub dataset id")
-    out: str = option(help="output folder for labeled/unlabeled/test/quarantine.parquet and manifest.json")
-    seed: int = option(0, "seed of the labeled/unlabeled split and of the response order of unlabeled pairs")
+    out: str = option(help="output folder for labeled/unlabeled/validation/test/quarantine.parquet and manifest.json")
+    seed: int = option(0, "seed of the validation and labeled/unlabeled splits and of the response order of "
+                          "unlabeled pairs")
     progress: bool = option(True, "progress bar on stderr (shown only when stderr is a terminal)")
 
     def validate(self) -> None:
@@ -146,13 +170,37 @@ def _iter_files(files: list[Path], batch_size: int) -> Iterator[dict]:
         yield from iter_rows(f, batch_size=batch_size)
 
 
-def local_splits(kind: str, path: str, batch_size: int) -> list[Split]:
-    """A file is all train; in a folder, files whose relative path says test (tldr: or valid) are test."""
+def prompts_only(f: Path) -> bool:
+    """Whether a Parquet file holds prompts alone (a prompt column, no response column): an
+    evaluation table such as the built-in benchmark's test_unseen.parquet, not pairs."""
+    if not f.name.endswith(".parquet"):
+        return False
+    import pyarrow.parquet as pq
+
+    names = set(pq.read_schema(f).names)
+    return "prompt" in names and not names & set(RESPONSE_COLUMNS)
+
+
+def local_files(path: str) -> tuple[list[Path], list[Path]]:
+    """(the source's table files, the prompts-only files of a folder that are skipped)."""
     root = Path(path)
     try:
         files = table_files(root)
     except FileNotFoundError as e:
         raise ConfigError(f"source: {e}") from None
+    if root.is_file():
+        return files, []
+    skipped = [f for f in files if prompts_only(f)]
+    if skipped and len(skipped) == len(files):
+        raise ConfigError(f"source: {path} holds prompts only (no responses): nothing to split")
+    return [f for f in files if f not in skipped], skipped
+
+
+def local_splits(kind: str, path: str, batch_size: int) -> list[Split]:
+    """A file is all train; in a folder, files whose relative path says test (tldr: or valid) are test
+    (prompts-only files skipped)."""
+    root = Path(path)
+    files, _ = local_files(path)
     if root.is_file():
         groups = {"train": files}
     else:
@@ -242,8 +290,9 @@ class _Stage:
         self.cfg, self.sinks = cfg, sinks
         self.normalize = NORMALIZERS[kind]
         self.kwargs = {"articles": cfg.tldr_articles} if kind == "tldr" else {}
-        self.seen_content: set[int] = set()  # 64-bit keys: the only state that grows with the input
+        self.seen_content: set[int] = set()  # 64-bit keys: the state that grows with the input
         self.seen_ids: set[int] = set()      # only for source ids (derived ids are content keys)
+        self.test_prompts: set[int] = set()  # 64-bit prompt keys: a test prompt is never a validation prompt
         self.counts: Counter = Counter()
         self.reasons: Counter = Counter()
 
@@ -279,8 +328,20 @@ class _Stage:
             if isinstance(result, Unjudged):
                 self.quarantine(row, "no human choice (test split)", result.id)
                 return
+            self.test_prompts.add(prompt_key(result.prompt))
             self._write("test", result._asdict())
-        elif isinstance(result, Unjudged):
+        elif self.cfg.validation_fraction > 0 and is_validation(result.prompt, self.cfg.seed,
+                                                                self.cfg.validation_fraction):
+            if self.test_prompts and prompt_key(result.prompt) in self.test_prompts:
+                self.counts["validation_prompt_in_test"] += 1  # stays a train pair, like any other
+                self._train(result)
+            else:
+                self._write("validation", validation_row(result, gold_of(row, result)))
+        else:
+            self._train(result)
+
+    def _train(self, result) -> None:
+        if isinstance(result, Unjudged):
             self._write("unlabeled", {**result._asdict(), "human_choice": None})
         elif split_of(result.id, self.cfg.seed, self.cfg.labeled_fraction) == "labeled":
             self._write("labeled", result._asdict())
@@ -295,33 +356,62 @@ class _Stage:
         self.counts[table] += 1
 
 
-def _report(stage: _Stage, out: Path, has_test: bool) -> None:
+def validation_row(result: "Pair | Unjudged", gold: Optional[tuple[float, float]]) -> dict:
+    """A held-out train pair as a test-table row: chosen / rejected by the gold scores when the source
+    has them (the built-in benchmark's test table is ordered so; a tie keeps the human's order), else by
+    the human label; both empty for a pair with neither (prompts are all `cwpo evaluate` needs)."""
+    if isinstance(result, Pair):
+        c, r = result.chosen, result.rejected
+        gc, gr = gold if gold is not None else (None, None)
+        if gold is not None and gr > gc:
+            c, r, gc, gr = r, c, gr, gc
+    elif gold is not None:
+        a_wins = gold[0] >= gold[1]
+        c, r = (result.response_a, result.response_b) if a_wins else (result.response_b, result.response_a)
+        gc, gr = max(gold), min(gold)
+    else:
+        c = r = gc = gr = None
+    return {"id": result.id, "prompt": result.prompt, "chosen": c, "rejected": r, "gold_chosen": gc,
+            "gold_rejected": gr}
+
+
+def _tables(has_test: bool, has_validation: bool) -> list[str]:
+    return [t for t in TABLES if (t != "test" or has_test) and (t != "validation" or has_validation)]
+
+
+def _report(stage: _Stage, out: Path, tables: list[str], skipped: list[Path]) -> None:
     c, w = stage.counts, 12
-    kept = c["labeled"] + c["unlabeled"] + c["test"]
-    read_parts = f"train {c['read_train']}" + (f", test {c['read_test']}" if has_test else "")
+    kept = c["labeled"] + c["unlabeled"] + c["validation"] + c["test"]
+    read_parts = f"train {c['read_train']}" + (f", test {c['read_test']}" if "test" in tables else "")
     lines = [f"cwpo data: read {c['read']} rows ({read_parts})"]
-    for table in TABLES:
-        if table == "test" and not has_test:
-            continue
+    lines += [f"  skipped {f} (prompts only, no pairs)" for f in skipped]
+    for table in tables:
         n = c["quarantined" if table == "quarantine" else table]
         lines.append(f"  {table:<{w}}{n:>9}  -> {out / (table + '.parquet')}")
     for reason, n in sorted(stage.reasons.items(), key=lambda kv: (-kv[1], kv[0])):
         lines.append(f"    {n:>9}  {reason}")
     lines.append(f"  read {c['read']} = kept {kept} + quarantined {c['quarantined']} "
                  f"(of which duplicates {stage.reasons['duplicate'] + stage.reasons['duplicate id']})")
+    if c["validation_prompt_in_test"]:
+        lines.append(f"  {c['validation_prompt_in_test']} train pairs whose prompt is also a test prompt stayed out "
+                     "of validation")
     print("\n".join(lines), flush=True)
 
 
 def run(cfg: Config) -> int:
     kind, splits = open_source(cfg)
+    place, target = locate(parse_source(cfg.source)[1])
+    skipped = local_files(target)[1] if place == "local" else []  # named in the report and the manifest
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     has_test = any(s.name == "test" for s in splits)
-    schemas = {"labeled": LABELED_SCHEMA, "unlabeled": UNLABELED_SCHEMA, "test": LABELED_SCHEMA,
-               "quarantine": QUARANTINE_SCHEMA}
+    has_validation = cfg.validation_fraction > 0
+    tables = _tables(has_test, has_validation)
+    schemas = {"labeled": LABELED_SCHEMA, "unlabeled": UNLABELED_SCHEMA, "validation": VALIDATION_SCHEMA,
+               "test": LABELED_SCHEMA, "quarantine": QUARANTINE_SCHEMA}
     with contextlib.ExitStack() as stack:
         sinks = {t: stack.enter_context(ParquetSink(out / f"{t}.parquet", schemas[t], buffer_rows=cfg.batch_size))
-                 for t in TABLES if t != "test" or has_test}
+                 for t in tables}
         stage = _Stage(cfg, kind, sinks)
         known = [s.total for s in splits]
         total = None if None in known else sum(min(t, cfg.max_rows or t) for t in known)
@@ -331,12 +421,13 @@ def run(cfg: Config) -> int:
                     stage.add(row, split.name)
                     if bar is not None:
                         bar.update(1)
-    # All tables are published (each atomically); now drop a stale test table and write the manifest.
-    if not has_test:
-        with contextlib.suppress(FileNotFoundError):
-            (out / "test.parquet").unlink()
+    # All tables are published (each atomically); now drop a stale test / validation table and write the manifest.
+    for t in ("test", "validation"):
+        if t not in tables:
+            with contextlib.suppress(FileNotFoundError):
+                (out / f"{t}.parquet").unlink()
     c = stage.counts
-    kept = c["labeled"] + c["unlabeled"] + c["test"]
+    kept = c["labeled"] + c["unlabeled"] + c["validation"] + c["test"]
     if c["read"] != kept + c["quarantined"]:  # every row read lands in exactly one table
         raise RuntimeError(f"internal error: read {c['read']} != kept {kept} + quarantined {c['quarantined']}")
     manifest = {
@@ -344,18 +435,21 @@ def run(cfg: Config) -> int:
         "source": cfg.source,
         "kind": kind,
         "splits": {s.name: s.origin for s in splits},
+        "skipped_files": [str(f) for f in skipped],
         "config": to_dict(cfg),
         "counts": {
             "read": c["read"], "read_train": c["read_train"], "read_test": c["read_test"],
             "kept": kept, "labeled": c["labeled"], "unlabeled": c["unlabeled"],
+            "validation": c["validation"] if has_validation else None,
             "test": c["test"] if has_test else None, "quarantined": c["quarantined"],
             "duplicates": stage.reasons["duplicate"] + stage.reasons["duplicate id"],
             "quarantine_reasons": dict(sorted(stage.reasons.items())),
+            "validation_prompt_in_test": c["validation_prompt_in_test"],
         },
-        "tables": {t: f"{t}.parquet" for t in TABLES if t != "test" or has_test},
-        "columns": {t: schemas[t].names for t in TABLES if t != "test" or has_test},
+        "tables": {t: f"{t}.parquet" for t in tables},
+        "columns": {t: schemas[t].names for t in tables},
     }
     with atomic_path(out / "manifest.json") as tmp:
         tmp.write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
-    _report(stage, out, has_test)
+    _report(stage, out, tables, skipped)
     return 0
