@@ -12,6 +12,12 @@ bisection, so agreement is monotone in T and the tuned labels are exactly reprod
 Writes OUT/pairs.parquet (id, prompt, response_a, response_b, human_choice, gold_a, gold_b;
 `cwpo data --source pairs:OUT` reads it), OUT/test.parquet (held-out prompts: id, prompt,
 chosen, rejected ordered by gold, gold_chosen, gold_rejected) and OUT/_benchmark.json (the build report; a leading underscore keeps table readers off it).
+
+The test prompts share every topic and template with the training prompts, so a gain on them
+may be memorized topic sentiment. OUT/test_unseen.parquet (id, prompt, topic, template) holds
+prompts whose topics (UNSEEN_TOPICS) and templates (UNSEEN_TEMPLATES) occur in no training or
+test prompt: prompts only, which is all GRA needs (`cwpo evaluate --prompts` on it skips pair
+accuracy) and which `cwpo data` skips. `--unseen-only` writes just that table, with no model.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ EPILOG = """examples:
   cwpo build-benchmark --out cwpo_ray/benchmark_data                 # the shipped tables
   nice -n 5 cwpo build-benchmark --out runs/bench --num-prompts 3000 --test-prompts 1000
   cwpo build-benchmark --out runs/bench_small --num-prompts 60 --test-prompts 20
+  cwpo build-benchmark --out cwpo_ray/benchmark_data --unseen-only      # test_unseen.parquet alone, no model
 """
 
 TEMPLATES = [
@@ -66,6 +73,22 @@ TOPICS = [
     "group projects", "job interviews", "public speaking", "open-plan offices", "bullet journals",
 ]
 
+# Topics and templates of the unseen-topic test table: none of them occurs in a TOPICS x TEMPLATES
+# prompt, and no TOPICS topic or TEMPLATES template occurs in theirs (tested on the shipped tables).
+UNSEEN_TEMPLATES = [
+    "What are the pros and cons of {t}?", "Tell me a little about {t}.", "Would you call {t} relaxing?",
+    "How would you explain {t} to a child?", "Is it silly to care about {t}?", "Do you enjoy {t}?",
+    "Could {t} change someone's life?", "How would you describe {t} to a friend?",
+]
+
+UNSEEN_TOPICS = [
+    "rock climbing", "skiing", "opera", "origami", "beekeeping", "astronomy", "surfing", "pottery", "tennis",
+    "golf", "calligraphy", "scuba diving", "ballet", "sailing", "skateboarding", "composting", "crossword puzzles",
+    "sudoku", "magic tricks", "juggling", "archery", "kayaking", "chemistry", "philosophy", "economics",
+    "architecture", "graffiti", "tattoos", "wine tasting", "cheese making", "vintage clothing", "martial arts",
+    "bowling", "ice skating", "embroidery", "sculpture", "manga", "escape rooms", "farmers markets", "kite flying",
+]
+
 
 @dataclass
 class Config:
@@ -82,8 +105,16 @@ class Config:
     judge: str = option("vader", "gold judge: vader, module:function, or a reward-model folder / hub id")
     target_agreement: float = option(0.675, "agreement of simulated humans with the gold judge, in (0.5, 1)")
     seed: int = option(0, "seed of prompt choice, sampling and human labels")
+    unseen_prompts: int = option(200, "prompts on unseen topics and templates written to test_unseen.parquet "
+                                      "(prompts only; 0: none)")
+    unseen_only: bool = option(False, "write only test_unseen.parquet (no model, no generation)")
 
     def validate(self) -> None:
+        if not 0 <= self.unseen_prompts <= len(UNSEEN_TEMPLATES) * len(UNSEEN_TOPICS):
+            raise ValueError(f"unseen_prompts must be in [0, {len(UNSEEN_TEMPLATES) * len(UNSEEN_TOPICS)}] "
+                             f"(unseen templates x topics), got {self.unseen_prompts}")
+        if self.unseen_only and not self.unseen_prompts:
+            raise ValueError("unseen_only needs unseen_prompts > 0")
         if not 0 < self.test_prompts < self.num_prompts:
             raise ValueError(f"test_prompts must be in (0, num_prompts), got {self.test_prompts}")
         if self.num_prompts > len(TEMPLATES) * len(TOPICS):
@@ -100,6 +131,22 @@ def make_prompts(n: int, seed: int) -> list[str]:
     combos = [tpl.format(t=topic) for topic in TOPICS for tpl in TEMPLATES]
     random.Random(seed).shuffle(combos)
     return combos[:n]
+
+
+def make_unseen_prompts(n: int, seed: int) -> list[dict]:
+    """``n`` distinct prompts from UNSEEN_TEMPLATES x UNSEEN_TOPICS, a seeded shuffle (prefix-stable like
+    ``make_prompts``), each with its topic and template."""
+    combos = [{"prompt": tpl.format(t=topic), "topic": topic, "template": tpl}
+              for topic in UNSEEN_TOPICS for tpl in UNSEEN_TEMPLATES]
+    random.Random(f"{seed}:unseen").shuffle(combos)
+    return combos[:n]
+
+
+def write_unseen_test(out: Path, n: int, seed: int) -> Path:
+    """OUT/test_unseen.parquet: id, prompt, topic, template (prompts only)."""
+    rows = [{"id": f"bench-unseen-{seed}-{i:05d}", **r} for i, r in enumerate(make_unseen_prompts(n, seed))]
+    write_table(pa.Table.from_pylist(rows), out / "test_unseen.parquet")
+    return out / "test_unseen.parquet"
 
 
 def p_a(d, temperature: float):
@@ -178,6 +225,10 @@ def run(cfg: Config) -> int:
     t0 = time.time()
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
+    if cfg.unseen_only:
+        path = write_unseen_test(out, cfg.unseen_prompts, cfg.seed)
+        print(f"cwpo build-benchmark: {cfg.unseen_prompts} prompts on unseen topics -> {path}", flush=True)
+        return 0
     prompts = make_prompts(cfg.num_prompts, cfg.seed)
     print(f"cwpo build-benchmark: sampling 2 responses for {len(prompts)} prompts from {cfg.model}", flush=True)
     cache = out / "_generations.jsonl"  # underscore: table readers skip it
@@ -206,6 +257,8 @@ def run(cfg: Config) -> int:
         for (i, p, a, b), g, c in zip(train_rows, train_gold, choices)]), out / "pairs.parquet")
     write_table(pa.Table.from_pylist([test_row(cfg.seed, i, p, a, b, g) for (i, p, a, b), g in zip(test_rows, test_gold)]),
                 out / "test.parquet")
+    if cfg.unseen_prompts:
+        write_unseen_test(out, cfg.unseen_prompts, cfg.seed)
 
     diff = np.abs(train_gold[:, 0] - train_gold[:, 1])
     report = {
@@ -213,6 +266,7 @@ def run(cfg: Config) -> int:
         "dropped_empty_or_identical": dropped, "bt_temperature": temp, "human_gold_agreement": agree,
         "gold_ties": int(np.sum(diff == 0)), "gold_diff_gt_0.3": float(np.mean(diff > 0.3)),
         "mean_gold": float(gold.mean()), "generation_seconds": round(gen_seconds, 1),
+        "test_unseen_prompts": cfg.unseen_prompts,
         "seconds": round(time.time() - t0, 1),
     }
     with atomic_path(out / "_benchmark.json") as tmp:
