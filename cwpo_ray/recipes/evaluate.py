@@ -256,7 +256,7 @@ def run(cfg: Config) -> int:
     specs = [cfg.judge, *extra_judge_specs(cfg)]
     keys = [judge_key(j) for j in specs]
     scores = {}
-    for key, spec, j in zip(keys, specs, [judge] + [load_judge(s) for s in specs[1:]]):
+    for key, j in zip(keys, [judge] + [load_judge(s) for s in specs[1:]]):
         scores[key] = ([float(x) for x in j(list(zip(prompts, policy_responses)))],
                        [float(x) for x in j(list(zip(prompts, reference_responses)))])
     policy_scores, reference_scores = scores[keys[0]]
