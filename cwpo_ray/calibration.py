@@ -97,6 +97,13 @@ def accuracy_by_decile(confidences: Sequence[float], correct: Sequence[float], n
     return out
 
 
+def weighted_accuracy(confidences, correct) -> float:
+    """Accuracy with every pair counted by its confidence (what CW-PO's weights make of the labels);
+    nan when every confidence is 0."""
+    c, r = _array(confidences), _array(correct)
+    return float((c * r).sum() / c.sum()) if c.sum() > 0 else float("nan")
+
+
 def top_fraction_accuracy(confidences, correct, fraction: float) -> float:
     """Accuracy on the ``fraction`` most confident pairs (the paper's top-k% view)."""
     c, r = _array(confidences), _array(correct)
@@ -117,7 +124,7 @@ def summarize(margins, n_bins: int = 10) -> dict:
         "accuracy": accuracy(m),
         "ece": ece(m, n_bins),
         "mean_confidence": float(conf.mean()) if m.size else float("nan"),
-        "confidence_weighted_accuracy": float((conf * right).sum() / conf.sum()) if conf.sum() > 0 else float("nan"),
+        "confidence_weighted_accuracy": weighted_accuracy(conf, right),
         "top10_accuracy": top_fraction_accuracy(conf, right, 0.1),
         "top30_accuracy": top_fraction_accuracy(conf, right, 0.3),
     }

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -68,6 +68,8 @@ class Config:
     losses: list[str] = option(help="PO losses", factory=lambda: ["dpo"])
     sft: str = option("shared", "shared, per-arm or none", choices=("shared", "per-arm", "none"))
     seed: int = option(0, "seed of the split, training and sampling (every stage's seed)")
+    seeds: list[int] = option(help="run every arm once per seed (each its own split, annotator and "
+                                   "training; only the start model is shared); empty: just `seed`", factory=list)
     experiment: str = option("cwpo-pipeline", "MLflow experiment")
     run_name: str = option("pipeline", "MLflow parent run name")
     verbose: bool = option(False, "every stage's own output on the terminal (default: in OUT/pipeline.log, "
@@ -77,6 +79,9 @@ class Config:
     annotate: annotate_stage.Settings = option(factory=annotate_stage.Settings, flag=False)
     policy: policy_stage.Settings = option(factory=policy_stage.Settings, flag=False)
     evaluate: evaluate_stage.Settings = option(factory=evaluate_stage.Settings, flag=False)
+
+    def seed_list(self) -> list[int]:
+        return list(self.seeds) or [self.seed]
 
     def validate(self) -> None:
         from cwpo_ray.losses import LOSS_TYPES
@@ -93,6 +98,8 @@ class Config:
                 raise ValueError(f"losses: unknown loss {loss!r} (known: {', '.join(LOSS_TYPES)})")
         if not self.arms or not self.losses:
             raise ValueError("arms and losses must each name at least one")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds: each seed once, got {self.seeds}")
         defaults = evaluate_stage.Settings()
         for name in FROM_POLICY:
             value, policy_value = getattr(self.evaluate, name), getattr(self.policy, name)
@@ -350,6 +357,7 @@ def gold_accuracy(annotated: Path, source: str) -> dict:
     (the built-in benchmark does): plain and confidence-weighted accuracy on pairs gold does not tie."""
     import numpy as np
 
+    from cwpo_ray import calibration
     from cwpo_ray.tables import read_table
 
     gold = source_gold(source)
@@ -364,10 +372,10 @@ def gold_accuracy(annotated: Path, source: str) -> dict:
         conf.append(r["confidence"])
     if not right:
         return {}
-    right, conf = np.asarray(right), np.asarray(conf)
-    out = {"annotator.gold_accuracy": float(right.mean()), "annotator.gold_pairs": len(right)}
-    if conf.sum() > 0:
-        out["annotator.gold_accuracy_cw"] = float((right * conf).sum() / conf.sum())
+    out = {"annotator.gold_accuracy": float(np.mean(right)), "annotator.gold_pairs": len(right)}
+    weighted = calibration.weighted_accuracy(conf, right)
+    if weighted == weighted:  # nan when every confidence is 0
+        out["annotator.gold_accuracy_cw"] = weighted
     return out
 
 
@@ -433,30 +441,38 @@ class ArmRuns:
             if isinstance(v, (int, float)) and not isinstance(v, bool) and v == v:
                 self.client.log_metric(self.parent_id, k, float(v))
 
-    def child(self, arm: str, loss: str, fp: str, human_labels: int) -> str:
-        key = f"{arm}/{loss}"
+    def key(self, arm: str, loss: str, seed: int) -> str:
+        """``arm/loss``, and ``seedS/arm/loss`` when the pipeline runs several seeds."""
+        return f"seed{seed}/{arm}/{loss}" if len(self.cfg.seed_list()) > 1 else f"{arm}/{loss}"
+
+    def child(self, arm: str, loss: str, seed: int, fp: str, human_labels: int) -> str:
+        key = self.key(arm, loss, seed)
         saved = self.state["children"].get(key)
         if saved and saved["fingerprint"] == fp and self._alive(saved["run_id"]):
             return saved["run_id"]
-        run_id = self._create(f"{arm}-{loss}", {"stage": "arm", "arm": arm, "loss": loss}, parent=self.parent_id)
-        for k, v in {"arm": arm, "loss": loss, "human_labels_used": human_labels, "sft": self.cfg.sft}.items():
+        name = f"{arm}-{loss}" + (f"-seed{seed}" if key.startswith("seed") else "")
+        run_id = self._create(name, {"stage": "arm", "arm": arm, "loss": loss, "seed": str(seed)},
+                              parent=self.parent_id)
+        for k, v in {"arm": arm, "loss": loss, "seed": seed, "human_labels_used": human_labels,
+                     "sft": self.cfg.sft}.items():
             self.client.log_param(run_id, k, str(v))
         self.client.log_metric(run_id, "human_labels_used", float(human_labels))
         self.state["children"][key] = {"run_id": run_id, "fingerprint": fp}
         self._save()
         return run_id
 
-    def finish_child(self, arm: str, loss: str, metrics: dict, responses: Path) -> None:
+    def finish_child(self, arm: str, loss: str, seed: int, metrics: dict, responses: Path) -> None:
         """Every arm's eval metrics on the parent too (ARM.LOSS.gra ...), so one run holds them all;
         its per-prompt responses and scores on its own run, for compare's paired differences."""
-        run_id = self.state["children"][f"{arm}/{loss}"]["run_id"]
+        key = self.key(arm, loss, seed)
+        run_id = self.state["children"][key]["run_id"]
         if responses.exists():
             self.client.log_artifact(run_id, str(responses))
         numeric = {k: float(v) for k, v in metrics.items()
                    if isinstance(v, (int, float)) and not isinstance(v, bool) and v == v}
         for k, v in numeric.items():
             self.client.log_metric(run_id, f"eval/{k}", v)  # idempotent with evaluate's own logging
-        self.log_parent({f"{arm.replace(':', '')}.{loss}.{k}": v for k, v in numeric.items()})
+        self.log_parent({f"{key.replace(':', '').replace('/', '.')}.{k}": v for k, v in numeric.items()})
         self.client.set_terminated(run_id)
 
     def close(self) -> None:
@@ -499,9 +515,30 @@ def run_stages(cfg: Config, out: Path) -> int:
 
     ray_env.init_ray()
     runs = ArmRuns(cfg, out)  # the MLflow parent run (reused on resume) and its children
-    code = code_version()  # in every stage's fingerprint: a code change does not reuse old stages
+    # The start model (a GGUF dequantized once) is the only thing the seeds share.
+    fp_base = fingerprint("base", code_version(), cfg.policy.model, cfg.policy.gguf_file)
+    start = stage(out / "start", fp_base, lambda: run_start_model(cfg.policy.model, out / "start",
+                                                                  cfg.policy.gguf_file))["model"]
+    seeds = cfg.seed_list()
+    for seed in seeds:
+        if len(seeds) > 1:
+            console.say(f"seed {seed}:")
+        run_seed(replace(cfg, seed=seed), out if len(seeds) == 1 else out / f"seed-{seed}", runs, start, fp_base)
 
-    fp_data = fingerprint("data", code, cfg.source, source_fingerprint(resolve_source(cfg.source)),
+    with console.timed_stage("compare") as done:
+        compare.run(compare.Config(experiment=cfg.experiment, parent_run_id=runs.parent_id, out=str(out / "compare")))
+        done({})
+    runs.close()
+    console.show_file(out / "compare" / "compare.md")
+    console.say(f"pipeline: done -> {out} (MLflow experiment {cfg.experiment!r}, parent run {runs.parent_id}; "
+                f"tracking URI {tracking.tracking_uri()})")
+    return 0
+
+
+def run_seed(cfg: Config, out: Path, runs: ArmRuns, start: str, fp_base: str) -> None:
+    """Every stage of one seed: its split, annotator, annotation, SFT and arms, under ``out``."""
+    tag = f"seed{cfg.seed}." if len(runs.cfg.seed_list()) > 1 else ""
+    fp_data = fingerprint("data", code_version(), cfg.source, source_fingerprint(resolve_source(cfg.source)),
                           to_dict(cfg.data), cfg.max_unlabeled, cfg.seed)
     tables = stage(out / "data", fp_data, lambda: run_data(cfg, out / "data"))
     fp_ann = fingerprint("annotator", fp_data, to_dict(cfg.annotator))
@@ -511,8 +548,8 @@ def run_stages(cfg: Config, out: Path) -> int:
     labels = stage(out / "annotate", fp_lab, lambda: run_annotate(cfg, tables["unlabeled"], ann["annotator"],
                                                                   out / "annotate"))
     tables = {**tables, "annotated": labels["annotated"]}
-    runs.log_parent({**ann["metrics"], **labels["metrics"], "pairs.labeled": tables["n_labeled"],
-                     "pairs.unlabeled": tables["n_unlabeled"]})
+    runs.log_parent({tag + k: v for k, v in {**ann["metrics"], **labels["metrics"], "pairs.labeled": tables["n_labeled"],
+                                             "pairs.unlabeled": tables["n_unlabeled"]}.items()})
     test = resolve_test(cfg, tables)
     if "gold" in cfg.arms:  # cheap, and a function of the split alone: rebuilt rather than staged
         path = out / "data" / "unlabeled_gold.parquet"
@@ -521,12 +558,9 @@ def run_stages(cfg: Config, out: Path) -> int:
 
     # The shared SFT start (see the module doc): SFT + PO on the labeled split.
     policy_fp = to_dict(cfg.policy)
-    fp_start = fingerprint("base", code, cfg.policy.model, cfg.policy.gguf_file)
-    start = stage(out / "start", fp_start, lambda: run_start_model(cfg.policy.model, out / "start",
-                                                                   cfg.policy.gguf_file))["model"]
-    shared_po = None
+    fp_start, shared_po = fp_base, None
     if cfg.sft == "shared":
-        fp_start = fingerprint("sft", fp_start, fp_data, policy_fp, cfg.losses[0])
+        fp_start = fingerprint("sft", fp_base, fp_data, policy_fp, cfg.losses[0])
         stage(out / "sft", fp_start, lambda: {"code": policy_stage.run(policy_config(
             cfg, data=tables["labeled"], model=start, out=str(out / "sft"), loss=cfg.losses[0], weighting="none",
             run_name="sft-shared", parent_run_id=runs.parent_id))})
@@ -541,7 +575,7 @@ def run_stages(cfg: Config, out: Path) -> int:
             fp_labels = fp_data if arm.startswith("human") or arm == "gold" else fp_lab
             fp_arm = fingerprint("arm", arm, loss, fp_start, fp_labels, policy_fp, to_dict(cfg.evaluate), test,
                                  cfg.seed)
-            run_id = runs.child(arm, loss, fp_arm, human_labels_used(arm, cfg, tables))
+            run_id = runs.child(arm, loss, cfg.seed, fp_arm, human_labels_used(arm, cfg, tables))
 
             def work(arm=arm, loss=loss, folder=folder, data=data, weighting=weighting, run_id=run_id):
                 if arm == "human_labeled_only" and loss == cfg.losses[0] and shared_po:
@@ -556,13 +590,4 @@ def run_stages(cfg: Config, out: Path) -> int:
                 return evaluate_policy(cfg, policy, reference, test, folder / "eval", run_id)
 
             metrics = stage(folder, fp_arm, work)
-            runs.finish_child(arm, loss, metrics, folder / "eval" / "responses.parquet")
-
-    with console.timed_stage("compare") as done:
-        compare.run(compare.Config(experiment=cfg.experiment, parent_run_id=runs.parent_id, out=str(out / "compare")))
-        done({})
-    runs.close()
-    console.show_file(out / "compare" / "compare.md")
-    console.say(f"pipeline: done -> {out} (MLflow experiment {cfg.experiment!r}, parent run {runs.parent_id}; "
-                f"tracking URI {tracking.tracking_uri()})")
-    return 0
+            runs.finish_child(arm, loss, cfg.seed, metrics, folder / "eval" / "responses.parquet")

@@ -13,8 +13,9 @@ alone does not fit is cut, from the right.
 
 Runs on a Ray Train TorchTrainer (--num-workers, --strategy ddp|deepspeed, --zero-stage),
 checkpoints every epoch and resumes from the last checkpoint after a worker failure
-(--max-failures). OUT must be on storage the rank-0 worker sees. Writes OUT (backbone,
-reward_head.pt, tokenizer, annotator.json, eval.json, reliability.png, confidence_hist.png)
+(--max-failures). OUT must be on storage the rank-0 worker sees. Writes OUT (a decoder: an HF
+sequence-classification model; an encoder: backbone + reward_head.pt; see docs/ANNOTATOR_FORMAT.md;
+tokenizer, annotator.json, eval.json, reliability.png, confidence_hist.png)
 and logs metrics, plots and the folder to MLflow.
 """
 
@@ -91,9 +92,10 @@ class Config(Settings):
 # ----------------------------------------------------------------------------- data
 
 def is_heldout(pair_id: str, seed: int, fraction: float) -> bool:
-    """A seeded hash of the id: the same split everywhere, no shuffle needed."""
-    h = hashlib.blake2b(f"{seed}:heldout:{pair_id}".encode("utf-8", "replace"), digest_size=8).digest()
-    return int.from_bytes(h, "big") / 2**64 < fraction
+    """A seeded hash of the id (the one `cwpo data` splits by): the same split everywhere, no shuffle."""
+    from cwpo_ray.sources import _unit
+
+    return _unit(f"{seed}:heldout:{pair_id}") < fraction
 
 
 def load_pairs(path: str) -> list[dict]:
