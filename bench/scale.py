@@ -114,6 +114,16 @@ def annotate_cmd(data: Path, annotator: Path, out: Path, extra: list[str]) -> li
 
 
 def run_annotate(cmd: list[str], log: Path, kill_at: float | None = None, units: int = 0) -> dict:
+    """`run_once`, again when Ray itself failed to start (seen here on a machine loaded by others)."""
+    for attempt in range(3):
+        result = run_once(cmd, log, kill_at, units)
+        if result is not None:
+            return result
+        print(f"(Ray did not start, attempt {attempt + 1}; again)", flush=True)
+    raise RuntimeError(f"Ray did not start three times; see {log}")
+
+
+def run_once(cmd: list[str], log: Path, kill_at: float | None = None, units: int = 0) -> dict | None:
     """Run `cwpo annotate` in its own session; with ``kill_at``, SIGKILL its whole process tree once
     that fraction of its ``units`` is committed. Returns wall seconds and peak RSS figures."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
@@ -140,6 +150,12 @@ def run_annotate(cmd: list[str], log: Path, kill_at: float | None = None, units:
                 time.sleep(0.2)
             rc = proc.wait()
     seconds = time.perf_counter() - start
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # whatever of its own Ray is left in its group
+    except ProcessLookupError:
+        pass
+    if rc and not killed and "timed out during startup" in log.read_text():
+        return None
     if rc and not killed:
         raise RuntimeError(f"cwpo annotate failed ({rc}); see {log}")
     return {"wall": seconds, "driver_mib": rss.driver / 2**20,
@@ -270,7 +286,7 @@ class PeakRSS:
 def run_policy(data: Path, model: Path, out: Path, log: Path) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
-               DS_ACCELERATOR="cpu", MLFLOW_TRACKING_URI=f"file://{out.parent / 'mlruns'}")
+               DS_ACCELERATOR="cpu", MLFLOW_TRACKING_URI=f"sqlite:///{out.parent / 'mlflow.db'}")
     cmd = [sys.executable, "-m", "cwpo_ray", "train-policy", "--data", str(data), "--model", str(model),
            "--out", str(out), *POLICY_FLAGS]
     start = time.perf_counter()

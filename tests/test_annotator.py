@@ -67,7 +67,7 @@ def labeled(tmp_path_factory) -> Path:
 def train_args(data, model, out, tmp, *extra) -> list[str]:
     return ["train-annotator", "--data", str(data), "--model", str(model), "--out", str(out),
             "--lr", "2e-3", "--batch-size", "32", "--num-workers", "2", "--storage-path", str(tmp / "ray"),
-            "--heldout-fraction", "0.2", "--no-progress", *extra]
+            "--heldout-fraction", "0.2", "--folds", "1", "--no-progress", *extra]
 
 
 @pytest.fixture(scope="module")
@@ -227,6 +227,7 @@ def test_annotate_cli_counts_quarantine_and_agreement(ray_cluster, trained, tmp_
     agreement = report["human_agreement"]
     assert agreement["accuracy"] == pytest.approx(right.mean())
     assert agreement["by_confidence_decile"][-1]["accuracy"] >= agreement["by_confidence_decile"][0]["accuracy"]
+    assert agreement["deciles_approximate"] and sum(d["count"] for d in agreement["by_confidence_decile"]) == len(rows)
 
     uncertain = read_table(out / "uncertain.parquet")
     assert uncertain.num_rows == 10
@@ -251,7 +252,7 @@ def test_annotate_cli_counts_quarantine_and_agreement(ray_cluster, trained, tmp_
 def _map_worker_pids() -> set[int]:
     from conftest import pids_running
 
-    return pids_running("MapWorker(MapBatches(LabelBatch))")
+    return pids_running("MapWorker(MapBatches(LabelUnits))")
 
 
 def test_annotate_survives_a_killed_actor_with_exact_counts(ray_cluster, tiny_encoder, tmp_path):
@@ -279,7 +280,8 @@ def test_annotate_survives_a_killed_actor_with_exact_counts(ray_cluster, tiny_en
     deadline = time.monotonic() + 300
     while job.is_alive() and time.monotonic() < deadline:
         seen |= _map_worker_pids() - earlier
-        written = list(out.glob(".annotate-staging-*/annotated.parquet/*.parquet"))
+        # a unit's annotated rows are streamed to .annotate-work/tmp/ batch by batch
+        written = list(out.glob(".annotate-work/tmp/*.annotated.parquet"))
         if killed is None and seen and written:  # the actor has labeled batches already
             killed = next(iter(seen))
             os.kill(killed, signal.SIGKILL)

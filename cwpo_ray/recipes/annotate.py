@@ -117,7 +117,8 @@ class Settings:
 @dataclass(kw_only=True)
 class Config(Settings):
     data: str = option(help="unlabeled pairs: a .parquet / .jsonl(.gz) file or a folder of shards", must_exist=True)
-    annotator: str = option(help="annotator folder written by `cwpo train-annotator`", must_exist=True)
+    annotator: str = option(help="annotator folder written by `cwpo train-annotator`, or a one-label HF "
+                                 "reward-model folder (docs/ANNOTATOR_FORMAT.md)", must_exist=True)
     out: str = option(help="output folder (annotated.parquet/, quarantine.parquet/, report.json)")
 
     def validate(self) -> None:
@@ -539,6 +540,8 @@ def write_files(sources: list[str], folder: str, prefix: str, schema: pa.Schema,
     pending_rows = 0
     for src in sources:
         for batch in pq.ParquetFile(src).iter_batches(batch_size=8192):
+            if row_bytes is None and batch.num_rows:  # until a row group is written: its size in memory
+                chunk_rows = max(1, min(chunk_rows, int(max_bytes / 4 / (batch.nbytes / batch.num_rows))))
             pending.append(pa.Table.from_batches([batch]).cast(schema))
             pending_rows += batch.num_rows
             if pending_rows >= chunk_rows:
