@@ -57,6 +57,9 @@ class AnnotatorMeta:
     hf_sequence_classification: bool = False
     hf_note: str = ""  # the HF class used, or why the folder is not HF-loadable
     text_format: dict = field(default_factory=dict)  # how a (prompt, response) becomes token ids; written on save
+    # Confidence calibration: C = 2(sigma(|r_a - r_b| / T) - 1/2), T fit by train-annotator on held-out
+    # margins; 1.0 (no scaling) for a folder written before calibration existed.
+    temperature: float = 1.0
 
     @classmethod
     def from_json(cls, text: str) -> "AnnotatorMeta":
@@ -244,16 +247,19 @@ class Annotator:
 
     def label_pairs(self, prompts: Sequence[str], responses_a: Sequence[str], responses_b: Sequence[str],
                     batch_size: int = 64) -> dict[str, list]:
-        """Rewards of both responses, which one is preferred, and the confidence of that call."""
+        """Rewards of both responses, which one is preferred, and the confidence of that call:
+        calibrated with the annotator's temperature (``confidence``) and raw, T = 1 (``confidence_raw``)."""
         n = len(prompts)
         rewards, truncated = self.score(list(prompts) * 2, list(responses_a) + list(responses_b), batch_size)
         ra, rb = torch.tensor(rewards[:n], dtype=torch.float64), torch.tensor(rewards[n:], dtype=torch.float64)
-        conf = confidence(ra, rb) if n else torch.zeros(0, dtype=torch.float64)
+        raw = confidence(ra, rb) if n else torch.zeros(0, dtype=torch.float64)
+        conf = confidence(ra, rb, self.meta.temperature) if n else raw
         return {
             "reward_a": ra.tolist(),
             "reward_b": rb.tolist(),
             "preferred": ["a" if a >= b else "b" for a, b in zip(ra.tolist(), rb.tolist())],
             "confidence": conf.tolist(),
+            "confidence_raw": raw.tolist(),
             "truncated": [ta or tb for ta, tb in zip(truncated[:n], truncated[n:])],
         }
 

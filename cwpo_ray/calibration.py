@@ -47,6 +47,50 @@ def confidence_of(margins) -> np.ndarray:
     return np.tanh(np.abs(_array(margins)) / 2)
 
 
+def calibrated_confidence(margins, temperature: float = 1.0) -> np.ndarray:
+    """C = 2 (sigma(|m| / T) - 0.5): temperature scaling of the margin, then the paper's confidence.
+    T only rescales |m|, so which response is chosen never changes; T = 1 is the raw confidence."""
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    return confidence_of(_array(margins) / temperature)
+
+
+def fit_temperature(margins, min_t: float = 0.01, max_t: float = 100.0) -> float:
+    """The T minimizing the mean Bradley-Terry loss of ``margins / T`` against their labels.
+
+    ``margins`` are held-out ones (out-of-fold), signed against the label. The loss is convex in
+    s = 1/T, so a few Newton steps on s find it; T is kept in [min_t, max_t]. Returns 1.0 when there is
+    nothing to fit: no margins, or no wrong call (or no right one) among them.
+    """
+    m = _array(margins)
+    if not np.any(m < 0) or not np.any(m > 0):
+        return 1.0  # every call right (or every call wrong): the loss falls all the way to T -> 0, no optimum
+    s = 1.0
+    for _ in range(100):
+        p = sigmoid(-s * m)                    # d/ds of softplus(-s m) is -m * sigma(-s m)
+        grad = float(np.mean(-m * p))
+        hess = float(np.mean(m * m * p * (1 - p)))
+        if hess <= 1e-12:
+            break
+        step = grad / hess
+        s = float(np.clip(s - step, 1 / max_t, 1 / min_t))
+        if abs(step) < 1e-10 * max(1.0, s):
+            break
+    return float(1 / s)
+
+
+def wilson_interval(successes: float, n: int, level: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval of a proportion (sound at small n and near 0 or 1)."""
+    if n <= 0:
+        return float("nan"), float("nan")
+    z = {0.9: 1.6448536, 0.95: 1.959964, 0.99: 2.5758293}[level]
+    phat = successes / n
+    centre = (phat + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * np.sqrt(phat * (1 - phat) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    # the interval holds phat; clipped so that float rounding at phat = 0 or 1 does not put it outside
+    return float(max(0.0, min(centre - half, phat))), float(min(1.0, max(centre + half, phat)))
+
+
 def reliability_bins(margins, n_bins: int = 10) -> list[dict]:
     """Equal-width bins of the predicted probability ``sigma(|m|)`` over [0.5, 1].
 
@@ -118,10 +162,13 @@ def summarize(margins, n_bins: int = 10) -> dict:
     m = _array(margins)
     conf = confidence_of(m)
     right = correctness(m)
+    lo, hi = wilson_interval(float(right.sum()), int(m.size))
     return {
         "n": int(m.size),
         "bt_loss": bt_loss(m),
         "accuracy": accuracy(m),
+        "accuracy_lo": lo,
+        "accuracy_hi": hi,
         "ece": ece(m, n_bins),
         "mean_confidence": float(conf.mean()) if m.size else float("nan"),
         "confidence_weighted_accuracy": weighted_accuracy(conf, right),

@@ -35,13 +35,17 @@ def bt_loss(reward_chosen: torch.Tensor, reward_rejected: torch.Tensor) -> torch
     return -F.logsigmoid(reward_chosen - reward_rejected).mean()
 
 
-def confidence(reward_a: torch.Tensor, reward_b: torch.Tensor) -> torch.Tensor:
-    """C = 2 * (sigma(|r_a - r_b|) - 0.5): 0 for a coin flip, towards 1 for a sure call.
+def confidence(reward_a: torch.Tensor, reward_b: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """C = 2 * (sigma(|r_a - r_b| / T) - 0.5): 0 for a coin flip, towards 1 for a sure call.
 
-    Written as tanh(|d| / 2), the same function without the cancellation of 2*sigma - 1.
+    T = 1 is the paper's confidence; a calibrated annotator has its own T (fit on held-out margins),
+    which rescales every confidence the same way and never changes the call. Written as
+    tanh(|d| / 2T), the same function without the cancellation of 2*sigma - 1.
     """
     _check_same_shape(reward_a=reward_a, reward_b=reward_b)
-    return torch.tanh((reward_a - reward_b).abs() / 2)
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    return torch.tanh((reward_a - reward_b).abs() / (2 * temperature))
 
 
 def implicit_rewards(policy_logps, ref_logps, beta: float) -> torch.Tensor:

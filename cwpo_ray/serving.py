@@ -3,7 +3,7 @@
 Endpoints (all JSON):
   POST /v1/annotate   one pair ``{prompt, response_a, response_b, id?}``, a list of pairs, or
                       ``{"pairs": [...]}`` (at most ``max_pairs``); answers
-                      ``{"results": [{id, preferred, confidence, reward_a, reward_b, truncated}, ...]}``
+                      ``{"results": [{id, preferred, confidence, confidence_raw, reward_a, reward_b, truncated}, ...]}``
   GET  /v1/health     liveness; always open, even with a token (probes carry no secrets; it says nothing)
   GET  /v1/info       annotator.json metadata, the serving limits and this replica's batch counters
   GET  /openapi.json  the OpenAPI schema
@@ -133,7 +133,9 @@ class AnnotateBatch(BaseModel):
 class PairResult(BaseModel):
     id: str
     preferred: str = Field(description='"a" or "b" (a tie goes to "a")')
-    confidence: float = Field(description="2 * (sigmoid(|reward_a - reward_b|) - 0.5), in [0, 1)")
+    confidence: float = Field(description="2 * (sigmoid(|reward_a - reward_b| / T) - 0.5), in [0, 1): calibrated "
+                                          "with the annotator's temperature T (1 for an uncalibrated annotator)")
+    confidence_raw: float = Field(description="the same with T = 1 (the paper's confidence)")
     reward_a: float
     reward_b: float
     truncated: bool = Field(description="a text was cut to the annotator's max_length")

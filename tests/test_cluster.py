@@ -269,7 +269,12 @@ def test_tiny_pipeline_job_on_a_two_node_cluster(local_cluster, mlflow_script_se
 
     # Submitted again, the job reuses every stage (markers) and logs to the same runs.
     log = _submit(env, runtime_env, ["jobs/pipeline.py", "--config", str(config)], timeout=600)
-    assert log.count("reusing") == 5 + 4, log[-3000:]  # data, annotator, annotate, start, sft + four arms
+    # data, annotator, annotate, start, sft; three arms' training (human_labeled_only is the SFT run's PO)
+    # and four evaluations
+    assert log.count("reusing") == 5 + 3 + 4, log[-3000:]
+    # The job's output is one line per stage and the table; Ray's and the stages' own output is in pipeline.log.
+    assert "(RayTrainWorker" not in log and "Loading weights" not in log, log[-3000:]
+    assert "RayTrainWorker" in (run_dir / "pipeline.log").read_text()
     assert json.loads((run_dir / "mlflow_runs.json").read_text())["parent"] == runs["parent"]
 
     # `cwpo compare` renders the table from the tracking server.

@@ -115,7 +115,7 @@ def source_fingerprint(source: str) -> str:
     return path_fingerprint(source.partition(":")[2], source)
 
 
-def stage(folder: Path, fp: str, work: Callable[[], dict]) -> dict:
+def stage(folder: Path, fp: str, work: Callable[[], dict], label: str = "") -> dict:
     """Run ``work`` into ``folder`` unless its marker says it is done with this fingerprint.
 
     The marker holds the fingerprint from the start and the result only at the end, each written
@@ -129,13 +129,13 @@ def stage(folder: Path, fp: str, work: Callable[[], dict]) -> dict:
     marker = folder / ".stage.json"
     saved = json.loads(marker.read_text()) if marker.exists() else {}
     if saved.get("fingerprint") == fp and "result" in saved:
-        console.stage_line(folder.name, "done already, reusing", fingerprint=fp)
+        console.stage_line(label or folder.name, "done already, reusing", fingerprint=fp)
         return saved["result"]
     if saved.get("fingerprint") != fp and folder.exists():
         shutil.rmtree(folder)
     folder.mkdir(parents=True, exist_ok=True)
     _write_marker(marker, {"fingerprint": fp})  # started, not done
-    with console.timed_stage(folder.name) as done:
+    with console.timed_stage(label or folder.name) as done:
         result = work()
         done(result)
     _write_marker(marker, {"fingerprint": fp, "result": result})
@@ -163,6 +163,7 @@ def run_data(cfg: Config, out: Path) -> dict:
     return {"labeled": str(out / "labeled.parquet"), "unlabeled": str(unlabeled),
             "unlabeled_human": str(out / "unlabeled_human.parquet"),
             "test": str(out / "test.parquet") if (out / "test.parquet").exists() else "",
+            "validation": str(out / "validation.parquet") if (out / "validation.parquet").exists() else "",
             "n_labeled": manifest["counts"]["labeled"], "n_unlabeled": counts}
 
 
@@ -461,18 +462,21 @@ class ArmRuns:
         self._save()
         return run_id
 
-    def finish_child(self, arm: str, loss: str, seed: int, metrics: dict, responses: Path) -> None:
-        """Every arm's eval metrics on the parent too (ARM.LOSS.gra ...), so one run holds them all;
-        its per-prompt responses and scores on its own run, for compare's paired differences."""
+    def finish_child(self, arm: str, loss: str, seed: int, metrics: dict, responses: Path, split: str) -> None:
+        """Every arm's metrics on the parent too (ARM.LOSS.gra ..., ARM.LOSS.validation.gra ... for the
+        validation split), so one run holds them all; its per-prompt responses and scores on its own
+        run (test: at the root, for compare's paired differences; validation: under validation/)."""
         key = self.key(arm, loss, seed)
         run_id = self.state["children"][key]["run_id"]
         if responses.exists():
-            self.client.log_artifact(run_id, str(responses))
+            self.client.log_artifact(run_id, str(responses), None if split == "test" else split)
         numeric = {k: float(v) for k, v in metrics.items()
                    if isinstance(v, (int, float)) and not isinstance(v, bool) and v == v}
+        prefix = evaluate_stage.metric_prefix(split)
         for k, v in numeric.items():
-            self.client.log_metric(run_id, f"eval/{k}", v)  # idempotent with evaluate's own logging
-        self.log_parent({f"{key.replace(':', '').replace('/', '.')}.{k}": v for k, v in numeric.items()})
+            self.client.log_metric(run_id, f"{prefix}/{k}", v)  # idempotent with evaluate's own logging
+        name = key.replace(":", "").replace("/", ".") + ("" if split == "test" else f".{split}")
+        self.log_parent({f"{name}.{k}": v for k, v in numeric.items()})
         self.client.set_terminated(run_id)
 
     def close(self) -> None:
@@ -486,6 +490,13 @@ def resolve_source(source: str) -> str:
 
 
 def resolve_test(cfg: Config, tables: dict) -> str:
+    """The prompts the arms are evaluated on: the validation split while settings are being chosen
+    (evaluate.split validation), the test prompts for the final measurement."""
+    if cfg.evaluate.split == "validation":
+        if not tables.get("validation"):
+            raise ValueError("evaluate.split validation: the data stage wrote no validation split; set "
+                             "data.validation_fraction > 0")
+        return tables["validation"]
     if cfg.test:
         return cfg.test
     if cfg.source == "builtin":  # the shipped test table keeps the gold scores (ties are skipped)
@@ -566,6 +577,7 @@ def run_seed(cfg: Config, out: Path, runs: ArmRuns, start: str, fp_base: str) ->
             run_name="sft-shared", parent_run_id=runs.parent_id))})
         start, shared_po = str(out / "sft" / "sft"), str(out / "sft" / "policy")
 
+    split = cfg.evaluate.split
     for loss in cfg.losses:
         for arm in cfg.arms:
             name = f"{arm.replace(':', '')}-{loss}"
@@ -573,21 +585,22 @@ def run_seed(cfg: Config, out: Path, runs: ArmRuns, start: str, fp_base: str) ->
             data, weighting = arm_inputs(arm, tables)
             # The human and gold arms do not read the annotator's labels: a new annotator leaves them done.
             fp_labels = fp_data if arm.startswith("human") or arm == "gold" else fp_lab
-            fp_arm = fingerprint("arm", arm, loss, fp_start, fp_labels, policy_fp, to_dict(cfg.evaluate), test,
-                                 cfg.seed)
-            run_id = runs.child(arm, loss, cfg.seed, fp_arm, human_labels_used(arm, cfg, tables))
-
-            def work(arm=arm, loss=loss, folder=folder, data=data, weighting=weighting, run_id=run_id):
-                if arm == "human_labeled_only" and loss == cfg.losses[0] and shared_po:
-                    policy, reference = shared_po, start  # the shared SFT run trained exactly this arm
-                else:
-                    policy_stage.run(policy_config(
-                        cfg, data=data, model=start, out=str(folder / "train"), loss=loss, weighting=weighting,
-                        sft_epochs=cfg.policy.sft_epochs if cfg.sft == "per-arm" else 0,
-                        run_name=f"train-{name}", parent_run_id=run_id))
-                    policy = str(folder / "train" / "policy")
-                    reference = str(folder / "train" / "sft") if cfg.sft == "per-arm" else start
-                return evaluate_policy(cfg, policy, reference, test, folder / "eval", run_id)
-
-            metrics = stage(folder, fp_arm, work)
-            runs.finish_child(arm, loss, cfg.seed, metrics, folder / "eval" / "responses.parquet")
+            fp_train = fingerprint("train", arm, loss, fp_start, fp_labels, policy_fp, cfg.seed)
+            # Evaluation is its own stage: a validation pass and then the test pass share the training.
+            fp_eval = fingerprint("eval", fp_train, to_dict(cfg.evaluate), test, cfg.seed)
+            run_id = runs.child(arm, loss, cfg.seed, fp_train, human_labels_used(arm, cfg, tables))
+            if arm == "human_labeled_only" and loss == cfg.losses[0] and shared_po:
+                policy, reference = shared_po, start  # the shared SFT run trained exactly this arm
+            else:
+                stage(folder / "train", fp_train, lambda data=data, weighting=weighting, run_id=run_id, name=name,
+                      folder=folder, loss=loss: {"policy": policy_stage.run(policy_config(
+                          cfg, data=data, model=start, out=str(folder / "train"), loss=loss, weighting=weighting,
+                          sft_epochs=cfg.policy.sft_epochs if cfg.sft == "per-arm" else 0,
+                          run_name=f"train-{name}", parent_run_id=run_id))}, label=f"{name} train")
+                policy = str(folder / "train" / "policy")
+                reference = str(folder / "train" / "sft") if cfg.sft == "per-arm" else start
+            eval_dir = folder / ("eval" if split == "test" else f"eval_{split}")
+            metrics = stage(eval_dir, fp_eval, lambda policy=policy, reference=reference, run_id=run_id,
+                            eval_dir=eval_dir: evaluate_policy(cfg, policy, reference, test, eval_dir, run_id),
+                            label=f"{name} {'evaluate' if split == 'test' else split}")
+            runs.finish_child(arm, loss, cfg.seed, metrics, eval_dir / "responses.parquet", split)

@@ -56,7 +56,14 @@ class Settings(DistributedConfig):
     batch_size: int = option(32, "pairs per optimizer step, over all workers")
     eval_batch_size: int = option(64, "sequences per forward pass when scoring held-out pairs")
     max_grad_norm: float = option(1.0, "gradient clipping (0: none)")
-    heldout_fraction: float = option(0.1, "fraction of pairs held out for evaluation (hash of id)")
+    heldout_fraction: float = option(0.1, "folds 1: fraction of pairs held out to choose the epoch (hash of id)")
+    # Five folds: every labeled pair is held out once, so the epoch count is chosen on all ~300 of them
+    # instead of on 10% (~30 pairs, too noisy to choose by: one seed of the full preset kept epoch 1).
+    folds: int = option(5, "choose the epoch count by k-fold cross-validation on the labeled pairs, then train "
+                           "on all of them for that many epochs (1: one held-out split, its best epoch kept)")
+    calibration: str = option("temperature", "temperature: fit one T on out-of-fold margins so that confidence "
+                                             "C = 2(sigma(|r_a - r_b| / T) - 1/2) is calibrated; none: T = 1",
+                              choices=("temperature", "none"))
     log_every: int = option(10, "log the training loss every N steps")
 
     def validate(self) -> None:
@@ -67,6 +74,10 @@ class Settings(DistributedConfig):
             raise ValueError(f"batch_size {self.batch_size} must be a multiple of num_workers {self.num_workers}")
         if not 0.0 < self.heldout_fraction < 1.0:
             raise ValueError(f"heldout_fraction must be in (0, 1), got {self.heldout_fraction}")
+        if self.folds < 1:
+            raise ValueError(f"folds must be at least 1, got {self.folds}")
+        if self.calibration not in ("temperature", "none"):
+            raise ValueError(f"calibration must be temperature or none, got {self.calibration!r}")
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
 
@@ -115,13 +126,52 @@ def load_pairs(path: str) -> list[dict]:
     return rows
 
 
-def split_pairs(rows: list[dict], seed: int, fraction: float) -> tuple[list[dict], list[dict]]:
-    train = [r for r in rows if not is_heldout(r["id"], seed, fraction)]
-    heldout = [r for r in rows if is_heldout(r["id"], seed, fraction)]
-    if not train or not heldout:
-        raise ConfigError(f"heldout_fraction {fraction} leaves {len(train)} training and {len(heldout)} "
-                          f"held-out pairs of {len(rows)}; both must be non-empty")
-    return train, heldout
+def fold_of(pair_id: str, seed: int, folds: int) -> int:
+    from cwpo_ray.sources import _unit
+
+    return min(folds - 1, int(_unit(f"{seed}:fold:{pair_id}") * folds))
+
+
+@dataclass
+class Round:
+    """One model trained from the start: on ``train`` rows for ``epochs`` epochs, scored on ``heldout``
+    rows after every epoch. k-fold selection is k such rounds and a refit on every row."""
+
+    name: str               # "heldout", "fold-2", "refit"
+    train: list[int]        # row indices
+    heldout: list[int]
+    epochs: int             # 0: decided when the folds are done (the refit)
+    saves: bool             # its model is the annotator written to OUT
+
+
+def plan_rounds(rows: list[dict], cfg: Settings, seed: int) -> list[Round]:
+    """folds 1: one round, the best held-out epoch saved. folds k: k rounds (fold f held out) and a
+    refit on all rows whose epoch count is chosen from the folds' held-out losses."""
+    if cfg.folds == 1:
+        held = [i for i, r in enumerate(rows) if is_heldout(r["id"], seed, cfg.heldout_fraction)]
+        train = [i for i, r in enumerate(rows) if not is_heldout(r["id"], seed, cfg.heldout_fraction)]
+        if not train or not held:
+            raise ConfigError(f"heldout_fraction {cfg.heldout_fraction} leaves {len(train)} training and "
+                              f"{len(held)} held-out pairs of {len(rows)}; both must be non-empty")
+        return [Round("heldout", train, held, cfg.epochs, saves=True)]
+    fold = [fold_of(r["id"], seed, cfg.folds) for r in rows]
+    rounds = []
+    for f in range(cfg.folds):
+        held = [i for i in range(len(rows)) if fold[i] == f]
+        if not held or len(held) == len(rows):
+            raise ConfigError(f"folds {cfg.folds}: fold {f} holds {len(held)} of {len(rows)} pairs; "
+                              "use fewer folds or more pairs")
+        rounds.append(Round(f"fold-{f}", [i for i in range(len(rows)) if fold[i] != f], held, cfg.epochs, False))
+    return rounds + [Round("refit", list(range(len(rows))), [], 0, saves=True)]
+
+
+def chosen_epochs(oof: dict[str, list[list[float]]]) -> int:
+    """The epoch count whose out-of-fold margins (all folds pooled) have the lowest BT loss."""
+    from cwpo_ray import calibration
+
+    n_epochs = min(len(v) for v in oof.values())
+    losses = [calibration.bt_loss([m for v in oof.values() for m in v[e]]) for e in range(n_epochs)]
+    return int(min(range(n_epochs), key=lambda e: (losses[e], e))) + 1
 
 
 def fingerprint(rows: list[dict]) -> str:
@@ -192,82 +242,147 @@ def mean_over_workers(total: float, count: int) -> float:
 
 
 def train_loop(config: dict) -> None:
-    """The Ray Train loop: the same code for DDP and DeepSpeed, resumable from any epoch's checkpoint."""
+    """The Ray Train loop: the same code for DDP and DeepSpeed, resumable from any epoch's checkpoint.
+
+    Runs the rounds of ``plan_rounds`` one after the other, each from a fresh model; the state
+    (round, epoch, out-of-fold margins) rides in every checkpoint, so a restarted worker group
+    continues the round it was in.
+    """
     import ray
     import torch
     from tqdm import tqdm
 
     from cwpo_ray import distributed as D
-    from cwpo_ray import calibration
-    from cwpo_ray.annotator import collate, new_annotator
-    from cwpo_ray.losses import bt_loss
-    from cwpo_ray.models import resolve_model
 
     cfg: Config = config["cfg"]
     dist: D.DistributedConfig = config["dist"]
     rank, world = D.world()
     D.device_for(dist)
-    torch.manual_seed(cfg.seed)  # the same head init on every rank
-    annotator = new_annotator(resolve_model(cfg.model, cfg.gguf_file), cfg.pooling or None, cfg.max_length)
-    annotator.meta.data_fingerprint = config["fingerprint"]
-    train_rows, heldout_rows = ray.get(config["train_ref"]), ray.get(config["heldout_ref"])
-    train_c, train_r = encode_pairs(annotator.tokenizer, annotator.meta, train_rows)
-    held_c, held_r = encode_pairs(annotator.tokenizer, annotator.meta, heldout_rows)
-    pad_id = annotator.tokenizer.pad_token_id
-
-    optimizer = D.adamw(annotator.model.parameters(), cfg.lr, cfg.weight_decay)
-    engine = D.setup_engine(annotator.model, optimizer, None, dist, micro_batch_size=cfg.batch_size // world,
-                            max_grad_norm=cfg.max_grad_norm or None)
+    rows = ray.get(config["rows_ref"])
+    rounds = plan_rounds(rows, cfg, cfg.seed)
+    annotator, engine = _fresh(cfg, dist, world, config)
+    chosen, rejected = encode_pairs(annotator.tokenizer, annotator.meta, rows)
     resumed = D.resume(engine)
-    state = resumed or {"epoch": -1, "step": 0, "best_loss": float("inf"), "best_epoch": None, "history": []}
+    state = resumed or {"round": 0, "epoch": -1, "step": 0, "best_loss": float("inf"), "best_epoch": None,
+                        "history": [], "oof": {}}
     logger = D.RankZeroLogger(config["tracking_uri"], config["run_id"])
     if resumed:  # recorded, so a restart after a worker failure is visible in the run
         logger.log_metrics({"resumed_after_epoch": state["epoch"] + 1}, step=state["step"])
-    steps_per_epoch = -(-len(train_rows) // cfg.batch_size)
-    bar = tqdm(total=steps_per_epoch * cfg.epochs, initial=steps_per_epoch * (state["epoch"] + 1),
-               disable=rank != 0 or not cfg.progress, desc="train-annotator", mininterval=2)
-
-    for epoch in range(state["epoch"] + 1, cfg.epochs):
-        maybe_fail(cfg, epoch, Path(config["staging"]), rank, world)
-        engine.train()
-        loss_sum, loss_n = 0.0, 0
-        for idx in epoch_batches(len(train_rows), cfg.batch_size, world, rank, cfg.seed + epoch):
-            batch = collate([train_c[i] for i in idx] + [train_r[i] for i in idx], pad_id)
-            rewards = engine(**batch)
-            loss = bt_loss(rewards[: len(idx)], rewards[len(idx):])
-            engine.backward_and_step(loss)
-            loss_sum, loss_n, state["step"] = loss_sum + loss.item(), loss_n + 1, state["step"] + 1
-            if state["step"] % cfg.log_every == 0:
-                logger.log_metrics({"train_loss_step": loss.item()}, step=state["step"])
+    total_epochs = sum(r.epochs for r in rounds) + (cfg.epochs if cfg.folds > 1 else 0)  # the refit at most
+    bar = tqdm(total=total_epochs, initial=len(state["history"]), disable=rank != 0 or not cfg.progress, desc="train-annotator",
+               unit="epoch", mininterval=2)
+    r, fresh = state["round"], False
+    if resumed and state["epoch"] + 1 >= _epochs(rounds[r], state):
+        r, fresh = r + 1, True  # the checkpoint closed its round: the next one starts from a fresh model
+    while r < len(rounds):
+        spec = rounds[r]
+        spec.epochs = _epochs(spec, state)
+        if fresh:
+            annotator, engine = _fresh(cfg, dist, world, config)
+            state.update(round=r, epoch=-1, best_loss=float("inf"), best_epoch=None)
+        for epoch in range(state["epoch"] + 1, spec.epochs):
+            maybe_fail(cfg, epoch, Path(config["staging"]), rank, world)
+            train_loss = _train_epoch(engine, chosen, rejected, spec.train, cfg, world, rank,
+                                      annotator.tokenizer.pad_token_id, state, logger, seed=cfg.seed + epoch)
+            row = {"round": spec.name, "epoch": epoch + 1, "train_loss": train_loss}
+            if spec.heldout:
+                margins = heldout_margins(engine, [chosen[i] for i in spec.heldout],
+                                          [rejected[i] for i in spec.heldout], annotator.tokenizer.pad_token_id,
+                                          cfg.eval_batch_size)
+                row.update({f"heldout_{k}": v for k, v in _summary(margins).items() if k != "n"})
+                state["oof"].setdefault(spec.name, []).append(margins)
+            state["history"].append(row)
+            if spec.saves:
+                _maybe_save(spec, epoch, row, state, engine, annotator, rank, config)
+            prefix = "" if spec.name in ("heldout", "refit") else f"{spec.name}/"
+            logger.log_metrics({prefix + k: v for k, v in row.items() if k not in ("round", "epoch")},
+                               step=len(state["history"]))
+            state["epoch"] = epoch
             bar.update(1)
-            bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}")
-
-        margins = heldout_margins(engine, held_c, held_r, pad_id, cfg.eval_batch_size)
-        summary = calibration.summarize(margins)
-        row = {"epoch": epoch + 1, "train_loss": mean_over_workers(loss_sum, loss_n),
-               **{f"heldout_{k}": v for k, v in summary.items() if k != "n"}}
-        state["history"].append(row)
-        is_best = summary["bt_loss"] < state["best_loss"]  # identical on every rank: same weights, same data
-        full = engine.full_state_dict() if is_best else None  # collective under ZeRO-3: every rank calls it
-        if is_best:
-            state["best_loss"], state["best_epoch"] = summary["bt_loss"], epoch + 1
-            if rank == 0:
-                annotator.meta.metrics = {**summary, "epoch": epoch + 1}
-                save_best(annotator, full, Path(config["staging"]), margins, state["history"])
-        logger.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch + 1)
-        state["epoch"] = epoch
-        D.report({**row, "best_epoch": state["best_epoch"]}, engine, client_state=dict(state))
+            bar.set_postfix(round=spec.name, epoch=epoch + 1, loss=f"{train_loss:.3f}")
+            D.report({k: v for k, v in row.items() if k != "round"}, engine, client_state=dict(state))
+        r, fresh = r + 1, True
     bar.close()
 
 
-def save_best(annotator, state_dict, staging: Path, margins: list[float], history: list[dict]) -> None:
-    """Replace the staged best annotator (only rank 0 calls this)."""
+def _epochs(spec: Round, state: dict) -> int:
+    """A round's epoch count; the refit's is chosen from the folds' out-of-fold losses."""
+    return chosen_epochs(state["oof"]) if spec.name == "refit" else spec.epochs
+
+
+def _fresh(cfg: Config, dist, world: int, config: dict):
+    """A new annotator (the same initial weights on every rank and in every round) and its engine."""
+    import torch
+
+    from cwpo_ray import distributed as D
+    from cwpo_ray.annotator import new_annotator
+    from cwpo_ray.models import resolve_model
+
+    torch.manual_seed(cfg.seed)
+    annotator = new_annotator(resolve_model(cfg.model, cfg.gguf_file), cfg.pooling or None, cfg.max_length)
+    annotator.meta.data_fingerprint = config["fingerprint"]
+    optimizer = D.adamw(annotator.model.parameters(), cfg.lr, cfg.weight_decay)
+    engine = D.setup_engine(annotator.model, optimizer, None, dist, micro_batch_size=cfg.batch_size // world,
+                            max_grad_norm=cfg.max_grad_norm or None)
+    return annotator, engine
+
+
+def _train_epoch(engine, chosen, rejected, rows: list[int], cfg: Config, world: int, rank: int, pad_id: int,
+                 state: dict, logger, seed: int) -> float:
+    from cwpo_ray.annotator import collate
+    from cwpo_ray.losses import bt_loss
+
+    engine.train()
+    loss_sum, loss_n = 0.0, 0
+    for idx in epoch_batches(len(rows), cfg.batch_size, world, rank, seed):
+        idx = [rows[i] for i in idx]
+        batch = collate([chosen[i] for i in idx] + [rejected[i] for i in idx], pad_id)
+        rewards = engine(**batch)
+        loss = bt_loss(rewards[: len(idx)], rewards[len(idx):])
+        engine.backward_and_step(loss)
+        loss_sum, loss_n, state["step"] = loss_sum + loss.item(), loss_n + 1, state["step"] + 1
+        if state["step"] % cfg.log_every == 0:
+            logger.log_metrics({"train_loss_step": loss.item()}, step=state["step"])
+    return mean_over_workers(loss_sum, loss_n)
+
+
+def _summary(margins: list[float]) -> dict:
+    from cwpo_ray import calibration
+
+    return calibration.summarize(margins)
+
+
+def _maybe_save(spec: Round, epoch: int, row: dict, state: dict, engine, annotator, rank: int, config: dict):
+    """folds 1: the epoch with the lowest held-out BT loss so far; the refit: its last epoch."""
+    if spec.heldout:
+        is_best = row["heldout_bt_loss"] < state["best_loss"]  # identical on every rank: same weights, same data
+    else:
+        is_best = epoch + 1 == spec.epochs
+    full = engine.full_state_dict() if is_best else None  # collective under ZeRO-3: every rank calls it
+    if not is_best:
+        return
+    state["best_epoch"] = epoch + 1
+    if spec.heldout:
+        state["best_loss"] = row["heldout_bt_loss"]
+    if rank == 0:
+        save_best(annotator, full, Path(config["staging"]), epoch + 1, state)
+
+
+def save_best(annotator, state_dict, staging: Path, epoch: int, state: dict) -> None:
+    """Replace the staged annotator (only rank 0 calls this). Its held-out figures: the held-out split's
+    at that epoch (folds 1) or every fold's held-out pairs pooled at the chosen epoch count."""
     from cwpo_ray.annotator import save_annotator
 
+    oof = state["oof"]
+    if "heldout" in oof:
+        margins = oof["heldout"][epoch - 1]
+    else:
+        margins = [m for v in oof.values() for m in v[epoch - 1]]
+    annotator.meta.metrics = {**_summary(margins), "epoch": epoch}
     tmp = staging.with_name(staging.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     save_annotator(annotator, tmp, state_dict=state_dict)
-    (tmp / "eval.json").write_text(json.dumps({"best": annotator.meta.metrics, "history": history,
+    (tmp / "eval.json").write_text(json.dumps({"best": annotator.meta.metrics, "history": state["history"],
                                                "heldout_margins": margins}, indent=1))
     shutil.rmtree(staging, ignore_errors=True)
     tmp.rename(staging)
@@ -281,13 +396,31 @@ def maybe_fail(cfg: Config, epoch: int, staging: Path, rank: int, world: int) ->
 
 # ----------------------------------------------------------------------------- the recipe
 
-def add_plots(folder: Path) -> dict:
-    """Reliability diagram and confidence histogram of the best epoch's held-out pairs, into the folder."""
-    from cwpo_ray import plots
+def calibrate(folder: Path, cfg: Settings) -> dict:
+    """Fit the temperature on the held-out margins (out-of-fold with folds > 1), store it in the
+    annotator's metadata, and add ECE before and after and the plots to its report."""
+    from cwpo_ray import calibration, plots
 
     report = json.loads((folder / "eval.json").read_text())
-    plots.reliability_diagram(report["heldout_margins"], folder / "reliability.png")
-    plots.confidence_histogram(report["heldout_margins"], folder / "confidence_hist.png")
+    margins = report["heldout_margins"]
+    t = calibration.fit_temperature(margins) if cfg.calibration == "temperature" else 1.0
+    report["calibration"] = {
+        "method": cfg.calibration, "temperature": t, "pairs": len(margins),
+        "fit_on": ("out-of-fold margins: every labeled pair, scored by the fold model that did not train on it"
+                   if cfg.folds > 1 else "the held-out split, which also chose the epoch (optimistic)"),
+        "ece_before": calibration.ece(margins), "ece_after": calibration.ece([m / t for m in margins]),
+        "mean_confidence_before": float(calibration.calibrated_confidence(margins).mean()),
+        "mean_confidence_after": float(calibration.calibrated_confidence(margins, t).mean())}
+    meta_path = folder / "annotator.json"
+    meta = json.loads(meta_path.read_text())
+    meta["temperature"] = t
+    meta_path.write_text(json.dumps(meta, indent=2))
+    (folder / "eval.json").write_text(json.dumps(report, indent=1))
+    plots.reliability_diagram(margins, folder / "reliability.png", title=f"before calibration (ECE "
+                              f"{report['calibration']['ece_before']:.3f})")
+    plots.reliability_diagram([m / t for m in margins], folder / "reliability_calibrated.png",
+                              title=f"after, T = {t:.2f} (ECE {report['calibration']['ece_after']:.3f})")
+    plots.confidence_histogram(margins, folder / "confidence_hist.png")
     return report
 
 
@@ -298,7 +431,10 @@ def log_results(out: Path, report: dict) -> None:
     best = report["best"]
     mlflow.log_metrics({f"best_heldout_{k}": float(v) for k, v in best.items() if k not in ("n", "epoch")})
     mlflow.log_metric("best_epoch", best["epoch"])
+    mlflow.log_metrics({f"calibration_{k}": float(v) for k, v in report["calibration"].items()
+                        if isinstance(v, (int, float))})
     mlflow.log_artifact(str(out / "reliability.png"))
+    mlflow.log_artifact(str(out / "reliability_calibrated.png"))
     mlflow.log_artifact(str(out / "confidence_hist.png"))
     mlflow.log_artifacts(str(out), "annotator")
 
@@ -312,9 +448,13 @@ def run(cfg: Config) -> int:
     from cwpo_ray.tables import atomic_path
 
     rows = load_pairs(cfg.data)
-    train, heldout = split_pairs(rows, cfg.seed, cfg.heldout_fraction)
-    print(f"train-annotator: {len(train)} training pairs, {len(heldout)} held out; "
-          f"{cfg.num_workers} {cfg.strategy} workers")
+    rounds = plan_rounds(rows, cfg, cfg.seed)  # refuses a split that leaves a side empty, before Ray starts
+    if cfg.folds == 1:
+        print(f"train-annotator: {len(rounds[0].train)} training pairs, {len(rounds[0].heldout)} held out; "
+              f"{cfg.num_workers} {cfg.strategy} workers")
+    else:
+        print(f"train-annotator: {len(rows)} pairs; the epoch count (1-{cfg.epochs}) chosen by {cfg.folds}-fold "
+              f"cross-validation, then trained on all; {cfg.num_workers} {cfg.strategy} workers")
     out = Path(cfg.out).resolve()
     staging = out.parent / f".{out.name}.staging-{uuid.uuid4().hex[:8]}"
     init_ray()
@@ -323,13 +463,13 @@ def run(cfg: Config) -> int:
         tracking.log_config(cfg)
         loop_config = {
             "cfg": cfg, "fingerprint": fingerprint(rows), "staging": str(staging),
-            "train_ref": ray.put(train), "heldout_ref": ray.put(heldout),
+            "rows_ref": ray.put(rows),
             "tracking_uri": tracking.tracking_uri(), "run_id": run_.info.run_id,
         }
         try:
             run_trainer(train_loop, loop_config, cfg, name=f"train-annotator-{uuid.uuid4().hex[:8]}",
                         default_storage=str(out.parent / "ray"))
-            report = add_plots(staging)
+            report = calibrate(staging, cfg)
             with atomic_path(out) as tmp:
                 staging.rename(tmp)
         finally:
@@ -337,8 +477,15 @@ def run(cfg: Config) -> int:
                              staging.with_name(staging.name + ".failed-once")):
                 shutil.rmtree(leftover, ignore_errors=True) if leftover.is_dir() else leftover.unlink(missing_ok=True)
         log_results(out, report)
-    best = report["best"]
-    print(f"best epoch {best['epoch']}: held-out BT loss {best['bt_loss']:.4f}, accuracy {best['accuracy']:.3f}, "
-          f"ECE {best['ece']:.3f}, mean confidence {best['mean_confidence']:.3f}")
+    best, cal = report["best"], report["calibration"]
+    where = "out-of-fold" if cfg.folds > 1 else "held-out"
+    print(f"epochs {best['epoch']}: {where} BT loss {best['bt_loss']:.4f}, accuracy {best['accuracy']:.3f} "
+          f"[{best['accuracy_lo']:.3f}, {best['accuracy_hi']:.3f}] on {best['n']} pairs, mean confidence "
+          f"{best['mean_confidence']:.3f}; temperature {cal['temperature']:.3f}: ECE {cal['ece_before']:.3f} -> "
+          f"{cal['ece_after']:.3f}")
+    if best["accuracy_lo"] <= 0.5:
+        print(f"WARNING: the annotator has not shown that it learned: its {where} accuracy interval "
+              f"[{best['accuracy_lo']:.3f}, {best['accuracy_hi']:.3f}] includes 0.5 (chance). Its labels and "
+              "confidences are close to noise; more labeled pairs, another lr or backbone may help.")
     print(f"wrote {out}")
     return 0

@@ -1,0 +1,98 @@
+"""The annotator's epoch count chosen by k-fold cross-validation, and its calibrated confidence."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from cwpo_ray import calibration
+from cwpo_ray.annotator import load_annotator
+from cwpo_ray.cli import main
+from cwpo_ray.recipes.train_annotator import Settings, chosen_epochs, plan_rounds
+from cwpo_ray.tables import write_table
+
+
+def overconfident(n: int, temperature: float, seed: int = 0) -> np.ndarray:
+    """Margins of an annotator whose true odds are sigma(|m| / temperature): over-confident for T > 1."""
+    rng = np.random.default_rng(seed)
+    m = np.abs(rng.normal(0, 3, n))
+    right = rng.random(n) < calibration.sigmoid(m / temperature)
+    return np.where(right, m, -m)
+
+
+def test_temperature_scaling_lowers_ece_of_an_overconfident_annotator():
+    margins = overconfident(4000, temperature=3.0)
+    t = calibration.fit_temperature(margins)
+    assert 2.5 < t < 3.5
+    assert calibration.ece(margins / t) < calibration.ece(margins) / 3
+    assert calibration.bt_loss(margins / t) < calibration.bt_loss(margins)
+    # a calibrated annotator is left (nearly) alone
+    assert 0.85 < calibration.fit_temperature(overconfident(4000, temperature=1.0, seed=1)) < 1.15
+
+
+def test_temperature_never_changes_which_response_is_chosen():
+    margins = overconfident(500, temperature=2.0)
+    for t in (0.3, 1.0, 2.7):
+        conf = calibration.calibrated_confidence(margins, t)
+        assert np.all((conf >= 0) & (conf <= 1))
+        # the same order of confidence, so topk:F keeps the same pairs, and the call is the margin's sign
+        assert np.array_equal(np.argsort(np.abs(margins), kind="stable"), np.argsort(conf, kind="stable"))
+    assert np.allclose(calibration.calibrated_confidence(margins, 1.0), calibration.confidence_of(margins))
+
+
+def test_accuracy_interval_says_when_an_annotator_has_not_learned():
+    lo, hi = calibration.wilson_interval(16, 28)  # 57% on 28 held-out pairs: not distinguishable from chance
+    assert lo < 0.5 < hi
+    lo, hi = calibration.wilson_interval(190, 300)  # 63% on 300 out-of-fold pairs: it has
+    assert lo > 0.5
+
+
+def test_folds_hold_every_pair_out_exactly_once():
+    rows = [{"id": f"p{i}"} for i in range(200)]
+    rounds = plan_rounds(rows, Settings(folds=5, epochs=3), seed=0)
+    assert [r.name for r in rounds] == ["fold-0", "fold-1", "fold-2", "fold-3", "fold-4", "refit"]
+    held = sorted(i for r in rounds[:-1] for i in r.heldout)
+    assert held == list(range(200))
+    for r in rounds[:-1]:
+        assert not set(r.train) & set(r.heldout) and len(r.train) + len(r.heldout) == 200
+    assert rounds[-1].train == list(range(200)) and rounds[-1].saves and not rounds[-1].heldout
+    # the epoch count with the lowest pooled out-of-fold loss: epoch 2 here
+    oof = {"fold-0": [[0.1, -0.2], [1.0, 0.5], [2.0, -3.0]], "fold-1": [[0.0], [0.8], [0.9]]}
+    assert chosen_epochs(oof) == 2
+
+
+def test_kfold_training_chooses_epochs_refits_calibrates_and_resumes(ray_cluster, mlflow_server, tiny_encoder,
+                                                                     tmp_path):
+    from test_annotator import close_pairs
+    from tiny_models import synthetic_pairs
+
+    data = tmp_path / "labeled.parquet"
+    rows = synthetic_pairs(60, seed=1) + close_pairs(60, seed=2)
+    # one label in six flipped, as human labels are noisy: no annotator gets every held-out call right,
+    # so the temperature has a finite optimum to fit
+    rows = [{**r, "chosen": r["rejected"], "rejected": r["chosen"]} if i % 6 == 0 else r for i, r in enumerate(rows)]
+    write_table(pa.Table.from_pylist(rows), data)
+    out = tmp_path / "annotator"
+    assert main(["train-annotator", "--data", str(data), "--model", str(tiny_encoder), "--out", str(out),
+                 "--lr", "2e-3", "--batch-size", "16", "--num-workers", "1", "--epochs", "2", "--folds", "3",
+                 "--storage-path", str(tmp_path / "ray"), "--no-progress", "--run-name", "kfold-test",
+                 "fail_at_epoch=1"]) == 0  # the worker dies once, in the middle of fold 0
+    report = json.loads((out / "eval.json").read_text())
+    rounds = [(h["round"], h["epoch"]) for h in report["history"]]
+    folds = [(f"fold-{f}", e) for f in range(3) for e in (1, 2)]
+    assert rounds[:6] == folds, rounds
+    best = report["best"]
+    assert rounds[6:] == [("refit", e) for e in range(1, best["epoch"] + 1)]
+    assert best["n"] == len(rows)  # every labeled pair scored out of fold
+    pooled = {e: [h["heldout_bt_loss"] for h in report["history"] if h["round"] != "refit" and h["epoch"] == e]
+              for e in (1, 2)}
+    assert best["epoch"] in (1, 2) and best["accuracy_lo"] <= best["accuracy"] <= best["accuracy_hi"]
+    cal = report["calibration"]
+    assert cal["method"] == "temperature" and cal["temperature"] != 1.0 and cal["pairs"] == len(rows)
+    assert calibration.fit_temperature(report["heldout_margins"]) == pytest.approx(cal["temperature"])
+    assert load_annotator(out).meta.temperature == pytest.approx(cal["temperature"])
+    assert (out / "reliability_calibrated.png").stat().st_size > 1000
+    assert pooled[1] and pooled[2]
