@@ -12,6 +12,7 @@ import math
 import random
 import shutil
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -211,8 +212,14 @@ def test_reference_pass_scores_each_response_once_across_runs(tiny, tmp_path):
     def spec(table: str, key: str = "start") -> ReferenceSpec:
         return ReferenceSpec(str(tmp_path / table), Lengths(8, 24, False), 4, str(tmp_path / "cache"), key)
 
+    def ensure(model, tokenizer, cols, spec, rank, world):  # the pass reads its pairs from a table, writes one
+        pairs = tmp_path / ("pairs-" + spec.table.rsplit("/", 1)[-1])
+        pq.write_table(pa.table(cols), pairs)
+        ensure_reference(model, tokenizer, str(pairs), spec, rank, world)
+        return pq.read_table(spec.table).to_pydict()
+
     model = fresh_model(source)
-    first = ensure_reference(model, tokenizer, columns(rows), spec("1.parquet"), 0, 1)
+    first = ensure(model, tokenizer, columns(rows), spec("1.parquet"), 0, 1)
     ref_c, ref_r = reference(model, batch_of(tokenizer, rows))
     assert first["ref_chosen_logps"] == pytest.approx(ref_c.tolist(), abs=1e-4)
     assert first["ref_rejected_logps"] == pytest.approx(ref_r.tolist(), abs=1e-4)
@@ -225,8 +232,7 @@ def test_reference_pass_scores_each_response_once_across_runs(tiny, tmp_path):
     with torch.no_grad():
         for p in changed.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    second = ensure_reference(changed, tokenizer, columns(swapped + new),
-                              spec("2.parquet"), 0, 1)
+    second = ensure(changed, tokenizer, columns(swapped + new), spec("2.parquet"), 0, 1)
     for i in range(10):
         c, r = (first["ref_rejected_logps"][i], first["ref_chosen_logps"][i]) if i < 5 else \
             (first["ref_chosen_logps"][i], first["ref_rejected_logps"][i])
@@ -238,8 +244,146 @@ def test_reference_pass_scores_each_response_once_across_runs(tiny, tmp_path):
     assert pq.read_table(tmp_path / "2.parquet").num_rows == 11
 
     # Another start model (key) shares nothing.
-    third = ensure_reference(changed, tokenizer, columns(rows), spec("3.parquet", "other"), 0, 1)
+    third = ensure(changed, tokenizer, columns(rows), spec("3.parquet", "other"), 0, 1)
     assert third["ref_chosen_logps"][0] != pytest.approx(first["ref_chosen_logps"][0], abs=1e-3)
+
+# ----------------------------------------------------------------------------- streaming data
+
+def _confidence_table(path, confidences):
+    rows = [{"id": f"p{i}", "prompt": f"q{i}", "chosen": f"c{i}", "rejected": f"r{i}", "confidence": c}
+            for i, c in enumerate(confidences)]
+    pq.write_table(pa.Table.from_pylist(rows), path, row_group_size=7)  # several input batches
+    return rows
+
+
+@pytest.mark.parametrize("spec", ["topk:0.3", "topk:0.05", "topk:1", "confidence", "none"])
+def test_streamed_train_pairs_keep_what_pair_weights_keeps(tmp_path, spec):
+    """write_train_pairs streams the table (top-k by a histogram threshold, ties by row order)
+    and keeps exactly the rows and weights of the in-memory ``pair_weights``, ties included."""
+    from cwpo_ray.config import load_config
+    from cwpo_ray.recipes import train_policy
+    from cwpo_ray.rowstore import topk_keep, topk_selection
+
+    rng = random.Random(1)
+    conf = [rng.choice([0.5, 0.75, 0.75, 0.9, 1.0, 0.0, rng.random()]) for _ in range(60)]
+    rows = _confidence_table(tmp_path / "pairs.parquet", conf)
+    cfg = load_config(train_policy.Config, flags=dict(data=str(tmp_path / "pairs.parquet"), out=str(tmp_path / "o"),
+                                                      weighting=spec, batch_size=1, num_workers=1))
+    n = train_policy.write_train_pairs(cfg, tmp_path / "train_pairs.parquet")
+    keep, weights = weighting.pair_weights(conf, spec, len(conf))
+    written = pq.read_table(tmp_path / "train_pairs.parquet").to_pydict()
+    assert n == len(keep) and written["id"] == [rows[i]["id"] for i in keep] and written["weight"] == weights
+    # the selection alone, on many random columns with ties, in batches of any size
+    for trial in range(200):
+        values = np.array([rng.choice([0.0, 0.2, 0.2, 0.6, 1.0, rng.random()]) for _ in range(rng.randint(1, 40))])
+        k, size = rng.randint(1, len(values)), rng.randint(1, 9)
+        threshold, ties = topk_selection(lambda: (values[i:i + size] for i in range(0, len(values), size)), k)
+        kept = []
+        for i in range(0, len(values), size):
+            mask, ties = topk_keep(values[i:i + size], threshold, ties)
+            kept += (np.flatnonzero(mask) + i).tolist()
+        assert kept == sorted(sorted(range(len(values)), key=lambda i: (-values[i], i))[:k])
+
+
+def test_streamed_train_pairs_reject_bad_confidence_and_publish_nothing(tmp_path):
+    from cwpo_ray.config import load_config
+    from cwpo_ray.recipes import train_policy
+
+    _confidence_table(tmp_path / "pairs.parquet", [0.5] * 20 + [1.5])
+    cfg = load_config(train_policy.Config, flags=dict(data=str(tmp_path / "pairs.parquet"), out=str(tmp_path / "o"),
+                                                      weighting="confidence", batch_size=1, num_workers=1))
+    with pytest.raises(ValueError, match="confidence must be in"):
+        train_policy.write_train_pairs(cfg, tmp_path / "train_pairs.parquet")
+    assert not list(tmp_path.glob("*train_pairs*"))  # no partial table, no temporary left
+
+
+def test_step_plan_rows_read_by_index_are_the_plans_rows(tmp_path):
+    """Every epoch is a permutation (each row once, the remainder dropped), the same for a fresh
+    plan (a resumed run), another per epoch; the batch reader returns exactly those rows."""
+    from cwpo_ray.recipes.train_policy import BatchReader, StepPlan
+    from cwpo_ray.rowstore import RowWriter
+
+    n = 103
+    with RowWriter(tmp_path / "t.parquet", pa.schema([("id", pa.string()), ("prompt", pa.string())]), group_rows=8) as w:
+        for lo in range(0, n, 10):  # batches that straddle the row groups
+            w.write(pa.table({"id": [f"r{i}" for i in range(lo, min(n, lo + 10))],
+                              "prompt": [f"p{i}" for i in range(lo, min(n, lo + 10))]}))
+    assert pq.ParquetFile(tmp_path / "t.parquet").metadata.num_row_groups == 13
+    plan = StepPlan(n, batch_size=3, world=2, epochs=2, seed=5, accumulation=2)
+    assert plan.steps_per_epoch == 8
+    reader = BatchReader(str(tmp_path / "t.parquet"))
+    epochs = []
+    for epoch in range(2):
+        seen = []
+        for step in range(epoch * 8, (epoch + 1) * 8):
+            for rank in range(2):
+                micro = plan.rows(step, rank)
+                assert [len(m) for m in micro] == [3, 3]
+                assert micro == StepPlan(n, 3, 2, 2, 5, None, 2).rows(step, rank)  # deterministic: a resume sees it
+                for m in micro:
+                    assert reader.take(m) == {"id": [f"r{i}" for i in m], "prompt": [f"p{i}" for i in m]}
+                    seen += m
+        assert len(seen) == len(set(seen)) == 96 and set(seen) <= set(range(n))
+        epochs.append(seen)
+    assert epochs[0] != epochs[1]
+    assert StepPlan(n, 3, 2, 2, 6, None, 2).rows(0, 0) != plan.rows(0, 0)  # the seed matters
+
+
+def test_reference_table_joined_per_batch_equals_scoring_each_pair(tiny, tmp_path):
+    """Two workers' parts (row groups alternating between them), some responses from the cache:
+    the merged table read per micro-batch gives each pair's log-probs as scoring it directly."""
+    from tiny_models import synthetic_pairs
+
+    from cwpo_ray.recipes.train_policy import BatchReader, ReferenceCache, ReferenceSpec, StepPlan, ensure_reference
+    from cwpo_ray.rowstore import RowWriter
+
+    tokenizer, source = tiny
+    model = fresh_model(source)
+    lengths = logprobs.Lengths(8, 24)
+    rows = synthetic_pairs(23, seed=21)
+    rows[4]["chosen"] += " and a much longer answer than the rest"
+    schema = pa.schema([(c, pa.string()) for c in ("id", "prompt", "chosen", "rejected")] + [("weight", pa.float64())])
+    with RowWriter(tmp_path / "pairs.parquet", schema, group_rows=4) as w:
+        w.write(pa.Table.from_pylist([{**r, "weight": 1.0} for r in rows]))
+    direct = logprobs.reference_logps(model, tokenizer, [r["prompt"] for r in rows], [r["chosen"] for r in rows],
+                                      [r["rejected"] for r in rows], lengths)
+    cache = ReferenceCache(str(tmp_path / "cache"), "start")
+    ReferenceCache.GROUP_ROWS, old_group = 3, ReferenceCache.GROUP_ROWS
+    try:  # pairs 0-9 cached already, in two segments of several row groups, with their direct values
+        for part in (range(0, 5), range(5, 10)):
+            keys = [ReferenceCache.key(rows[i]["prompt"], rows[i][side]) for side in ("chosen", "rejected") for i in part]
+            cache.add_segment(np.array(keys, dtype="S32"),
+                              np.array([direct[f"ref_{s}_logps"][i] for s in ("chosen", "rejected") for i in part]),
+                              np.array([direct[f"{s}_tokens"][i] for s in ("chosen", "rejected") for i in part]))
+        assert len(cache.segments()) == 2
+        found, _, _ = cache.lookup(np.array([ReferenceCache.key("nope", "none")] + keys, dtype="S32"))
+        assert found.tolist() == [False] + [True] * 10
+        spec = ReferenceSpec(str(tmp_path / "reference.parquet"), lengths, 3, str(tmp_path / "cache"), "start")
+        for rank in (1, 0):  # rank 0 merges the parts once its own is written (no process group here)
+            ensure_reference(model, tokenizer, str(tmp_path / "pairs.parquet"), spec, rank, 2)
+    finally:
+        ReferenceCache.GROUP_ROWS = old_group
+    assert not (tmp_path / "reference").exists()  # the parts are gone once merged
+    assert len(cache.segments()) == 4  # each worker added what it scored
+    merged = pq.ParquetFile(tmp_path / "reference.parquet")
+    assert [merged.metadata.row_group(g).num_rows for g in range(merged.metadata.num_row_groups)] == [4] * 5 + [3]
+    reader = BatchReader(str(tmp_path / "pairs.parquet"), str(tmp_path / "reference.parquet"))
+    plan = StepPlan(23, batch_size=5, world=2, epochs=1, seed=0)
+    for step in range(plan.total_steps):
+        for rank in range(2):
+            for micro in plan.rows(step, rank):
+                batch = reader.take(micro)
+                assert batch["id"] == [rows[i]["id"] for i in micro]
+                for key in ("ref_chosen_logps", "ref_rejected_logps"):
+                    assert batch[key] == pytest.approx([direct[key][i] for i in micro], abs=1e-4)
+                for key in ("chosen_tokens", "rejected_tokens"):
+                    assert batch[key] == [direct[key][i] for i in micro]
+    # a reference table of other pairs is refused, not silently misjoined
+    pq.write_table(pa.Table.from_pylist([{**r, "weight": 1.0} for r in rows[::-1]], schema=schema),
+                   tmp_path / "other.parquet")
+    with pytest.raises(ValueError, match="does not match"):
+        BatchReader(str(tmp_path / "other.parquet"), str(tmp_path / "reference.parquet")).take([0])
+
 
 def test_help_states_the_truncation_rule(capsys):
     from cwpo_ray.cli import main

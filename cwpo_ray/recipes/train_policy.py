@@ -16,6 +16,19 @@ Steps, all under --out DIR:
      --reference-cache, responses an earlier run scored from the same start are reused.
      -> DIR/policy (merged LoRA if --lora), loadable with AutoModelForCausalLM as is.
 
+Data path (memory does not grow with the number of pairs, in the driver or a worker): the
+driver streams PAIRS into DIR/train_pairs.parquet in row groups of 1024 rows (topk:F by an exact
+histogram threshold, no sort of the table); each worker reads, per micro-batch, only the row
+groups its rows fall in (``BatchReader``), and the reference log-probs are a table of the same
+rows in the same row groups, joined per micro-batch by row index (no gather between workers).
+Which rows a worker trains on at a step is ``StepPlan``: the epoch's seeded permutation of the
+rows, computed for the step's positions only (a Feistel permutation, ``rowstore.permuted``: no
+n-entry index), so a resumed run, on any worker, reads the same rows. Why not Ray Data
+(``datasets=`` / ``get_dataset_shard``): its streaming split hands each worker the blocks that
+come, in an order that depends on timing, and resuming mid-epoch would mean replaying the stream;
+training here needs "rows P..Q of epoch E's order on rank R", deterministic, which is random
+access by row index, and Parquet row groups give that with only a footer in memory.
+
 Prompts are put in the model's chat format when its tokenizer has a chat template (as `cwpo
 evaluate` generates; --no-chat-template keeps plain text). Truncation rule: the prompt is cut
 from the LEFT to --max-prompt-length tokens, then the response (EOS appended) is cut from the
@@ -213,102 +226,234 @@ def run(cfg: Config) -> int:
 
 # ----------------------------------------------------------------------------- data
 
-def write_train_pairs(cfg: Config, path: Path) -> int:
-    """The kept pairs with their weight column; returns how many."""
+PAIR_SCHEMA_FIELDS = [("id", "string"), ("prompt", "string"), ("chosen", "string"), ("rejected", "string"),
+                      ("weight", "float64")]
+REFERENCE_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps", "chosen_tokens", "rejected_tokens")
+
+
+def _schema(fields):
     import pyarrow as pa
 
-    from cwpo_ray.weighting import pair_weights
-    from cwpo_ray.tables import LABELED_COLUMNS, read_table, require_columns, write_table
+    return pa.schema([(name, pa.type_for_alias(kind)) for name, kind in fields])
+
+
+def write_train_pairs(cfg: Config, path: Path) -> int:
+    """The kept pairs with their weight column, streamed into row groups of ``ROW_GROUP`` rows;
+    returns how many. Memory: one input batch, whatever the table's size.
+
+    topk:F keeps the ceil(F * n) most confident pairs, ties broken by row order (as
+    ``weighting.pair_weights``): ``topk_selection`` finds the threshold confidence and how many
+    rows equal to it are kept, with a fixed-size histogram pass per 16 bits of the values (at most
+    4 passes over the confidence column), then one pass writes the kept rows in input order.
+    """
+    import numpy as np
+    import pyarrow as pa
+
+    from cwpo_ray.rowstore import ROW_GROUP, RowWriter, iter_column_batches, topk_keep, topk_selection
+    from cwpo_ray.tables import LABELED_COLUMNS, require_columns
+    from cwpo_ray.weighting import parse_weighting
 
     names = require_columns(cfg.data, LABELED_COLUMNS)
     annotated = "confidence" in names
-    table = read_table(cfg.data, columns=list(LABELED_COLUMNS) + (["confidence"] if annotated else []))
-    confidence = table.column("confidence").to_pylist() if annotated else None
-    if confidence is not None and any(c is None or not 0 <= c <= 1 for c in confidence):
-        raise ValueError(f"{cfg.data}: confidence must be in [0, 1] on every row")
-    keep, weights = pair_weights(confidence, cfg.weighting, table.num_rows)
-    table = table.select(list(LABELED_COLUMNS)).take(keep).append_column("weight", pa.array(weights, pa.float64()))
-    if table.num_rows < cfg.batch_size * cfg.grad_accumulation * cfg.num_workers:
-        raise ValueError(f"{table.num_rows} pairs is fewer than one global batch ({cfg.batch_size} x "
-                         f"{cfg.grad_accumulation} micro-batches x {cfg.num_workers} workers)")
-    write_table(table, path)
-    return table.num_rows
+    kind, fraction = parse_weighting(cfg.weighting)
+    if kind == "topk" and not annotated:
+        raise ValueError("weighting topk:F needs an annotated table (a confidence column)")
+
+    def confidences():
+        for batch in iter_column_batches(cfg.data, ["confidence"]):
+            c = batch.column("confidence")
+            values = c.to_numpy(zero_copy_only=False).astype(np.float64) if c.null_count == 0 else None
+            if values is None or not ((values >= 0) & (values <= 1)).all():  # NaN fails too
+                raise ValueError(f"{cfg.data}: confidence must be in [0, 1] on every row")
+            yield values
+
+    threshold, ties = None, 0
+    if kind == "topk":
+        n = sum(len(v) for v in confidences())
+        k = max(1, -(-int(round(fraction * n * 1e6)) // 1_000_000))  # weighting.pair_weights's k
+        threshold, ties = topk_selection(confidences, k)
+    columns = list(LABELED_COLUMNS) + (["confidence"] if annotated else [])
+    with RowWriter(path, _schema(PAIR_SCHEMA_FIELDS), ROW_GROUP) as out:
+        for batch in iter_column_batches(cfg.data, columns):
+            weights = np.ones(batch.num_rows)
+            if annotated:
+                c = batch.column("confidence")
+                weights = c.to_numpy(zero_copy_only=False).astype(np.float64) if c.null_count == 0 else None
+                if weights is None or not ((weights >= 0) & (weights <= 1)).all():
+                    raise ValueError(f"{cfg.data}: confidence must be in [0, 1] on every row")
+            if kind == "topk":
+                keep, ties = topk_keep(weights, threshold, ties)
+                batch, weights = batch.filter(pa.array(keep)), np.ones(int(keep.sum()))
+            elif kind == "none":
+                weights = np.ones(batch.num_rows)
+            out.write(batch.select(list(LABELED_COLUMNS)).append_column("weight", pa.array(weights, pa.float64())))
+        kept = out.count
+        if kept < cfg.batch_size * cfg.grad_accumulation * cfg.num_workers:  # raised inside: no file published
+            raise ValueError(f"{kept} pairs is fewer than one global batch ({cfg.batch_size} x "
+                             f"{cfg.grad_accumulation} micro-batches x {cfg.num_workers} workers)")
+    return kept
 
 
-def ensure_reference(engine, tokenizer, rows: dict, spec: ReferenceSpec, rank: int, world_size: int) -> dict:
-    """``rows`` with ref_chosen_logps / ref_rejected_logps (and token counts), computed once.
+def ensure_reference(engine, tokenizer, pairs: str, spec: ReferenceSpec, rank: int, world_size: int) -> None:
+    """Writes ``spec.table``: per row of the pair table ``pairs`` (in its order, in the same row
+    groups) its id, ref_chosen_logps / ref_rejected_logps and token counts, computed once.
 
     Computed here, by the training workers themselves, before the first PO step: they
     already hold the start model, which IS the reference, so the pass costs no second
     model and no extra processes, and it runs under the same placement (ZeRO-3 sharding,
-    GPUs) as training, so a reference too big for one device still fits. Each worker scores
-    every world_size-th pair still to score without gradients, in batches of similar length
-    (less padding); rank 0 writes the table, so a resumed or repeated run reads it back.
+    GPUs) as training, so a reference too big for one device still fits.
+
+    Streaming, in rounds: in round j worker r scores row group j * world_size + r of ``pairs``
+    (rows still to score, in batches of similar length: less padding), and appends the group's
+    values to its own part, DIR/reference/part-RANK.parquet (published atomically). Every worker
+    runs the same number of forwards each round (ZeRO-3 forwards are collective): one with fewer
+    repeats a row and throws the result away. After a barrier rank 0 copies the parts' groups, in
+    row order, into ``spec.table``; training then reads the rows of each micro-batch by index.
+    Nothing is gathered between workers but per-round batch counts.
+
     With --reference-cache, responses another run already scored from the same start model
     at the same lengths are taken from the cache (the pipeline's human / ws / cw arms score
-    the same texts).
+    the same texts): looked up CACHE_CHUNK_GROUPS row groups at a time (``ReferenceCache``).
     """
-    import torch.distributed as td
+    import numpy as np
+    import pyarrow as pa
 
     from cwpo_ray import logprobs
-    from cwpo_ray.tables import read_table, write_table
+    from cwpo_ray.distributed import barrier, sum_over_workers
+    from cwpo_ray.rowstore import RowReader, RowWriter
 
     path = Path(spec.table)
     if path.exists():
-        return read_table(path).to_pydict()
+        return
     t0 = time.perf_counter()
-    lengths = spec.lengths
-    n, bs = len(rows["id"]), spec.batch_size
+    device = next(logprobs._innermost(engine).parameters()).device  # collectives on it (NCCL needs the GPU)
+    reader = RowReader(pairs, columns=["id", "prompt", "chosen", "rejected"], cache_groups=1)
     cache = ReferenceCache(spec.cache_dir, spec.cache_key) if spec.cache_dir else None
-    known = cache.load() if cache else {}
-    todo = [i for i in range(n) if ReferenceCache.key(rows["prompt"][i], rows["chosen"][i]) not in known
-            or ReferenceCache.key(rows["prompt"][i], rows["rejected"][i]) not in known]
-    size = lambda i: len(rows["prompt"][i]) + max(len(rows["chosen"][i]), len(rows["rejected"][i]))  # noqa: E731
-    mine = sorted(todo[rank::world_size], key=size)
-    # Every worker runs the same number of forwards (ZeRO-3 forwards are collective): a
-    # worker that runs out repeats row 0 and throws the result away.
-    n_batches = -(-(-(-len(todo) // world_size)) // bs)
-    scored: dict[int, dict] = {}
+    schema = _schema([("id", "string")] + [(c, "float64" if "logps" in c else "int64") for c in REFERENCE_COLUMNS])
+    parts = path.with_suffix("")
+    rounds = -(-reader.num_groups // world_size)
+    dummy = reader.take([0]).to_pydict()
+    computed = 0
     engine.eval()
-    for b in range(n_batches):
-        idx = mine[b * bs:(b + 1) * bs]
-        use = idx or [0]
-        out = logprobs.reference_logps(engine, tokenizer, [rows["prompt"][i] for i in use],
-                                     [rows["chosen"][i] for i in use], [rows["rejected"][i] for i in use], lengths)
-        for j, i in enumerate(idx):
-            scored[i] = {k: v[j] for k, v in out.items()}
+    with RowWriter(parts / f"part-{rank}.parquet", schema) as part:
+        for first in range(0, rounds, CACHE_CHUNK_GROUPS):
+            mine = [g for g in (j * world_size + rank for j in range(first, min(rounds, first + CACHE_CHUNK_GROUPS)))
+                    if g < reader.num_groups]
+            known = _cache_lookup(cache, reader, mine)
+            new_entries = []
+            for j in range(first, min(rounds, first + CACHE_CHUNK_GROUPS)):
+                g = j * world_size + rank
+                rows = reader.group(g).to_pydict() if g < reader.num_groups else None
+                values, todo = _score_group(engine, tokenizer, rows, known.pop(g, None), dummy, spec, device)
+                if rows:
+                    part.write_group(pa.table({"id": rows["id"], **values}, schema=schema))
+                    computed += len(todo)
+                    if cache is not None and todo:
+                        new_entries.append(_cache_entries(rows, values, todo))
+            if cache is not None and new_entries:
+                cache.add_segment(*(np.concatenate(cols) for cols in zip(*new_entries)))
     engine.train()
-    if world_size > 1 and td.is_initialized():
-        parts: list = [None] * world_size
-        td.all_gather_object(parts, scored)
-        scored = {i: v for part in parts for i, v in part.items()}
-    for i in set(range(n)) - set(scored):  # the rest come from the cache
-        (c_logps, c_tokens), (r_logps, r_tokens) = (known[ReferenceCache.key(rows["prompt"][i], rows[side][i])]
-                                                    for side in ("chosen", "rejected"))
-        scored[i] = {"ref_chosen_logps": c_logps, "chosen_tokens": c_tokens,
-                     "ref_rejected_logps": r_logps, "rejected_tokens": r_tokens}
-    for key in ("ref_chosen_logps", "ref_rejected_logps", "chosen_tokens", "rejected_tokens"):
-        rows[key] = [scored[i][key] for i in range(n)]
+    barrier()
     if rank == 0:
-        import pyarrow as pa
-
-        write_table(pa.Table.from_pydict(rows), path)
-        if cache and todo:
-            cache.add(rows, todo)
-        print(f"train-policy: reference log-probs of {n} pairs ({len(todo)} computed, {n - len(todo)} from "
+        part_readers = [RowReader(parts / f"part-{r}.parquet", cache_groups=1) for r in range(world_size)]
+        with RowWriter(path, schema) as merged:
+            for g in range(reader.num_groups):  # group g is part g % world_size's group g // world_size
+                merged.write_group(part_readers[g % world_size].group(g // world_size))
+        shutil.rmtree(parts, ignore_errors=True)
+    total = int(sum_over_workers([computed], device)[0])
+    barrier()
+    if rank == 0:
+        n = reader.num_rows
+        print(f"train-policy: reference log-probs of {n} pairs ({total} computed, {n - total} from "
               f"the cache) in {time.perf_counter() - t0:.1f}s -> {path}")
-    return rows
+
+
+def _score_group(engine, tokenizer, rows: Optional[dict], known, dummy: dict, spec: ReferenceSpec, device):
+    """One round of the reference pass on one worker: the values of ``rows`` (a row group; None when
+    this worker has none this round), from ``known`` (the cache's hits) or scored; and which rows
+    were scored. Runs as many forwards as the busiest worker (collective)."""
+    import numpy as np
+
+    from cwpo_ray import logprobs
+    from cwpo_ray.distributed import max_over_workers
+
+    n = len(rows["id"]) if rows else 0
+    values = {c: np.zeros(n, dtype=np.float64 if "logps" in c else np.int64) for c in REFERENCE_COLUMNS}
+    todo = list(range(n))
+    if known is not None:
+        hit, found = known
+        for c in REFERENCE_COLUMNS:
+            values[c][:] = found[c]
+        todo = [i for i in range(n) if not hit[i]]
+    todo.sort(key=lambda i: len(rows["prompt"][i]) + max(len(rows["chosen"][i]), len(rows["rejected"][i])))
+    bs = spec.batch_size
+    for b in range(int(max_over_workers([-(-len(todo) // bs)], device)[0])):
+        idx = todo[b * bs:(b + 1) * bs]
+        use, src = (idx, rows) if idx else ([0], dummy)  # a worker with nothing left scores a row for nothing
+        out = logprobs.reference_logps(engine, tokenizer, [src["prompt"][i] for i in use],
+                                       [src["chosen"][i] for i in use], [src["rejected"][i] for i in use],
+                                       spec.lengths)
+        for c in REFERENCE_COLUMNS:
+            values[c][idx] = out[c][:len(idx)]
+    return values, todo
+
+
+# Row groups of the pair table looked up in the reference cache at once: each lookup reads the
+# cache once, so bigger chunks mean fewer reads; a chunk holds 2 x 1024 keys per group (~100 B each).
+CACHE_CHUNK_GROUPS = 64
+
+
+def _cache_lookup(cache, reader, groups: list[int]) -> dict:
+    """{group: (hit per row, values per row)} for the rows of ``groups`` whose responses are both in
+    the cache; {} without a cache."""
+    import numpy as np
+
+    if cache is None or not groups:
+        return {}
+    keys, sizes = [], []
+    for g in groups:
+        rows = reader.group(g).to_pydict()
+        for side in ("chosen", "rejected"):
+            keys.append(np.array([ReferenceCache.key(p, r) for p, r in zip(rows["prompt"], rows[side])], dtype="S32"))
+        sizes.append(len(rows["id"]))
+    found, logps, tokens = cache.lookup(np.concatenate(keys))
+    known, at = {}, 0
+    for g, n in zip(groups, sizes):
+        c, r = slice(at, at + n), slice(at + n, at + 2 * n)
+        known[g] = (found[c] & found[r], {"ref_chosen_logps": logps[c], "ref_rejected_logps": logps[r],
+                                          "chosen_tokens": tokens[c], "rejected_tokens": tokens[r]})
+        at += 2 * n
+    return known
+
+
+def _cache_entries(rows: dict, values: dict, todo: list[int]):
+    """(keys, logps, tokens) of the responses of the rows ``todo`` just scored."""
+    import numpy as np
+
+    keys = [ReferenceCache.key(rows["prompt"][i], rows[side][i]) for side in ("chosen", "rejected") for i in todo]
+    logps = np.concatenate([values[f"ref_{side}_logps"][todo] for side in ("chosen", "rejected")])
+    tokens = np.concatenate([values[f"{side}_tokens"][todo] for side in ("chosen", "rejected")])
+    return np.array(keys, dtype="S32"), logps, tokens
 
 
 class ReferenceCache:
     """Reference log-probs of (prompt, response) texts under one start model and one truncation.
 
-    One Parquet file per (model, tokenization) fingerprint in a shared folder: key (a hash of
-    the prompt and the response), logps, tokens. Only rank 0 writes it, atomically.
+    A folder per (model, tokenization) fingerprint in a shared folder, of Parquet segments:
+    key (a hash of the prompt and the response), logps, tokens, each segment sorted by key with
+    row-group statistics. A run adds one segment per worker per lookup chunk of responses it
+    scored (atomically; segments are never rewritten, so concurrent runs never lose each other's).
+    ``lookup`` streams the segments' row groups (skipping those whose key range misses the
+    keys asked) and joins them to a sorted batch of keys: memory is one row group and the batch,
+    not the cache. The cost is a read of the cache per lookup (so per CACHE_CHUNK_GROUPS x 1024
+    pairs); the file of earlier versions, reference-KEY.parquet (sorted by key), is read as a segment.
     """
 
+    GROUP_ROWS = 65536
+
     def __init__(self, folder: str, model_key: str):
-        self.path = Path(folder) / f"reference-{model_key}.parquet"
+        self.folder = Path(folder) / f"reference-{model_key}"
+        self.legacy = Path(folder) / f"reference-{model_key}.parquet"
 
     @staticmethod
     def key(prompt: str, response: str) -> str:
@@ -316,27 +461,53 @@ class ReferenceCache:
 
         return hashlib.sha256(f"{prompt}\0{response}".encode()).hexdigest()[:32]
 
-    def load(self) -> dict[str, tuple[float, int]]:
-        from cwpo_ray.tables import read_table
+    def segments(self) -> list[Path]:
+        found = sorted(self.folder.glob("seg-*.parquet")) if self.folder.is_dir() else []
+        return ([self.legacy] if self.legacy.exists() else []) + found
 
-        if not self.path.exists():
-            return {}
-        t = read_table(self.path).to_pydict()
-        return {k: (lp, n) for k, lp, n in zip(t["key"], t["logps"], t["tokens"])}
+    def lookup(self, keys):
+        """(found, logps, tokens) for each of ``keys`` (numpy bytes 'S32'), in their order."""
+        import numpy as np
+        import pyarrow.parquet as pq
 
-    def add(self, rows: dict, idx: list[int]) -> None:
+        order = np.argsort(keys, kind="stable")
+        want = keys[order]
+        found = np.zeros(len(keys), dtype=bool)
+        logps, tokens = np.zeros(len(keys)), np.zeros(len(keys), dtype=np.int64)
+        if not len(keys):
+            return found, logps, tokens
+        lo, hi = want[0].decode(), want[-1].decode()
+        for segment in self.segments():
+            f = pq.ParquetFile(segment)
+            for g in range(f.metadata.num_row_groups):
+                stats = f.metadata.row_group(g).column(0).statistics
+                if stats is not None and stats.has_min_max and (stats.max < lo or stats.min > hi):
+                    continue
+                t = f.read_row_group(g, columns=["key", "logps", "tokens"])
+                have = t.column("key").to_numpy(zero_copy_only=False).astype("S32")
+                at = np.searchsorted(have, want).clip(max=len(have) - 1)
+                hit = have[at] == want
+                sel = order[hit]
+                found[sel] = True
+                logps[sel] = t.column("logps").to_numpy()[at[hit]]
+                tokens[sel] = t.column("tokens").to_numpy()[at[hit]]
+        return found, logps, tokens
+
+    def add_segment(self, keys, logps, tokens) -> None:
+        """A new segment of these entries (numpy arrays; keys 'S32'), sorted by key, duplicates dropped."""
+        import uuid
+
+        import numpy as np
         import pyarrow as pa
+        import pyarrow.parquet as pq
 
-        from cwpo_ray.tables import write_table
+        from cwpo_ray.tables import atomic_path
 
-        entries = self.load()
-        for i in idx:
-            for side in ("chosen", "rejected"):
-                entries[self.key(rows["prompt"][i], rows[side][i])] = (rows[f"ref_{side}_logps"][i],
-                                                                        rows[f"{side}_tokens"][i])
-        keys = sorted(entries)
-        write_table(pa.table({"key": keys, "logps": [entries[k][0] for k in keys],
-                              "tokens": [entries[k][1] for k in keys]}), self.path)
+        keys, first = np.unique(keys, return_index=True)
+        table = pa.table({"key": pa.array(keys.astype(str), pa.string()), "logps": pa.array(logps[first], pa.float64()),
+                          "tokens": pa.array(tokens[first], pa.int64())})
+        with atomic_path(self.folder / f"seg-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.parquet") as tmp:
+            pq.write_table(table, tmp, row_group_size=self.GROUP_ROWS)
 
 
 def reference_key(source, cfg: Settings) -> str:
@@ -397,15 +568,41 @@ class StepPlan:
         return min(total, self.max_steps) if self.max_steps else total
 
     def rows(self, step: int, rank: int) -> list[list[int]]:
-        """This worker's micro-batches of optimizer step ``step``."""
-        import torch
+        """This worker's micro-batches of optimizer step ``step``: positions of the epoch's seeded
+        permutation of the rows (``rowstore.permuted``, computed for these positions only)."""
+        import numpy as np
+
+        from cwpo_ray.rowstore import permuted
 
         epoch, i = divmod(step, self.steps_per_epoch)
-        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 1000 + epoch))
         per_worker = self.batch_size * self.accumulation
         start = i * self.global_batch + rank * per_worker
-        mine = order[start:start + per_worker].tolist()
+        mine = permuted(np.arange(start, start + per_worker), self.n, self.seed * 1000 + epoch).tolist()
         return [mine[k:k + self.batch_size] for k in range(0, per_worker, self.batch_size)]
+
+
+class BatchReader:
+    """A micro-batch's columns by row index: the pair table's, joined (PO) with the reference's,
+    which has the same rows in the same order; reads only the row groups the rows fall in."""
+
+    def __init__(self, pairs: str, reference: Optional[str] = None):
+        from cwpo_ray.rowstore import RowReader
+
+        self.pairs = RowReader(pairs)
+        self.reference = RowReader(reference) if reference else None
+        if self.reference is not None and self.reference.num_rows != self.pairs.num_rows:
+            raise ValueError(f"{reference} has {self.reference.num_rows} rows, {pairs} {self.pairs.num_rows}: "
+                             "a reference table of other pairs (rerun with --no-resume)")
+
+    def take(self, rows: list[int]) -> dict:
+        batch = self.pairs.take(rows).to_pydict()
+        if self.reference is not None:
+            ref = self.reference.take(rows).to_pydict()
+            if ref.pop("id") != batch["id"]:
+                raise ValueError(f"{self.reference.path} does not match {self.pairs.path} row for row "
+                                 "(a reference table of other pairs: rerun with --no-resume)")
+            batch.update(ref)
+        return batch
 
 
 def train_loop(loop_config: dict) -> None:
@@ -415,7 +612,6 @@ def train_loop(loop_config: dict) -> None:
 
     from cwpo_ray.distributed import RankZeroLogger, adamw, device_for, report, resume, setup_engine, world
     from cwpo_ray.models import ModelSource, load_causal_lm, load_tokenizer
-    from cwpo_ray.tables import read_table
 
     job: Job = loop_config["job"]
     cfg, dist, plan = job.cfg, loop_config["dist"], job.plan
@@ -425,7 +621,6 @@ def train_loop(loop_config: dict) -> None:
     torch.manual_seed(cfg.seed)
     tokenizer = load_tokenizer(source)
     model = _with_lora(load_causal_lm(source), cfg).to(device)
-    rows = read_table(job.table).to_pydict()
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = adamw(params, job.lr, cfg.weight_decay)
@@ -436,9 +631,10 @@ def train_loop(loop_config: dict) -> None:
     logger = RankZeroLogger(job.tracking_uri, job.run_id)
     if job.mode == "po":
         t0 = time.perf_counter()
-        rows = ensure_reference(engine, tokenizer, rows, job.reference, rank, world_size)
+        ensure_reference(engine, tokenizer, job.table, job.reference, rank, world_size)
         if start == 0:
             logger.log_metrics({"reference/seconds": time.perf_counter() - t0}, step=0)
+    batches = BatchReader(job.table, job.reference_table if job.mode == "po" else None)
     prefix = "sft/" if job.mode == "sft" else ""
 
     engine.train()
@@ -449,7 +645,7 @@ def train_loop(loop_config: dict) -> None:
         t0 = time.perf_counter()
         metrics = {}
         for micro in plan.rows(step, rank):
-            loss, micro_metrics = step_loss(engine, tokenizer, rows, micro, job)
+            loss, micro_metrics = step_loss(engine, tokenizer, batches.take(micro), job)
             engine.backward_and_step(loss)  # steps the optimizer after the last micro-batch
             for k, v in micro_metrics.items():  # token counts summed, the rest averaged
                 metrics[k] = metrics.get(k, 0.0) + (v if k == "tokens" else v / plan.accumulation)
@@ -474,19 +670,19 @@ def train_loop(loop_config: dict) -> None:
     save_final_model(engine, tokenizer, source, job, rank)
 
 
-def step_loss(engine, tokenizer, rows: dict, idx: list[int], job: Job):
-    """The loss of one worker's batch and its metrics (token count as 'tokens', summed later)."""
+def step_loss(engine, tokenizer, batch: dict, job: Job):
+    """The loss of one worker's micro-batch (its columns, ``BatchReader.take``) and its metrics
+    (token count as 'tokens', summed later)."""
     from cwpo_ray import logprobs
 
     lengths = job.lengths
-    pick = lambda col: [rows[col][i] for i in idx]  # noqa: E731
     if job.mode == "sft":
-        batch = logprobs.sft_batch(tokenizer, pick("prompt"), pick("chosen"), lengths)
-        loss, tokens = logprobs.sft_loss(engine, batch)
-        return loss, {"loss": float(loss.detach()), "tokens": float(tokens)}
-    batch = logprobs.pair_batch(tokenizer, pick("prompt"), pick("chosen"), pick("rejected"), lengths)
-    return logprobs.po_loss(engine, batch, pick("ref_chosen_logps"), pick("ref_rejected_logps"), pick("weight"),
-                          loss_type=job.cfg.loss, beta=job.cfg.beta, epsilon=job.cfg.epsilon)
+        tokens = logprobs.sft_batch(tokenizer, batch["prompt"], batch["chosen"], lengths)
+        loss, count = logprobs.sft_loss(engine, tokens)
+        return loss, {"loss": float(loss.detach()), "tokens": float(count)}
+    tokens = logprobs.pair_batch(tokenizer, batch["prompt"], batch["chosen"], batch["rejected"], lengths)
+    return logprobs.po_loss(engine, tokens, batch["ref_chosen_logps"], batch["ref_rejected_logps"], batch["weight"],
+                            loss_type=job.cfg.loss, beta=job.cfg.beta, epsilon=job.cfg.epsilon)
 
 
 def _mean_over_workers(metrics: dict, world_size: int, device) -> dict:
