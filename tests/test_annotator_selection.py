@@ -96,3 +96,17 @@ def test_kfold_training_chooses_epochs_refits_calibrates_and_resumes(ray_cluster
     assert load_annotator(out).meta.temperature == pytest.approx(cal["temperature"])
     assert (out / "reliability_calibrated.png").stat().st_size > 1000
     assert pooled[1] and pooled[2]
+
+
+def test_pipeline_warns_loudly_when_the_annotator_has_not_learned(capsys):
+    from cwpo_ray.recipes.pipeline import warn_if_annotator_did_not_learn
+
+    learned = {"annotator.heldout_accuracy": 0.63, "annotator.heldout_accuracy_lo": 0.57,
+               "annotator.heldout_accuracy_hi": 0.68}
+    warn_if_annotator_did_not_learn(learned, seed=0)
+    assert "WARNING" not in capsys.readouterr().out
+    chance = {"annotator.heldout_accuracy": 0.58, "annotator.heldout_accuracy_lo": 0.40,
+              "annotator.heldout_accuracy_hi": 0.74}
+    warn_if_annotator_did_not_learn(chance, seed=1)
+    out = capsys.readouterr().out
+    assert "WARNING (seed 1): the annotator has not learned" in out and "[0.400, 0.740]" in out

@@ -181,6 +181,20 @@ def run_annotator(cfg: Config, labeled: str, out: Path, parent_run_id: str) -> d
             "metrics": {f"annotator.heldout_{k}": v for k, v in best.items() if isinstance(v, (int, float))}}
 
 
+def warn_if_annotator_did_not_learn(metrics: dict, seed: int) -> None:
+    """Loudly, on the terminal: an annotator whose held-out accuracy interval includes 0.5 labels at
+    chance, and every weak-label arm of this seed trains on noise."""
+    from cwpo_ray import console
+
+    lo, hi = metrics.get("annotator.heldout_accuracy_lo"), metrics.get("annotator.heldout_accuracy_hi")
+    if lo is not None and lo <= 0.5:
+        bar = "!" * 100
+        console.say(f"{bar}\nWARNING (seed {seed}): the annotator has not learned. Its held-out accuracy is "
+                    f"{metrics['annotator.heldout_accuracy']:.3f} [{lo:.3f}, {hi:.3f}], an interval that includes "
+                    f"0.5 (chance).\nThe ws / cw / topk arms of this seed train on labels close to noise; their "
+                    f"results say little about the method.\n{bar}")
+
+
 def run_annotate(cfg: Config, unlabeled: str, annotator: str, out: Path) -> dict:
     annotate_stage.run(annotate_stage.Config(**asdict(cfg.annotate), data=unlabeled, annotator=annotator,
                                              out=str(out)))
@@ -555,6 +569,7 @@ def run_seed(cfg: Config, out: Path, runs: ArmRuns, start: str, fp_base: str) ->
     fp_ann = fingerprint("annotator", fp_data, to_dict(cfg.annotator))
     ann = stage(out / "annotator", fp_ann, lambda: run_annotator(cfg, tables["labeled"], out / "annotator",
                                                                  runs.parent_id))
+    warn_if_annotator_did_not_learn(ann["metrics"], cfg.seed)
     fp_lab = fingerprint("annotate", fp_ann, to_dict(cfg.annotate))
     labels = stage(out / "annotate", fp_lab, lambda: run_annotate(cfg, tables["unlabeled"], ann["annotator"],
                                                                   out / "annotate"))
