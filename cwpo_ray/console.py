@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Callable, Iterator, TextIO
@@ -24,7 +25,7 @@ def say(message: str) -> None:
     if _terminal is not None:
         _terminal.write(message + "\n")
         _terminal.flush()
-    print(message, flush=True)
+    print(message, flush=True)  # the terminal when not redirected; else the log, beside what it summarizes
 
 
 @contextlib.contextmanager
@@ -38,13 +39,17 @@ def log_to(path: Path) -> Iterator[Path]:
     sys.stdout.flush()
     sys.stderr.flush()
     saved = os.dup(1), os.dup(2)
+    saved_streams = sys.stdout, sys.stderr
     log = open(path, "a", buffering=1)
     _terminal = os.fdopen(os.dup(saved[0]), "w", buffering=1)
     os.dup2(log.fileno(), 1)
     os.dup2(log.fileno(), 2)
+    # Python-level writers too: sys.stdout is not always file descriptor 1 (a notebook, a test runner).
+    sys.stdout = sys.stderr = log
     try:
         yield path
     finally:
+        sys.stdout, sys.stderr = saved_streams
         sys.stdout.flush()
         sys.stderr.flush()
         os.dup2(saved[0], 1)
@@ -84,9 +89,37 @@ def stage_line(name: str, status: str, seconds: float | None = None, result=None
 
 @contextlib.contextmanager
 def timed_stage(name: str) -> Iterator[Callable[[object], None]]:
-    """``with timed_stage(name) as done: ...; done(result)`` prints the stage's line when it ends."""
+    """``with timed_stage(name) as done: ...; done(result)`` prints the stage's line when it ends.
+
+    On a terminal the line shows the stage running, with its seconds, rewritten in place every
+    second (one line however long the stage takes); elsewhere (a job log, CI) only the final line.
+    """
     start = time.perf_counter()
-    yield lambda result: stage_line(name, "done", time.perf_counter() - start, result)
+    stop = threading.Event()
+    ticker = None
+    if _terminal is not None and _terminal.isatty():
+        def tick():
+            while not stop.wait(1.0):
+                _terminal.write(f"\r  {name:<22} running {time.perf_counter() - start:.0f} s ")
+                _terminal.flush()
+        ticker = threading.Thread(target=tick, daemon=True)
+        ticker.start()
+
+    def done(result) -> None:
+        stop.set()
+        if ticker is not None:
+            ticker.join()
+            _terminal.write("\r\033[K")  # clear the running line; the final one takes its place
+        stage_line(name, "done", time.perf_counter() - start, result)
+
+    try:
+        yield done
+    finally:
+        stop.set()
+        if ticker is not None:
+            ticker.join()
+            _terminal.write("\r\033[K")
+            _terminal.flush()
 
 
 def show_file(path: Path) -> None:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, Optional
@@ -530,8 +531,13 @@ def run(cfg: Config) -> int:
     log = out / "pipeline.log"
     print(f"pipeline: {len(cfg.arms)} arm(s) x {len(cfg.losses)} loss(es) -> {out}; every stage's own output "
           f"goes to {log}", flush=True)
-    with console.log_to(log):
-        return run_stages(cfg, out)
+    try:
+        with console.log_to(log):
+            return run_stages(cfg, out)
+    except BaseException:  # the traceback follows on the terminal; the rest of the story is in the log
+        print(f"pipeline: stopped by the error below; every stage's own output is in {log}", file=sys.stderr,
+              flush=True)
+        raise
 
 
 def run_stages(cfg: Config, out: Path) -> int:

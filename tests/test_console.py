@@ -1,0 +1,39 @@
+"""The pipeline's terminal: one line per stage there, everything else (child processes too) in the log."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from cwpo_ray import console
+
+
+def test_output_goes_to_the_log_and_stage_lines_to_the_terminal(tmp_path, capfd):
+    log = tmp_path / "pipeline.log"
+    with console.log_to(log):
+        print("a transformers warning")
+        subprocess.run([sys.executable, "-c", "import sys; print('a worker line'); print('stderr', file=sys.stderr)"],
+                       check=True)
+        os.write(2, b"C-level output\n")
+        with console.timed_stage("annotate") as done:
+            done({"rows": 685, "metrics": {"annotator.mean_confidence": 0.357}})
+        console.stage_line("data", "done already, reusing", fingerprint="0123")
+    terminal = capfd.readouterr()
+    assert terminal.out.splitlines() == ["  annotate               done in 0 s: 685 pairs annotated, mean confidence 0.357",
+                                         "  data                   done already, reusing (fingerprint 0123)"]
+    assert terminal.err == ""
+    text = log.read_text()
+    for line in ("a transformers warning", "a worker line", "stderr", "C-level output", "685 pairs annotated"):
+        assert line in text
+
+
+def test_an_error_reaches_the_terminal_in_full(tmp_path, capfd):
+    with pytest.raises(RuntimeError, match="boom"):
+        with console.log_to(tmp_path / "pipeline.log"):
+            print("noise")
+            raise RuntimeError("boom")
+    print("after the block")  # the descriptors are back: this reaches the terminal
+    assert capfd.readouterr().out == "after the block\n"
