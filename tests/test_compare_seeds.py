@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import re
+import time
 from pathlib import Path
 
 import numpy as np
@@ -91,3 +92,132 @@ def test_empty_seed_gives_nan_not_a_crash():
     h = hierarchical_bootstrap([[1.0, 0.0], []])
     assert np.isnan(h["mean"]) and np.isnan(h["lo"]) and h["n"] == [2, 0]
     assert np.isnan(hierarchical_bootstrap([])["mean"])
+
+
+# ----------------------------------------------------------------------------- cwpo compare over seeds (MLflow)
+
+def scores(wins_: int, ties: int, n: int = 100) -> list[float]:
+    """Policy scores against a reference of 0: ``wins_`` prompts won, then ``ties`` tied, the rest lost."""
+    return [1.0] * wins_ + [0.0] * ties + [-1.0] * (n - wins_ - ties)
+
+
+def log_arm(client, exp_id: str, parent: str, arm: str, seed, vader: list[float], tmp: Path) -> None:
+    """An arm's child run as the pipeline leaves it for one seed: tags, eval/* metrics (also under a second
+    judge, textblob, which ties everything) and responses.parquet at the run's root."""
+    from types import SimpleNamespace
+
+    from mlflow.entities import Metric
+
+    from cwpo_ray.recipes.evaluate import judge_metrics
+
+    n = len(vader)
+    tags = {"mlflow.parentRunId": parent, "stage": "arm", "arm": arm, "loss": "dpo", "eval/judge": "vader",
+            **({} if seed is None else {"seed": str(seed)})}
+    run_id = client.create_run(exp_id, run_name=f"{arm}-dpo-seed{seed}", tags=tags).info.run_id
+    ref, flat = [0.0] * n, [0.0] * n
+    cfg = SimpleNamespace(n_boot=500, seed=0)
+    metrics = judge_metrics(vader, ref, cfg)
+    metrics.update({f"textblob.{k}": v for k, v in judge_metrics(flat, ref, cfg).items() if k != "n"})
+    metrics["human_labels_used"] = 300.0 if arm == "human" else 0.0
+    now = int(time.time() * 1000)  # one request per run: the server is slow on a loaded machine
+    client.log_batch(run_id, metrics=[Metric(k if k == "human_labels_used" else f"eval/{k}", float(v), now, 0)
+                                      for k, v in metrics.items()])
+    rows = [{"id": f"s{seed}p{i:03d}", "prompt": f"q{i}", "policy_response": "x", "reference_response": "y",
+             "policy_score": vader[i], "reference_score": 0.0, "policy_score_vader": vader[i],
+             "reference_score_vader": 0.0, "policy_score_textblob": 0.0, "reference_score_textblob": 0.0}
+            for i in range(n)]
+    folder = tmp / f"{arm}-{seed}"
+    folder.mkdir()
+    write_table(pa.Table.from_pylist(rows), folder / "responses.parquet")
+    client.log_artifact(run_id, str(folder / "responses.parquet"))
+
+
+def line_of(table: str, start: str) -> str:
+    found = [l for l in table.splitlines() if l.startswith(start)]
+    assert len(found) == 1, (start, found)
+    return found[0]
+
+
+def interval(line: str, col: int) -> tuple[float, float]:
+    lo, hi = re.fullmatch(r"\[([-+0-9.]+), ([-+0-9.]+)\]", line.split("|")[col].strip()).groups()
+    return float(lo), float(hi)
+
+
+SEEDED = {  # arm -> seed -> (wins, ties) out of 100 prompts; cw's wins include human's and cw_raw's
+    "human": {0: (40, 0), 1: (50, 0)},
+    "cw": {0: (60, 20), 1: (60, 0)},
+    "cw_raw": {0: (55, 0), 1: (50, 0)},
+}
+
+
+def test_compare_over_two_seeds(tmp_path, mlflow_server):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(mlflow_server)
+    exp_id = client.create_experiment("cwpo-compare-seeds")
+    parent = client.create_run(exp_id, run_name="pipeline", tags={"stage": "pipeline"}).info.run_id
+    client.log_metric(parent, "seed0.annotator.gold_accuracy", 0.6)
+    client.log_metric(parent, "seed1.annotator.gold_accuracy", 0.7)
+    for arm, by_seed in SEEDED.items():
+        for seed, (w, t) in by_seed.items():
+            log_arm(client, exp_id, parent, arm, seed, scores(w, t), tmp_path)
+    assert cli.main(["compare", "--experiment", "cwpo-compare-seeds", "--parent-run-id", parent,
+                     "--out", str(tmp_path / "cmp")]) == 0
+    table = (tmp_path / "cmp" / "compare.md").read_text()
+    assert "Over 2 seeds (0 / 1;" in table
+    assert ("| arm | loss | seeds | GRA | 95% CI | GRA per seed | GRA strict | strict 95% CI | strict per seed |"
+            in table)
+
+    def wins_of(arm, seed):
+        w, t = SEEDED[arm][seed]
+        return np.array([1.0] * w + [0.5] * t + [0.0] * (100 - w - t))
+
+    for arm, gra, per, strict, strict_per in [("human", 0.45, "0.400 / 0.500", 0.45, "0.400 / 0.500"),
+                                              ("cw", 0.65, "0.700 / 0.600", 0.60, "0.600 / 0.600"),
+                                              ("cw_raw", 0.525, "0.550 / 0.500", 0.525, "0.550 / 0.500")]:
+        line = line_of(table, f"| {arm} | dpo | 2 |")
+        cols = [c.strip() for c in line.split("|")]
+        assert float(cols[4]) == pytest.approx(gra) and cols[6] == per  # the mean of the per-seed GRAs
+        assert float(cols[7]) == pytest.approx(strict) and cols[9] == strict_per
+        lo, hi = interval(line, 5)
+        assert lo < gra < hi and interval(line, 8)[0] <= strict <= interval(line, 8)[1]
+        expected = gra_over_seeds([wins_of(arm, 0), wins_of(arm, 1)])  # the prompts in id order, as compare reads them
+        assert (lo, hi) == pytest.approx((expected["gra_lo"], expected["gra_hi"]), abs=5e-4)
+        assert cols[15] == "100"  # test prompts: the same count for every seed
+    assert line_of(table, "| cw | dpo | 2 |").split("|")[13].strip() == "0.650"  # annotator acc.: mean of 0.6, 0.7
+    assert line_of(table, "| human | dpo | 2 |").split("|")[13].strip() == "-"
+    # Under every judge: textblob ties everything, 0.5 for every arm and seed.
+    assert "| cw | dpo | textblob | 2 | 0.500 | [0.500, 0.500] | 0.500 / 0.500 |" in table
+    # Paired differences over seeds, per judge, with the per-seed differences.
+    for contrast, diff, per in [("cw - human", 0.2, "+0.300 / +0.100"), ("cw - cw_raw", 0.125, "+0.150 / +0.100")]:
+        line = line_of(table, f"| dpo | {contrast} | vader |")
+        cols = [c.strip() for c in line.split("|")]
+        assert float(cols[4]) == pytest.approx(diff) and cols[6] == per
+        lo, hi = interval(line, 5)
+        assert 0 < lo < diff < hi
+        assert cols[7] == "yes" and cols[8] == "judge-specific" and cols[9] == "2" and cols[10] == "100"
+        assert "| +0.000 | [+0.000, +0.000] | +0.000 / +0.000 | no | judge-specific |" in line_of(
+            table, f"| dpo | {contrast} | textblob |")
+    assert "| dpo | cw_raw - human |" not in table  # only the contrasts compare knows
+    # Each seed's own numbers follow.
+    assert "| cw | dpo | 0 | 0.700 |" in table and "| cw | dpo | 1 | 0.600 |" in table
+    assert (tmp_path / "cmp" / "compare.png").stat().st_size > 1000
+    assert (tmp_path / "cmp" / "compare_paired.png").stat().st_size > 1000
+    # Logged to the parent: the table, the charts, the aggregated numbers.
+    assert {"compare.md", "compare.png", "compare_paired.png"} <= {a.path for a in client.list_artifacts(parent)}
+    pm = client.get_run(parent).data.metrics
+    assert pm["seeds.cw.dpo.gra"] == pytest.approx(0.65) and pm["seeds.cw.dpo.n_seeds"] == 2
+    assert pm["seeds.cw-human.dpo.diff"] == pytest.approx(0.2)
+
+    # One seed (tagged, or an older untagged run): the single-seed table, as before.
+    for seed in (3, None):
+        one = client.create_run(exp_id, run_name="pipeline", tags={"stage": "pipeline"}).info.run_id
+        (tmp_path / f"one-{seed}").mkdir()
+        for arm in ("human", "cw"):
+            log_arm(client, exp_id, one, arm, seed, scores(*SEEDED[arm][0]), tmp_path / f"one-{seed}")
+        out = tmp_path / f"cmp-{seed}"
+        assert cli.main(["compare", "--experiment", "cwpo-compare-seeds", "--parent-run-id", one,
+                         "--out", str(out), "--no-log"]) == 0
+        single = (out / "compare.md").read_text()
+        assert "| arm | loss | GRA | 95% CI | GRA strict |" in single and "| seeds |" not in single
+        assert "| cw | dpo | 0.700 |" in single and "| dpo | cw - human | vader | +0.300 |" in single

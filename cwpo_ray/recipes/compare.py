@@ -3,7 +3,7 @@ half) and strict GRA (ties 0, the paper's definition) with its own, mean
 gold reward of the policy and of its SFT start, implicit-reward pair accuracy, the
 annotator's accuracy (against the gold judge when the data has one, else against the hidden
 human labels) and how many human labels each arm used. Then the contrasts the paper's claim is
-about (cw - human, cw - ws, ws - human, cw - human_labeled_only, per loss) as paired GRA
+about (cw - human, cw - ws, cw - cw_raw, ws - human, cw - human_labeled_only, per loss) as paired GRA
 differences: every arm is judged on the same test prompts against the same start responses,
 so the per-prompt differences are resampled together (gra.paired_difference), which
 separates arms that two overlapping GRA intervals cannot.
@@ -13,6 +13,15 @@ shown under each of them, and every paired difference is computed under each jud
 per-judge score columns of the arm's responses.parquet. A contrast whose interval excludes 0
 under some judges but not under others is flagged ``judge-specific``: the gain may come from
 how one judge scores rather than from better responses (gra.across_judges).
+
+When the parent's arm runs span several seeds (`cwpo pipeline ... seeds=[0,1,2]`: every seed its own
+split, annotator and training), the tables are over seeds: per arm x loss (and judge) the mean over
+seeds of each seed's GRA, a hierarchical bootstrap interval (resample seeds, then prompts within each
+seed: gra.gra_over_seeds) and each seed's value; the paired differences likewise, paired on the
+prompts within each seed (gra.paired_difference_over_seeds); then each seed's own numbers. The
+chart shows each seed as a dot beside the mean and its interval, and the aggregated main-judge
+numbers are also logged to the parent as ``seeds.ARM.LOSS.gra`` ... and ``seeds.A-B.LOSS.diff`` ....
+Runs without a seed tag (older pipelines) count as one seed.
 
 Reads the child runs of a pipeline parent run (--parent-run-id, default: the latest pipeline
 run of --experiment). Prints the tables, writes OUT/compare.md, OUT/compare.png (GRA per
@@ -35,8 +44,10 @@ EPILOG = """examples:
   cwpo compare --parent-run-id 0123abcd... --out runs/compare
 """
 
-ARM_ORDER = ("human", "human_labeled_only", "ws", "cw", "gold")
-CONTRASTS = (("cw", "human"), ("cw", "ws"), ("ws", "human"), ("cw", "human_labeled_only"), ("gold", "human"))
+ARM_ORDER = ("human", "human_labeled_only", "ws", "cw", "cw_raw", "gold")
+# cw - cw_raw: the calibrated confidence as weight against the uncalibrated one (each shown when both arms ran).
+CONTRASTS = (("cw", "human"), ("cw", "ws"), ("cw", "cw_raw"), ("ws", "human"), ("cw", "human_labeled_only"),
+             ("gold", "human"))
 
 
 @dataclass
@@ -79,19 +90,44 @@ def judge_metrics(metrics: dict) -> tuple[dict, dict]:
     return main, {j: {k: metrics.get(f"eval/{j}.{k}") for k in GRA_KEYS} for j in extra_names}
 
 
+def seed_key(seed) -> tuple:
+    """Sort order of seed tags: untagged (older runs) first, then numeric, then any other text."""
+    if seed is None:
+        return (0, 0, "")
+    try:
+        return (1, int(seed), "")
+    except ValueError:
+        return (2, 0, str(seed))
+
+
+def seeds_of(rows: list[dict]) -> list:
+    """The distinct seeds of the arm runs, in order; a run without a seed tag (older runs) is seed None."""
+    return sorted({r["seed"] for r in rows}, key=seed_key)
+
+
 def collect_rows(client, exp, parent) -> list[dict]:
-    """One row per child (arm x loss) run, in a stable arm order."""
+    """One row per child (arm x loss, x seed when the pipeline ran several) run, in a stable arm order."""
     children = client.search_runs([exp.experiment_id],
                                   filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}' and tags.stage = 'arm'")
     pm = parent.data.metrics
-    annotator_acc = pm.get("annotator.gold_accuracy", pm.get("annotator.human_agreement"))
+
+    def annotator_accuracy(seed):
+        # The pipeline prefixes a seed's annotator metrics with "seedS." when it runs several seeds.
+        for prefix in ([f"seed{seed}."] if seed is not None else []) + [""]:
+            for k in ("annotator.gold_accuracy", "annotator.human_agreement"):
+                if prefix + k in pm:
+                    return pm[prefix + k]
+        return None
+
     rows = []
     for run in children:
         m, tags = run.data.metrics, run.data.tags
         arm = tags.get("arm", run.info.run_name)
+        seed = tags.get("seed")
+        annotator_acc = annotator_accuracy(seed)
         main, extra = judge_metrics(m)
         rows.append({
-            "arm": arm, "loss": tags.get("loss", ""), "run_id": run.info.run_id, **main,
+            "arm": arm, "loss": tags.get("loss", ""), "seed": seed, "run_id": run.info.run_id, **main,
             # runs evaluated before the judge was tagged: "gold"
             "judge": tags.get("eval/judge", "gold"), "judges": extra,
             "n": m.get("eval/n"), "pair_accuracy": m.get("eval/pair_accuracy"),
@@ -100,7 +136,7 @@ def collect_rows(client, exp, parent) -> list[dict]:
             "human_labels_used": m.get("human_labels_used"),
         })
     order = {a: i for i, a in enumerate(ARM_ORDER)}
-    return sorted(rows, key=lambda r: (r["loss"], order.get(r["arm"], len(order)), r["arm"]))
+    return sorted(rows, key=lambda r: (r["loss"], order.get(r["arm"], len(order)), r["arm"], seed_key(r["seed"])))
 
 
 def wins_by_judge(rows: list[dict], main_judge: str) -> dict[str, dict]:
@@ -233,11 +269,17 @@ def paired_chart(pairs: list[dict], path: Path, title: str) -> None:
     labels = [f"{p['a']} - {p['b']} ({p['loss']}" + (f", {p['judge']})" if several else ")") for p in pairs]
     ys = list(range(len(pairs)))[::-1]
     fig, ax = plt.subplots(figsize=(6.4, 0.35 * len(pairs) + 1.4))
-    ax.errorbar([p["diff"] for p in pairs], ys, fmt="o", capsize=3,
+    over_seeds = any("per_seed" in p for p in pairs)
+    ax.errorbar([p["diff"] for p in pairs], ys, fmt="o", capsize=3, label="mean over seeds" if over_seeds else None,
                 xerr=[[p["diff"] - p["lo"] for p in pairs], [p["hi"] - p["diff"] for p in pairs]])
+    if over_seeds:  # each seed's own difference, a small dot on the contrast's line
+        dots = [(v, y) for p, y in zip(pairs, ys) for v in p.get("per_seed", []) if v is not None]
+        ax.plot([v for v, _ in dots], [y for _, y in dots], "o", ms=3.5, color="black", alpha=0.7, label="one seed")
+        ax.legend(fontsize=7, loc="best")
     ax.axvline(0.0, color="grey", lw=1, ls="--")
     ax.set_yticks(ys, labels, fontsize=8)
-    ax.set_xlabel("GRA difference (95% paired bootstrap)")
+    ax.set_xlabel("GRA difference (95% hierarchical bootstrap over seeds and prompts)" if over_seeds
+                  else "GRA difference (95% paired bootstrap)")
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -254,7 +296,9 @@ def bar_chart(rows: list[dict], path: Path, title: str) -> None:
     arms = list(dict.fromkeys(r["arm"] for r in rows))
     losses = list(dict.fromkeys(r["loss"] for r in rows))
     width = 0.8 / max(len(losses), 1)
+    over_seeds = any("gra_per_seed" in r for r in rows)
     fig, ax = plt.subplots(figsize=(1.6 * len(arms) + 2, 3.6))
+    dots = []
     for j, loss in enumerate(losses):
         xs, ys, errs = [], [], [[], []]
         for i, arm in enumerate(arms):
@@ -265,16 +309,228 @@ def bar_chart(rows: list[dict], path: Path, title: str) -> None:
             ys.append(r["gra"])
             errs[0].append(max(r["gra"] - (r["gra_lo"] if r["gra_lo"] is not None else r["gra"]), 0))
             errs[1].append(max((r["gra_hi"] if r["gra_hi"] is not None else r["gra"]) - r["gra"], 0))
+            vals = [v for v in r.get("gra_per_seed", []) if v is not None]
+            # each seed's GRA, spread a little across the bar so equal values stay visible
+            dots += [(xs[-1] + (k - (len(vals) - 1) / 2) * width / (2 * max(len(vals), 1)), v) for k, v in enumerate(vals)]
         ax.bar(xs, ys, width=width, yerr=np.array(errs), capsize=3, label=loss)
+    if dots:
+        ax.plot([x for x, _ in dots], [y for _, y in dots], "o", ms=3.5, color="black", alpha=0.7, label="one seed")
     ax.axhline(0.5, color="grey", lw=1, ls="--")
     ax.set_xticks(range(len(arms)), arms)
-    ax.set_ylabel("GRA vs SFT start (95% CI)")
+    ax.set_ylabel("GRA vs SFT start: mean over seeds\n(95% hierarchical CI)" if over_seeds else "GRA vs SFT start (95% CI)")
     ax.set_ylim(0, 1)
     ax.set_title(title, fontsize=9)
     ax.legend(title="loss", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- results over seeds
+
+def _mean(values) -> float | None:
+    """Mean of the values present (None and NaN left out); None when there are none."""
+    xs = [v for v in values if v is not None and v == v]
+    return sum(xs) / len(xs) if xs else None
+
+
+def _seed_values(by_seed: dict, seeds: list, digits: int = 3) -> str:
+    """Each seed's value in seed order, "-" where a seed has none: "0.630 / 0.580 / 0.610"."""
+    return " / ".join(_f(by_seed.get(s), digits) for s in seeds)
+
+
+def _seed_name(seed) -> str:
+    return "untagged" if seed is None else str(seed)
+
+
+def _judge_over_seeds(metrics: list[dict], outcomes: list[dict | None]) -> dict:
+    """One judge's GRA over the seeds of an arm x loss: from every seed's per-prompt wins (hierarchical
+    interval) when all of them are there, else the mean of the seeds' logged GRAs with no interval."""
+    from cwpo_ray.gra import gra_over_seeds
+
+    if outcomes and all(outcomes):
+        m = gra_over_seeds([[w[i] for i in sorted(w)] for w in outcomes])
+    else:
+        per, strict = [x.get("gra") for x in metrics], [x.get("gra_strict") for x in metrics]
+        m = {"gra": _mean(per), "gra_lo": None, "gra_hi": None, "gra_per_seed": per,
+             "gra_strict": _mean(strict), "gra_strict_lo": None, "gra_strict_hi": None, "gra_strict_per_seed": strict}
+    return {**m, "gold_policy": _mean(x.get("gold_policy") for x in metrics),
+            "gold_reference": _mean(x.get("gold_reference") for x in metrics)}
+
+
+def rows_over_seeds(rows: list[dict], outcomes) -> list[dict]:
+    """One row per arm x loss: each judge's GRA and strict GRA as the mean over the seeds that ran it,
+    with the hierarchical interval (gra.gra_over_seeds) and the per-seed values (``*_per_seed``: seed ->
+    value); the other columns are means over seeds. ``outcomes(row)``: judge -> prompt id -> win, or None."""
+    groups: dict[tuple, dict] = {}
+    for r in rows:  # rows come sorted by loss, arm, seed
+        groups.setdefault((r["arm"], r["loss"]), {})[r["seed"]] = r
+    out = []
+    for (arm, loss), by_seed in groups.items():
+        seeds = list(by_seed)
+        runs = [by_seed[s] for s in seeds]
+        main = runs[0]["judge"]
+        found = [outcomes(r) for r in runs]
+        agg = _judge_over_seeds(runs, [w.get(r["judge"]) if w else None for r, w in zip(runs, found)])
+        judges = {}
+        for j in [j for j in runs[0]["judges"] if all(j in r["judges"] for r in runs)]:
+            judges[j] = _judge_over_seeds([r["judges"][j] for r in runs], [w.get(j) if w else None for w in found])
+        for m in [agg, *judges.values()]:  # seed -> value, for the tables and the chart
+            m["gra_per_seed"] = dict(zip(seeds, m["gra_per_seed"]))
+            m["gra_strict_per_seed"] = dict(zip(seeds, m["gra_strict_per_seed"]))
+        out.append({"arm": arm, "loss": loss, "seeds": seeds, "judge": main, **agg, "judges": judges,
+                    "n": {s: r["n"] for s, r in zip(seeds, runs)},
+                    "pair_accuracy": _mean(r["pair_accuracy"] for r in runs),
+                    "annotator_accuracy": _mean(r["annotator_accuracy"] for r in runs),
+                    "human_labels_used": _mean(r["human_labels_used"] for r in runs)})
+    return out
+
+
+def paired_rows_over_seeds(rows: list[dict], outcomes) -> list[dict]:
+    """The CONTRASTS present, per loss and per judge, as paired GRA differences over the seeds where both
+    arms ran: within a seed the per-prompt differences on shared prompts, then the hierarchical bootstrap
+    (gra.paired_difference_over_seeds); each carries ``across``, the contrast's reading over judges."""
+    from cwpo_ray.gra import across_judges, paired_difference_over_seeds
+
+    by_key = {(r["arm"], r["loss"], r["seed"]): r for r in rows}
+    seeds = seeds_of(rows)
+    out = []
+    for loss in dict.fromkeys(r["loss"] for r in rows):
+        for a, b in CONTRASTS:
+            both = []  # (seed, wins of a, wins of b) where both arms ran and left their responses
+            for s in seeds:
+                ra, rb = by_key.get((a, loss, s)), by_key.get((b, loss, s))
+                wa, wb = (outcomes(ra), outcomes(rb)) if ra and rb else (None, None)
+                if wa and wb:
+                    both.append((s, wa, wb))
+            if not both:
+                continue
+            group = []
+            for judge in [j for j in both[0][1] if all(j in wa and j in wb for _, wa, wb in both)]:
+                xs, ys = [], []
+                for _, wa, wb in both:
+                    ids = sorted(wa[judge].keys() & wb[judge].keys())
+                    xs.append([wa[judge][i] for i in ids])
+                    ys.append([wb[judge][i] for i in ids])
+                d = paired_difference_over_seeds(xs, ys)
+                group.append({"loss": loss, "a": a, "b": b, "judge": judge, **d,
+                              "per_seed": dict(zip([s for s, _, _ in both], d["per_seed"])),
+                              "n": dict(zip([s for s, _, _ in both], d["n"]))})
+            verdict = across_judges([(p["lo"], p["hi"]) for p in group])
+            out += [dict(p, across=verdict) for p in group]
+    return out
+
+
+def _counts(by_seed: dict, seeds: list) -> str:
+    """Prompts per seed: one number when every seed has the same, else each seed's."""
+    values = [by_seed.get(s) for s in seeds]
+    present = {v for v in values if v is not None}
+    return _f(present.pop(), 0) if len(present) == 1 and None not in values else _seed_values(by_seed, seeds, 0)
+
+
+def markdown_over_seeds(agg: list[dict], seeds: list, title: str) -> str:
+    judges = ", ".join(dict.fromkeys(r["judge"] for r in agg))
+    names = " / ".join(_seed_name(s) for s in seeds)
+    lines = [f"### {title}", "",
+             f"Over {len(seeds)} seeds ({names}; each its own split, annotator and training): every value is the mean "
+             "over the seeds of each seed's own value; the 95% interval is a hierarchical bootstrap (resample seeds, "
+             "then prompts within each seed); *per seed* lists each seed's value in that order (- where it did "
+             f"not run). Gold judge: {judges}. GRA counts a tie half; GRA strict counts only a higher score (the "
+             "paper's definition).", "",
+             "| arm | loss | seeds | GRA | 95% CI | GRA per seed | GRA strict | strict 95% CI | strict per seed "
+             "| gold (policy) | gold (SFT start) | pair acc. | annotator acc. | human labels | test prompts |",
+             "|" + "---|" * 15]
+    for r in agg:
+        lines.append(f"| {r['arm']} | {r['loss']} | {len(r['seeds'])} | {_f(r['gra'])} | {_ci(r, 'gra')} | "
+                     f"{_seed_values(r['gra_per_seed'], seeds)} | {_f(r['gra_strict'])} | {_ci(r, 'gra_strict')} | "
+                     f"{_seed_values(r['gra_strict_per_seed'], seeds)} | {_f(r['gold_policy'])} | "
+                     f"{_f(r['gold_reference'])} | {_f(r['pair_accuracy'])} | {_f(r['annotator_accuracy'])} | "
+                     f"{_f(r['human_labels_used'], 0)} | {_counts(r['n'], seeds)} |")
+    return "\n".join(lines) + "\n"
+
+
+def judges_markdown_over_seeds(agg: list[dict], seeds: list) -> str:
+    """Every arm under every judge, over seeds (the main judge first); empty with one judge."""
+    if not any(r["judges"] for r in agg):
+        return ""
+    lines = ["### GRA under every judge, over seeds", "",
+             "| arm | loss | judge | seeds | GRA | 95% CI | GRA per seed | GRA strict | strict 95% CI | gold (policy) "
+             "| gold (SFT start) |", "|" + "---|" * 11]
+    for r in agg:
+        for judge, m in [(r["judge"], r), *r["judges"].items()]:
+            lines.append(f"| {r['arm']} | {r['loss']} | {judge} | {len(r['seeds'])} | {_f(m['gra'])} | "
+                         f"{_ci(m, 'gra')} | {_seed_values(m['gra_per_seed'], seeds)} | {_f(m['gra_strict'])} | "
+                         f"{_ci(m, 'gra_strict')} | {_f(m['gold_policy'])} | {_f(m['gold_reference'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def paired_markdown_over_seeds(pairs: list[dict], seeds: list) -> str:
+    several = any(p.get("across") for p in pairs)
+    lines = ["### Paired GRA differences over seeds (within a seed: same prompts, same start responses; 95% "
+             "hierarchical bootstrap: seeds, then prompts)", "",
+             "| loss | contrast | judge | difference | 95% CI | per seed | interval excludes 0 | across judges | seeds "
+             "| prompts |", "|" + "---|" * 10]
+    for p in pairs:
+        excludes = "yes" if p["lo"] > 0 or p["hi"] < 0 else "no"
+        per = " / ".join("-" if p["per_seed"].get(s) is None else f"{p['per_seed'][s]:+.3f}" for s in seeds)
+        lines.append(f"| {p['loss']} | {p['a']} - {p['b']} | {p['judge']} | {p['diff']:+.3f} | "
+                     f"[{p['lo']:+.3f}, {p['hi']:+.3f}] | {per} | {excludes} | {p.get('across') or '-'} | "
+                     f"{p['n_seeds']} | {_counts(p['n'], seeds)} |")
+    if several:
+        lines += ["", "across judges: as in the single-seed table, read from each judge's interval over seeds."]
+    return "\n".join(lines) + "\n"
+
+
+def seeds_markdown(rows: list[dict]) -> str:
+    """Every seed's own numbers, as its evaluation logged them (interval over its prompts alone)."""
+    lines = ["### Every seed (its own evaluation: 95% bootstrap over its prompts)", "",
+             "| arm | loss | seed | GRA | 95% CI | GRA strict | strict 95% CI | test prompts |", "|" + "---|" * 8]
+    for r in rows:
+        lines.append(f"| {r['arm']} | {r['loss']} | {_seed_name(r['seed'])} | {_f(r['gra'])} | {_ci(r, 'gra')} | "
+                     f"{_f(r['gra_strict'])} | {_ci(r, 'gra_strict')} | {_f(r['n'], 0)} |")
+    return "\n".join(lines) + "\n"
+
+
+def metrics_over_seeds(agg: list[dict], pairs: list[dict]) -> dict:
+    """The aggregated main-judge numbers as parent-run metrics: seeds.ARM.LOSS.gra ..., seeds.A-B.LOSS.diff ...
+    (the pipeline logs each seed's as seedS.ARM.LOSS.gra ...)."""
+    out = {}
+    for r in agg:
+        name = f"seeds.{r['arm'].replace(':', '')}.{r['loss']}"
+        for k in ("gra", "gra_lo", "gra_hi", "gra_strict", "gra_strict_lo", "gra_strict_hi"):
+            out[f"{name}.{k}"] = r[k]
+        out[f"{name}.n_seeds"] = len(r["seeds"])
+    for p in pairs:
+        if p["judge"] == next(r["judge"] for r in agg):
+            name = f"seeds.{p['a'].replace(':', '')}-{p['b'].replace(':', '')}.{p['loss']}"
+            out.update({f"{name}.diff": p["diff"], f"{name}.lo": p["lo"], f"{name}.hi": p["hi"]})
+    return {k: float(v) for k, v in out.items() if v is not None and v == v}
+
+
+def report_over_seeds(client, rows: list[dict], seeds: list, title: str, out: Path) -> tuple[str, list[Path], dict]:
+    """compare.md's text, the charts (written under ``out``) and the parent-run metrics, over seeds."""
+    with tempfile.TemporaryDirectory() as tmp:
+        found: dict[str, dict | None] = {}
+
+        def outcomes(row):
+            if row["run_id"] not in found:
+                found[row["run_id"]] = per_prompt_wins(client, row["run_id"], Path(tmp) / row["run_id"], row["judge"])
+            return found[row["run_id"]]
+
+        agg = rows_over_seeds(rows, outcomes)
+        pairs = paired_rows_over_seeds(rows, outcomes)
+    by_judge = judges_markdown_over_seeds(agg, seeds)
+    text = (markdown_over_seeds(agg, seeds, title) + ("\n" + by_judge if by_judge else "")
+            + ("\n" + paired_markdown_over_seeds(pairs, seeds) if pairs else "") + "\n" + seeds_markdown(rows))
+    names = "/".join(_seed_name(s) for s in seeds)
+    chart_rows = [dict(r, gra_per_seed=[r["gra_per_seed"].get(s) for s in seeds]) for r in agg]
+    bar_chart(chart_rows, out / "compare.png", f"{title}\nmean over seeds {names}, one dot per seed")
+    files = [out / "compare.png"]
+    if pairs:
+        paired_chart([dict(p, per_seed=list(p["per_seed"].values())) for p in pairs], out / "compare_paired.png",
+                     f"{title}\nover seeds {names}, one dot per seed")
+        files.append(out / "compare_paired.png")
+    return text, files, metrics_over_seeds(agg, pairs)
 
 
 def run(cfg: Config) -> int:
@@ -284,13 +540,26 @@ def run(cfg: Config) -> int:
     if not rows:
         raise ValueError(f"pipeline run {parent.info.run_id} has no arm runs yet")
     title = f"{cfg.experiment} / {parent.info.run_name} ({parent.info.run_id[:8]})"
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    seeds = seeds_of(rows)
+    if len(seeds) > 1:
+        text, charts, metrics = report_over_seeds(client, rows, seeds, title, out)
+        print(text, flush=True)
+        (out / "compare.md").write_text(text)
+        files = [out / "compare.md", *charts]
+        if cfg.log:
+            for k, v in metrics.items():
+                client.log_metric(parent.info.run_id, k, v)
+            for f in files:
+                client.log_artifact(parent.info.run_id, str(f))
+        print(f"cwpo compare: wrote {', '.join(str(f) for f in files)}", flush=True)
+        return 0
     pairs = paired_rows(client, rows)
     by_judge = judges_markdown(rows)
     text = (markdown(rows, title) + ("\n" + by_judge if by_judge else "")
             + ("\n" + paired_markdown(pairs) if pairs else ""))
     print(text, flush=True)
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
     (out / "compare.md").write_text(text)
     bar_chart(rows, out / "compare.png", title)
     files = [out / "compare.md", out / "compare.png"]
