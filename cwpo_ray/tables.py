@@ -20,7 +20,9 @@ import pyarrow.parquet as pq
 
 LABELED_COLUMNS = ("id", "prompt", "chosen", "rejected")
 UNLABELED_COLUMNS = ("id", "prompt", "response_a", "response_b")
-ANNOTATED_COLUMNS = ("id", "prompt", "chosen", "rejected", "reward_chosen", "reward_rejected", "confidence", "annotator")
+# confidence: calibrated with the annotator's temperature; confidence_raw: the same call at T = 1.
+ANNOTATED_COLUMNS = ("id", "prompt", "chosen", "rejected", "reward_chosen", "reward_rejected", "confidence", "annotator",
+                     "confidence_raw")
 QUARANTINE_COLUMNS = ("id", "reason", "raw")
 # The hidden human choice of an unlabeled pair ("a" or "b"): kept beside the pair so the
 # Human baseline and annotator accuracy can be computed, never read by the annotator.
@@ -32,7 +34,7 @@ QUARANTINE_SCHEMA = pa.schema([("id", pa.string()), ("reason", pa.string()), ("r
 ANNOTATED_SCHEMA = pa.schema(
     [(c, pa.string()) for c in ("id", "prompt", "chosen", "rejected")]
     + [("reward_chosen", pa.float64()), ("reward_rejected", pa.float64()), ("confidence", pa.float64()),
-       ("annotator", pa.string())]
+       ("annotator", pa.string()), ("confidence_raw", pa.float64())]
 )
 
 TABLE_SUFFIXES = (".parquet", ".jsonl", ".json", ".jsonl.gz", ".json.gz")

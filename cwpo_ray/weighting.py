@@ -2,19 +2,23 @@
 
 ``confidence`` is the paper's CW-PO (weight = the annotator's confidence C), ``none`` gives
 every pair weight 1 (the ws and human arms), ``topk:F`` keeps the fraction F most confident
-pairs with weight 1 (the paper's top-k baseline).
+pairs with weight 1 (the paper's top-k baseline). ``confidence_raw`` weighs by the uncalibrated
+confidence (T = 1) of an annotated table, to measure what calibration changes.
 """
 
 from __future__ import annotations
 
-WEIGHTINGS = ("none", "confidence", "topk:F")
+WEIGHTINGS = ("none", "confidence", "confidence_raw", "topk:F")
 
 
 def parse_weighting(spec: str) -> tuple[str, float | None]:
-    """``none`` | ``confidence`` | ``topk:F`` with F in (0, 1] -> (kind, fraction)."""
+    """``none`` | ``confidence`` | ``confidence_raw`` | ``topk:F`` with F in (0, 1] -> (kind, fraction);
+    ``confidence_raw`` is of kind ``confidence`` (it only reads another column)."""
     spec = spec.strip().lower()
     if spec in ("none", "confidence"):
         return spec, None
+    if spec == "confidence_raw":
+        return "confidence", None
     if spec.startswith("topk:"):
         try:
             fraction = float(spec[5:])
@@ -22,7 +26,12 @@ def parse_weighting(spec: str) -> tuple[str, float | None]:
             fraction = -1.0
         if 0 < fraction <= 1:
             return "topk", fraction
-    raise ValueError(f"weighting must be none, confidence or topk:F with F in (0, 1], got {spec!r}")
+    raise ValueError(f"weighting must be none, confidence, confidence_raw or topk:F with F in (0, 1], got {spec!r}")
+
+
+def confidence_column(spec: str) -> str:
+    """The column of an annotated table that ``spec`` weighs by (or ranks by, for topk)."""
+    return "confidence_raw" if spec.strip().lower() == "confidence_raw" else "confidence"
 
 
 def pair_weights(confidence: list[float] | None, spec: str, n: int) -> tuple[list[int], list[float]]:

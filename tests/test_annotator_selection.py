@@ -110,3 +110,15 @@ def test_pipeline_warns_loudly_when_the_annotator_has_not_learned(capsys):
     warn_if_annotator_did_not_learn(chance, seed=1)
     out = capsys.readouterr().out
     assert "WARNING (seed 1): the annotator has not learned" in out and "[0.400, 0.740]" in out
+
+
+def test_the_cw_raw_arm_weighs_by_the_uncalibrated_confidence():
+    from cwpo_ray.recipes.pipeline import arm_inputs
+    from cwpo_ray.weighting import confidence_column, pair_weights, parse_weighting
+
+    tables = {"annotated": "A.parquet"}
+    assert arm_inputs("cw", tables) == ("A.parquet", "confidence")
+    assert arm_inputs("cw_raw", tables) == ("A.parquet", "confidence_raw")
+    assert parse_weighting("confidence_raw") == ("confidence", None)
+    assert confidence_column("confidence_raw") == "confidence_raw" and confidence_column("topk:0.3") == "confidence"
+    assert pair_weights([0.2, 0.4], "confidence_raw", 2) == ([0, 1], [0.2, 0.4])

@@ -4,7 +4,8 @@ Reads DATA (a Parquet or JSONL(.gz) file, or a folder of such shards; any size, 
 with columns id, prompt, response_a, response_b (and optionally the hidden human_choice).
 Each actor of the pool loads the annotator once and scores both responses of every pair
 (a batch is sorted by length to cut padding); the higher-scored response becomes chosen,
-with confidence C = 2 (sigma(r_chosen - r_rejected) - 0.5). Input longer than the
+with confidence C = 2 (sigma((r_chosen - r_rejected) / T) - 0.5), T the annotator's calibration
+temperature (confidence_raw: the same with T = 1). Input longer than the
 annotator's max_length is cut by its rule: the prompt loses its beginning first.
 
 Rows that are not JSON objects, miss a field, hold a non-string or empty text, or have two
@@ -14,7 +15,7 @@ of the two outputs. A row without an id gets one derived from its text (as `cwpo
 Writes, each a folder of Parquet files (at most --max-rows-per-file rows and about
 --max-bytes-per-file bytes each) that replaces the previous one in one rename:
   OUT/annotated.parquet/   id, prompt, chosen, rejected, reward_chosen, reward_rejected,
-                           confidence, annotator
+                           confidence, annotator, confidence_raw
   OUT/quarantine.parquet/  id, reason, raw
 and OUT/report.json (counts, pairs/s, confidence histogram; accuracy against human_choice
 overall and by confidence decile when the input has it: the deciles are cut at the edges of
@@ -182,7 +183,7 @@ def label_rows(annotator, name: str, rows: list, model_batch_size: int) -> pa.Ta
         ra, rb = labels["reward_a"][j], labels["reward_b"][j]
         values = dict(id=rid, prompt=prompt, chosen=a if first else b, rejected=b if first else a,
                       reward_chosen=ra if first else rb, reward_rejected=rb if first else ra,
-                      confidence=labels["confidence"][j], annotator=name,
+                      confidence=labels["confidence"][j], confidence_raw=labels["confidence_raw"][j], annotator=name,
                       preferred=labels["preferred"][j], **{HUMAN_CHOICE: human})
         for k, v in values.items():
             out[k][i] = v

@@ -4,7 +4,8 @@ Arms (each crossed with every loss in `losses`):
   human               PO on the unlabeled split with its hidden human labels (weights 1)
   human_labeled_only  PO on the labeled split alone (the 30% of human labels, weights 1)
   ws                  PO on the unlabeled split with the annotator's labels, uniform weights
-  cw                  the same with confidence weights (CW-PO)
+  cw                  the same with confidence weights (CW-PO; calibrated when the annotator is)
+  cw_raw              the same with the uncalibrated confidence (T = 1): what calibration changes
   topk:F              the annotator's labels, only the fraction F most confident pairs
   gold                the unlabeled split labeled by the source's gold scores (ties dropped): the
                       noise-free ceiling, for a benchmark that has them (the built-in one does).
@@ -49,7 +50,7 @@ EPILOG = """examples:
 """
 
 BASE_ARMS = ("human", "human_labeled_only", "ws", "cw")
-EXTRA_ARMS = ("gold",)  # and topk:F
+EXTRA_ARMS = ("cw_raw", "gold")  # and topk:F
 PACKAGE = Path(__file__).resolve().parent.parent
 BUILTIN_SOURCE = f"pairs:{PACKAGE / 'benchmark_data'}"
 # Pair accuracy scores test pairs as training tokenized them: these evaluate settings follow the policy's.
@@ -281,6 +282,8 @@ def arm_inputs(arm: str, tables: dict) -> tuple[str, str]:
         return tables["unlabeled_gold"], "none"
     if arm == "cw":
         return tables["annotated"], "confidence"
+    if arm == "cw_raw":
+        return tables["annotated"], "confidence_raw"
     return tables["annotated"], arm  # topk:F
 
 
