@@ -121,50 +121,50 @@ def a_is_chosen(id: str, seed: int) -> bool:
 
 # ----------------------------------------------------------------------------- field helpers
 
-class _Bad(Exception):
-    """Internal: a field check failed; carries the quarantine reason."""
+class BadRow(Exception):
+    """A field check failed; carries the quarantine reason (`cwpo data` and `cwpo annotate` alike)."""
 
 
-def _text(row: Mapping, key: str, name: str | None = None, *, allow_blank: bool = False) -> str:
+def text_field(row: Mapping, key: str, name: str | None = None, *, allow_blank: bool = False) -> str:
     name = name or key
     if key not in row or row[key] is None:
-        raise _Bad(f"missing field: {name}")
+        raise BadRow(f"missing field: {name}")
     value = row[key]
     if not isinstance(value, str):
-        raise _Bad(f"not a string: {name} ({type(value).__name__})")
+        raise BadRow(f"not a string: {name} ({type(value).__name__})")
     if not allow_blank and not value.strip():
-        raise _Bad(f"empty field: {name}")
+        raise BadRow(f"empty field: {name}")
     try:
         value.encode("utf-8")
     except UnicodeEncodeError:
-        raise _Bad(f"invalid unicode: {name}") from None
+        raise BadRow(f"invalid unicode: {name}") from None
     return value
 
 
-def _source_id(row: Mapping, key: str = "id") -> str | None:
+def source_id(row: Mapping, key: str = "id") -> str | None:
     """The row's own id, stringified; None when absent or blank (the id is then derived)."""
     value = row.get(key)
     if value is None:
         return None
     if isinstance(value, bool):
-        raise _Bad(f"bad id: {key} is a bool")
+        raise BadRow(f"bad id: {key} is a bool")
     if isinstance(value, float):
         if value != value:  # NaN: a missing id from a pandas-written file
             return None
         if not value.is_integer():
-            raise _Bad(f"bad id: {key} is a non-integer number")
+            raise BadRow(f"bad id: {key} is a non-integer number")
         value = int(value)
     if isinstance(value, int):
         return str(value)
     if not isinstance(value, str):
-        raise _Bad(f"bad id: {key} is a {type(value).__name__}")
+        raise BadRow(f"bad id: {key} is a {type(value).__name__}")
     value = value.strip()
     if not value:
         return None
     try:
         value.encode("utf-8")
     except UnicodeEncodeError:
-        raise _Bad(f"invalid unicode: {key}") from None
+        raise BadRow(f"invalid unicode: {key}") from None
     return value
 
 
@@ -191,7 +191,7 @@ def _guard(fn: Callable[..., Result]) -> Callable[..., Result]:
             return "invalid JSON"
         try:
             return fn(row, *args, **kwargs)
-        except _Bad as e:
+        except BadRow as e:
             return str(e)
         except Exception as e:  # a shape nobody anticipated: quarantine it, do not crash a long run
             return f"malformed row ({type(e).__name__})"
@@ -235,9 +235,9 @@ def split_hh(chosen: str, rejected: str) -> tuple[str, str, str] | str:
 @_guard
 def normalize_hh(row: Mapping[str, Any]) -> Result:
     """Anthropic HH-RLHF: ``chosen`` / ``rejected`` full transcripts ("\\n\\nHuman: ...\\n\\nAssistant: ...")."""
-    chosen = _text(row, "chosen")
-    rejected = _text(row, "rejected")
-    sid = _source_id(row)
+    chosen = text_field(row, "chosen")
+    rejected = text_field(row, "rejected")
+    sid = source_id(row)
     if chosen == rejected:
         return "identical responses"
     parts = split_hh(chosen, rejected)
@@ -266,16 +266,16 @@ def normalize_tldr(row: Mapping[str, Any], articles: bool = False) -> Result:
     if post is None and info.get("article") is not None:
         if not articles:
             return "news article, not a reddit post (tldr_articles=false)"
-        article = _text(info, "article", "info.article").strip()
+        article = text_field(info, "article", "info.article").strip()
         title = info.get("title")
         title_line = ""
         if title is not None:
-            title_line = f"TITLE: {_text(info, 'title', 'info.title', allow_blank=True).strip()}\n"
+            title_line = f"TITLE: {text_field(info, 'title', 'info.title', allow_blank=True).strip()}\n"
         prompt = f"{title_line}ARTICLE: {article}\nTL;DR:"
     else:
-        subreddit = _text(info, "subreddit", "info.subreddit").strip()
-        title = _text(info, "title", "info.title", allow_blank=True).strip()
-        post = _text(info, "post", "info.post").strip()
+        subreddit = text_field(info, "subreddit", "info.subreddit").strip()
+        title = text_field(info, "title", "info.title", allow_blank=True).strip()
+        post = text_field(info, "post", "info.post").strip()
         prompt = f"SUBREDDIT: r/{subreddit}\nTITLE: {title}\nPOST: {post}\nTL;DR:"
     summaries = row.get("summaries")
     if summaries is None:
@@ -284,7 +284,7 @@ def normalize_tldr(row: Mapping[str, Any], articles: bool = False) -> Result:
         return "summaries must be a list of 2"
     if not all(isinstance(s, Mapping) for s in summaries):
         return "summaries must be a list of 2"
-    texts = [_text(s, "text", f"summaries[{i}].text").strip() for i, s in enumerate(summaries)]
+    texts = [text_field(s, "text", f"summaries[{i}].text").strip() for i, s in enumerate(summaries)]
     choice = row.get("choice")
     if choice is None:
         return "missing field: choice"
@@ -301,28 +301,28 @@ def normalize_tldr(row: Mapping[str, Any], articles: bool = False) -> Result:
 def _last_assistant(messages: Any, name: str) -> str:
     if isinstance(messages, str):  # some mirrors store the response itself
         if not messages.strip():
-            raise _Bad(f"empty field: {name}")
-        return _text({name: messages}, name)
+            raise BadRow(f"empty field: {name}")
+        return text_field({name: messages}, name)
     if not isinstance(messages, (list, tuple)):
-        raise _Bad(f"not a message list: {name} ({type(messages).__name__})")
+        raise BadRow(f"not a message list: {name} ({type(messages).__name__})")
     for m in reversed(messages):
         if isinstance(m, Mapping) and m.get("role") == "assistant":
-            return _text(m, "content", f"{name} (last assistant message)")
-    raise _Bad(f"no assistant message: {name}")
+            return text_field(m, "content", f"{name} (last assistant message)")
+    raise BadRow(f"no assistant message: {name}")
 
 
 @_guard
 def normalize_ultrafeedback(row: Mapping[str, Any]) -> Result:
     """UltraFeedback-binarized: ``prompt`` string; ``chosen`` / ``rejected`` message lists
     ``[{role, content}, ...]`` whose last assistant message is the response. Id: ``prompt_id``."""
-    prompt = _text(row, "prompt")
+    prompt = text_field(row, "prompt")
     if "chosen" not in row or row["chosen"] is None:
         return "missing field: chosen"
     if "rejected" not in row or row["rejected"] is None:
         return "missing field: rejected"
     chosen = _last_assistant(row["chosen"], "chosen")
     rejected = _last_assistant(row["rejected"], "rejected")
-    sid = _source_id(row, "prompt_id") if row.get("prompt_id") is not None else _source_id(row)
+    sid = source_id(row, "prompt_id") if row.get("prompt_id") is not None else source_id(row)
     return _finish(sid, prompt, chosen, rejected)
 
 
@@ -330,14 +330,14 @@ def normalize_ultrafeedback(row: Mapping[str, Any]) -> Result:
 def normalize_pairs(row: Mapping[str, Any]) -> Result:
     """Our own columns: labeled ``id?, prompt, chosen, rejected`` or unlabeled
     ``id?, prompt, response_a, response_b`` with an optional ``human_choice`` ("a" or "b")."""
-    prompt = _text(row, "prompt")
-    sid = _source_id(row)
+    prompt = text_field(row, "prompt")
+    sid = source_id(row)
     if row.get("chosen") is not None or row.get("rejected") is not None:
-        return _finish(sid, prompt, _text(row, "chosen"), _text(row, "rejected"))
+        return _finish(sid, prompt, text_field(row, "chosen"), text_field(row, "rejected"))
     if row.get("response_a") is None and row.get("response_b") is None:
         return "missing field: chosen/rejected or response_a/response_b"
-    a = _text(row, "response_a")
-    b = _text(row, "response_b")
+    a = text_field(row, "response_a")
+    b = text_field(row, "response_b")
     choice = row.get("human_choice")
     if isinstance(choice, str):
         choice = choice.strip().lower() or None

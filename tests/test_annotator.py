@@ -211,7 +211,7 @@ def test_annotate_cli_counts_quarantine_and_agreement(ray_cluster, trained, tmp_
     assert {"invalid JSON", "missing field: response_b", "not a string: response_a (int)", "empty field: prompt",
             "identical responses", "not a JSON object (list)"} == reasons
     assert annotated.schema.names == ["id", "prompt", "chosen", "rejected", "reward_chosen", "reward_rejected",
-                                      "confidence", "annotator"]
+                                      "confidence", "annotator", "confidence_raw"]
     table = annotated.to_pylist()
     assert all(r["reward_chosen"] >= r["reward_rejected"] and 0 <= r["confidence"] <= 1 for r in table)
 

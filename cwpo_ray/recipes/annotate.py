@@ -131,32 +131,24 @@ class Config(Settings):
 # ----------------------------------------------------------------------------- rows
 
 def check_pair(row: Any) -> tuple[str, str, str, str, str | None] | str:
-    """``(id, prompt, response_a, response_b, human_choice)`` of a good row, else the reason it is bad."""
+    """``(id, prompt, response_a, response_b, human_choice)`` of a good row, else the reason it is bad.
+    The field and id checks are `cwpo data`'s own (sources.py), so both stages refuse the same rows."""
+    from cwpo_ray.sources import BadRow, source_id, text_field
+
     if isinstance(row, InvalidJSON):
         return "invalid JSON"
     if not isinstance(row, dict):
         return f"not a JSON object ({type(row).__name__})"
-    texts = []
-    for name in TEXT_FIELDS:
-        value = row.get(name)
-        if value is None:
-            return f"missing field: {name}"
-        if not isinstance(value, str):
-            return f"not a string: {name} ({type(value).__name__})"
-        if not value.strip():
-            return f"empty field: {name}"
-        texts.append(value)
-    prompt, a, b = texts
+    try:
+        prompt, a, b = (text_field(row, name) for name in TEXT_FIELDS)
+        rid = source_id(row)
+    except BadRow as e:
+        return str(e)
     if a == b:
         return "identical responses"
-    rid = row.get("id")
-    if rid is None or (isinstance(rid, str) and not rid.strip()):
-        rid = pair_id(prompt, a, b)
-    elif isinstance(rid, bool) or not isinstance(rid, (str, int)):
-        return f"bad id ({type(rid).__name__})"
     choice = row.get(HUMAN_CHOICE)
     choice = choice.strip().lower() if isinstance(choice, str) else None
-    return str(rid).strip(), prompt, a, b, choice if choice in ("a", "b") else None
+    return rid or pair_id(prompt, a, b), prompt, a, b, choice if choice in ("a", "b") else None
 
 
 class InvalidJSON(str):
