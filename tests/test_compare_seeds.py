@@ -221,3 +221,35 @@ def test_compare_over_two_seeds(tmp_path, mlflow_server):
         single = (out / "compare.md").read_text()
         assert "| arm | loss | GRA | 95% CI | GRA strict |" in single and "| seeds |" not in single
         assert "| cw | dpo | 0.700 |" in single and "| dpo | cw - human | vader | +0.300 |" in single
+
+
+def test_over_seeds_tables_from_rows_keep_the_newest_run_and_show_missing_seeds():
+    """Pure: rows as collect_rows reads them. An arm that ran on one seed only shows "-" for the other;
+    an arm without responses.parquet falls back to the mean of its logged GRAs, with no interval; of two
+    runs of the same arm x loss x seed (a resumed pipeline) only the newest counts."""
+    from cwpo_ray.recipes import compare
+
+    def row(arm, seed, gra, start, run_id):
+        return {"arm": arm, "loss": "dpo", "seed": seed, "run_id": run_id, "start_time": start, "gra": gra,
+                "gra_lo": None, "gra_hi": None, "gra_strict": gra, "gra_strict_lo": None, "gra_strict_hi": None,
+                "gold_policy": 0.0, "gold_reference": 0.0, "judge": "gold", "judges": {}, "n": 4.0,
+                "pair_accuracy": None, "annotator_accuracy": None, "human_labels_used": 0.0}
+
+    rows = [row("cw", "0", 0.75, 2, "new"), row("cw", "0", 0.0, 1, "old"), row("cw", "1", 0.5, 3, "c1"),
+            row("human", "0", 0.5, 4, "h0"), row("ws", "0", 0.25, 5, "w0"), row("ws", "1", 0.75, 6, "w1")]
+    wins_ = {"new": [1, 1, 0.5, 0.5], "c1": [1, 0, 0.5, 0.5], "h0": [1, 0, 0.5, 0.5], "old": [0, 0, 0, 0]}
+    table = {r: {"gold": {f"p{i}": w for i, w in enumerate(v)}} for r, v in wins_.items()}
+    kept = compare.latest_runs(rows)
+    assert [r["run_id"] for r in kept] == ["new", "c1", "h0", "w0", "w1"]
+    agg = {r["arm"]: r for r in compare.rows_over_seeds(kept, lambda r: table.get(r["run_id"]))}
+    assert agg["cw"]["gra"] == pytest.approx(0.625) and agg["cw"]["gra_lo"] <= 0.625 <= agg["cw"]["gra_hi"]
+    assert agg["ws"]["gra"] == pytest.approx(0.5) and agg["ws"]["gra_lo"] is None  # no responses: no interval
+    seeds = compare.seeds_of(kept)
+    md = compare.markdown_over_seeds(list(agg.values()), seeds, "t")
+    assert "| human | dpo | 1 | 0.500 |" in md and "| 0.500 / - |" in md
+    assert "| ws | dpo | 2 | 0.500 | - | 0.250 / 0.750 |" in md
+    pairs = compare.paired_rows_over_seeds(kept, lambda r: table.get(r["run_id"]))
+    cw_h = next(p for p in pairs if (p["a"], p["b"]) == ("cw", "human"))
+    assert cw_h["n_seeds"] == 1 and cw_h["diff"] == pytest.approx(0.25)  # only seed 0 has both
+    assert not any(p["b"] == "ws" for p in pairs)  # ws left no responses: no paired difference
+    assert "| +0.250 / - |" in compare.paired_markdown_over_seeds(pairs, seeds)

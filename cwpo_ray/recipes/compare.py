@@ -127,7 +127,8 @@ def collect_rows(client, exp, parent) -> list[dict]:
         annotator_acc = annotator_accuracy(seed)
         main, extra = judge_metrics(m)
         rows.append({
-            "arm": arm, "loss": tags.get("loss", ""), "seed": seed, "run_id": run.info.run_id, **main,
+            "arm": arm, "loss": tags.get("loss", ""), "seed": seed, "run_id": run.info.run_id,
+            "start_time": run.info.start_time or 0, **main,
             # runs evaluated before the judge was tagged: "gold"
             "judge": tags.get("eval/judge", "gold"), "judges": extra,
             "n": m.get("eval/n"), "pair_accuracy": m.get("eval/pair_accuracy"),
@@ -507,8 +508,23 @@ def metrics_over_seeds(agg: list[dict], pairs: list[dict]) -> dict:
     return {k: float(v) for k, v in out.items() if v is not None and v == v}
 
 
+def latest_runs(rows: list[dict]) -> list[dict]:
+    """One run per arm x loss x seed, the newest: a pipeline resumed after a change of code or settings
+    starts a new child run for what it reruns, and the one it replaced stays under the parent."""
+    newest: dict[tuple, dict] = {}
+    for r in rows:
+        k = (r["arm"], r["loss"], r["seed"])
+        if k not in newest or r["start_time"] > newest[k]["start_time"]:
+            newest[k] = r
+    keep = {id(r) for r in newest.values()}
+    return [r for r in rows if id(r) in keep]
+
+
 def report_over_seeds(client, rows: list[dict], seeds: list, title: str, out: Path) -> tuple[str, list[Path], dict]:
     """compare.md's text, the charts (written under ``out``) and the parent-run metrics, over seeds."""
+    replaced = len(rows)
+    rows = latest_runs(rows)
+    replaced -= len(rows)
     with tempfile.TemporaryDirectory() as tmp:
         found: dict[str, dict | None] = {}
 
@@ -521,7 +537,9 @@ def report_over_seeds(client, rows: list[dict], seeds: list, title: str, out: Pa
         pairs = paired_rows_over_seeds(rows, outcomes)
     by_judge = judges_markdown_over_seeds(agg, seeds)
     text = (markdown_over_seeds(agg, seeds, title) + ("\n" + by_judge if by_judge else "")
-            + ("\n" + paired_markdown_over_seeds(pairs, seeds) if pairs else "") + "\n" + seeds_markdown(rows))
+            + ("\n" + paired_markdown_over_seeds(pairs, seeds) if pairs else "") + "\n" + seeds_markdown(rows)
+            + (f"\n{replaced} older run(s) of an arm x loss x seed that a newer run replaced are left out.\n"
+               if replaced else ""))
     names = "/".join(_seed_name(s) for s in seeds)
     chart_rows = [dict(r, gra_per_seed=[r["gra_per_seed"].get(s) for s in seeds]) for r in agg]
     bar_chart(chart_rows, out / "compare.png", f"{title}\nmean over seeds {names}, one dot per seed")
