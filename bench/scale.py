@@ -217,9 +217,10 @@ def bench_annotate(args, work: Path) -> list[str]:
 # ----------------------------------------------------------------------------- train-policy at scale
 # `python bench/scale.py policy --sizes 10000,1000000`: `cwpo train-policy --sft-epochs 0 --max-steps 20`
 # with a tiny Llama policy (tests/tiny_models.py, saved with save_pretrained) on N synthetic
-# annotated pairs, the reference pass over all N pairs included; prints each worker's and the
-# driver's peak RSS (the kernel's VmHWM, read every 0.2 s from /proc while the process lives, and
-# the largest sampled RSS), the reference pass's seconds and the wall time.
+# annotated pairs, the reference pass over all N pairs included (into a fresh --reference-cache, as
+# the pipeline runs it); prints each worker's and the driver's peak RSS (the kernel's VmHWM, read
+# every 0.2 s from /proc while the process lives, and the largest sampled RSS), the reference
+# pass's seconds and the wall time.
 
 POLICY_FLAGS = ["--sft-epochs", "0", "--max-steps", "20", "--num-workers", "2", "--cpus-per-worker", "1",
                 "--batch-size", "8", "--max-length", "64", "--max-prompt-length", "32", "--ref-batch-size", "64",
@@ -288,7 +289,7 @@ def run_policy(data: Path, model: Path, out: Path, log: Path) -> dict:
     env.update(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
                DS_ACCELERATOR="cpu", MLFLOW_TRACKING_URI=f"sqlite:///{out.parent / 'mlflow.db'}")
     cmd = [sys.executable, "-m", "cwpo_ray", "train-policy", "--data", str(data), "--model", str(model),
-           "--out", str(out), *POLICY_FLAGS]
+           "--out", str(out), "--reference-cache", f"{out}-cache", *POLICY_FLAGS]
     start = time.perf_counter()
     with open(log, "w") as fh:
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=REPO, start_new_session=True)
