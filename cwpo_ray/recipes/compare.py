@@ -312,13 +312,15 @@ def bar_chart(rows: list[dict], path: Path, title: str) -> None:
             errs[1].append(max((r["gra_hi"] if r["gra_hi"] is not None else r["gra"]) - r["gra"], 0))
             vals = [v for v in r.get("gra_per_seed", []) if v is not None]
             # each seed's GRA, spread a little across the bar so equal values stay visible
-            dots += [(xs[-1] + (k - (len(vals) - 1) / 2) * width / (2 * max(len(vals), 1)), v) for k, v in enumerate(vals)]
+            step = width / (2 * max(len(vals), 1))
+            dots += [(xs[-1] + (k - (len(vals) - 1) / 2) * step, v) for k, v in enumerate(vals)]
         ax.bar(xs, ys, width=width, yerr=np.array(errs), capsize=3, label=loss)
     if dots:
         ax.plot([x for x, _ in dots], [y for _, y in dots], "o", ms=3.5, color="black", alpha=0.7, label="one seed")
     ax.axhline(0.5, color="grey", lw=1, ls="--")
     ax.set_xticks(range(len(arms)), arms)
-    ax.set_ylabel("GRA vs SFT start: mean over seeds\n(95% hierarchical CI)" if over_seeds else "GRA vs SFT start (95% CI)")
+    ax.set_ylabel("GRA vs SFT start: mean over seeds\n(95% hierarchical CI)" if over_seeds
+                  else "GRA vs SFT start (95% CI)")
     ax.set_ylim(0, 1)
     ax.set_title(title, fontsize=9)
     ax.legend(title="loss", fontsize=8)
