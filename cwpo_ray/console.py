@@ -122,8 +122,21 @@ def timed_stage(name: str) -> Iterator[Callable[[object], None]]:
             _terminal.flush()
 
 
-def show_file(path: Path) -> None:
-    """A small text file (the compare table) on the terminal."""
-    if path.exists():
-        for line in path.read_text().rstrip().splitlines():
-            say(line)
+def show_file(path: Path, skip_sections: tuple[str, ...] = (), max_line: int = 0) -> None:
+    """A small Markdown file (the compare table) on the terminal, without the ``### `` sections whose
+    title starts with one of ``skip_sections``; prose lines longer than ``max_line`` are left out
+    (tables never are). The file itself keeps everything."""
+    if not path.exists():
+        return
+    skipping, shown, left_out = False, [], 0
+    for line in path.read_text().rstrip().splitlines():
+        if line.startswith("### "):
+            skipping = line[4:].startswith(skip_sections) if skip_sections else False
+        if skipping or (max_line and len(line) > max_line and not line.startswith("|")):
+            left_out += 1
+            continue
+        shown.append(line)
+    for line in shown:
+        say(line)
+    if left_out:
+        say(f"(the whole comparison, every judge included: {path})")

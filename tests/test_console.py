@@ -37,3 +37,15 @@ def test_an_error_reaches_the_terminal_in_full(tmp_path, capfd):
             raise RuntimeError("boom")
     print("after the block")  # the descriptors are back: this reaches the terminal
     assert capfd.readouterr().out == "after the block\n"
+
+
+def test_the_terminal_gets_the_main_tables_and_the_file_keeps_every_judge(tmp_path, capsys):
+    md = tmp_path / "compare.md"
+    long_prose = "across judges: " + "a definition " * 20
+    md.write_text("### exp / run\n\n| arm | GRA |\n|---|---|\n| cw | 0.6 |\n\n### GRA under every judge\n\n"
+                  "| arm | judge |\n|---|---|\n| cw | textblob |\n\n### Paired GRA differences\n\n| a | b |\n"
+                  f"|---|---|\n\n{long_prose}\n")
+    console.show_file(md, skip_sections=("GRA under every judge",), max_line=160)
+    out = capsys.readouterr().out
+    assert "| cw | 0.6 |" in out and "### Paired GRA differences" in out
+    assert "textblob" not in out and "a definition" not in out and str(md) in out.splitlines()[-1]

@@ -563,7 +563,8 @@ def run_stages(cfg: Config, out: Path) -> int:
         compare.run(compare.Config(experiment=cfg.experiment, parent_run_id=runs.parent_id, out=str(out / "compare")))
         done({})
     runs.close()
-    console.show_file(out / "compare" / "compare.md")
+    # The terminal gets the main judge's table and the paired differences; compare.md has every judge.
+    console.show_file(out / "compare" / "compare.md", skip_sections=("GRA under every judge",), max_line=160)
     console.say(f"pipeline: done -> {out} (MLflow experiment {cfg.experiment!r}, parent run {runs.parent_id}; "
                 f"tracking URI {tracking.tracking_uri()})")
     return 0
