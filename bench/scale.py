@@ -11,6 +11,16 @@ driver process with its own local Ray, and prints:
   and (at --kill-size) the time of a rerun after the whole job was SIGKILLed at ~50%.
 
 Usage: .venv/bin/python bench/scale.py --sizes 100000,1000000,3000000 --kill-size 1000000
+
+With --cluster (inside `ray job submit`, or with RAY_ADDRESS set to a GCS address) every
+`cwpo annotate` joins that cluster instead of starting its own Ray: the kill SIGKILLs only the
+`cwpo annotate` driver's process group (the cluster stays up; Ray ends the driver's actors), and
+actor RSS is read from the cluster's MapWorker processes on this machine (every node of
+cluster/local.sh is here):
+
+  ray job submit --working-dir . --runtime-env jobs/runtime_env.yaml -- \
+      python bench/scale.py --cluster --sizes 100000 --kill-size 100000 --work /tmp/bench-scale
+
 Every run checks that each input id is in annotated + quarantine exactly once.
 """
 
@@ -75,13 +85,41 @@ def make_pairs(n: int, folder: Path, seed: int = 0) -> Path:
     return folder
 
 
-class TreeRSS:
-    """Peak RSS of a driver process and of each Ray actor under it (sampled every 0.2 s)."""
+def cluster_raylets(gcs_address: str) -> list[psutil.Process]:
+    """The raylets on this machine of the cluster whose GCS is ``gcs_address`` (its own flag on
+    their command line), so actors of other Ray clusters on the machine are never counted."""
+    flag = f"--gcs-address={gcs_address}"
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        cmd = p.info["cmdline"] or []
+        if cmd and cmd[0].endswith("raylet") and flag in cmd:
+            found.append(p)
+    if not found:
+        raise RuntimeError(f"no raylet of the cluster at {gcs_address} on this machine")
+    return found
 
-    def __init__(self, pid: int):
+
+class TreeRSS:
+    """Peak RSS of a driver process and of each Ray actor under it (sampled every 0.2 s).
+
+    With ``raylets`` (a cluster the driver joined), actors are the MapWorker processes under those
+    raylets that were not there at the start (a killed run's actors may still be ending)."""
+
+    def __init__(self, pid: int, raylets: list[psutil.Process] | None = None):
         self.root, self.driver, self.actors, self.pids = psutil.Process(pid), 0, {}, set()
+        self.raylets = raylets
+        self.before = {p.pid for p in self._cluster_workers()} if raylets else set()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _cluster_workers(self) -> list[psutil.Process]:
+        out = []
+        for r in self.raylets:
+            try:
+                out += r.children(recursive=True)
+            except psutil.Error:
+                pass
+        return out
 
     def _run(self):
         while not self._stop.is_set():
@@ -90,6 +128,8 @@ class TreeRSS:
                 kids = self.root.children(recursive=True)
             except psutil.Error:
                 return
+            if self.raylets:
+                kids = [p for p in self._cluster_workers() if p.pid not in self.before]
             for p in kids:
                 self.pids.add(p.pid)
                 try:
@@ -113,31 +153,37 @@ def annotate_cmd(data: Path, annotator: Path, out: Path, extra: list[str]) -> li
             "--out", str(out), "--num-actors", "2", "--cpus-per-actor", "0.5", *extra]
 
 
-def run_annotate(cmd: list[str], log: Path, kill_at: float | None = None, units: int = 0) -> dict:
+def run_annotate(cmd: list[str], log: Path, kill_at: float | None = None, units: int = 0,
+                 cluster: bool = False) -> dict:
     """`run_once`, again when Ray itself failed to start (seen here on a machine loaded by others)."""
     for attempt in range(3):
-        result = run_once(cmd, log, kill_at, units)
+        result = run_once(cmd, log, kill_at, units, cluster)
         if result is not None:
             return result
         print(f"(Ray did not start, attempt {attempt + 1}; again)", flush=True)
     raise RuntimeError(f"Ray did not start three times; see {log}")
 
 
-def run_once(cmd: list[str], log: Path, kill_at: float | None = None, units: int = 0) -> dict | None:
+def run_once(cmd: list[str], log: Path, kill_at: float | None = None, units: int = 0,
+             cluster: bool = False) -> dict | None:
     """Run `cwpo annotate` in its own session; with ``kill_at``, SIGKILL its whole process tree once
-    that fraction of its ``units`` is committed. Returns wall seconds and peak RSS figures."""
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    that fraction of its ``units`` is committed. Returns wall seconds and peak RSS figures.
+    With ``cluster``, it joins RAY_ADDRESS's cluster and the kill takes only its own process group."""
+    env = {k: v for k, v in os.environ.items() if cluster or k != "RAY_ADDRESS"}
+    raylets = cluster_raylets(env["RAY_ADDRESS"]) if cluster else None
     env.update(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
                RAY_DATA_DISABLE_PROGRESS_BARS="1")
     out = Path(cmd[cmd.index("--out") + 1])
     start = time.perf_counter()
     with open(log, "w") as fh:
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=REPO, start_new_session=True)
-        with TreeRSS(proc.pid) as rss:
+        with TreeRSS(proc.pid, raylets) as rss:
             killed = False
             while proc.poll() is None:
                 if kill_at is not None and len(list((out / ".annotate-work" / "units").glob("*.json"))) >= kill_at * units:
                     pids = rss.pids | {p.pid for p in psutil.Process(proc.pid).children(recursive=True)}
+                    if cluster:  # the cluster's actors are not the driver's to kill: Ray ends them
+                        pids = set()
                     os.killpg(proc.pid, signal.SIGKILL)
                     for pid in pids:  # Ray processes that left the group go too
                         try:
@@ -183,7 +229,8 @@ def bench_annotate(args, work: Path) -> list[str]:
     for n in sorted(int(s) for s in args.sizes.split(",") if s):
         data = make_pairs(n, work / f"pairs-{n}")
         out = work / f"out-{n}"
-        r = run_annotate(annotate_cmd(data, annotator, out, args.extra), work / f"annotate-{n}.log")
+        r = run_annotate(annotate_cmd(data, annotator, out, args.extra), work / f"annotate-{n}.log",
+                         cluster=args.cluster)
         report = json.loads((out / "report.json").read_text())
         check_exactly_once(out, n)
         count, sizes = output_files(out)
@@ -198,9 +245,9 @@ def bench_annotate(args, work: Path) -> list[str]:
                                    else int(args.extra[args.extra.index("--unit-rows") + 1])))
             again = work / f"kill-{n}"
             cmd = annotate_cmd(data, annotator, again, args.extra)
-            first = run_annotate(cmd, work / f"kill-{n}-first.log", kill_at=0.5, units=units)
+            first = run_annotate(cmd, work / f"kill-{n}-first.log", kill_at=0.5, units=units, cluster=args.cluster)
             assert first["killed"], "the run finished before it could be killed"
-            rerun = run_annotate(cmd, work / f"kill-{n}-rerun.log")
+            rerun = run_annotate(cmd, work / f"kill-{n}-rerun.log", cluster=args.cluster)
             rep = json.loads((again / "report.json").read_text())
             check_exactly_once(again, n)
             lines.append(f"- kill at ~50% of {n:,} pairs ({units} units): killed after {first['wall']:.0f} s; the rerun "
@@ -356,12 +403,19 @@ def main() -> None:
     ap.add_argument("--sizes", default="100000,1000000", help="comma-separated pair counts")
     ap.add_argument("--kill-size", type=int, default=1_000_000, help="size at which to kill at ~50%% and rerun (0: none)")
     ap.add_argument("--work", default=None, help="work folder (default: a new temporary one)")
+    ap.add_argument("--cluster", action="store_true",
+                    help="join the cluster in RAY_ADDRESS (a GCS address, as in `ray job submit`) instead of a "
+                         "local Ray per run; the kill takes only the `cwpo annotate` driver")
     ap.add_argument("extra", nargs="*", help="more `cwpo annotate` flags, after --")
     args = ap.parse_args()
+    address = os.environ.get("RAY_ADDRESS", "")
+    if args.cluster and (":" not in address or "://" in address):
+        ap.error("--cluster needs RAY_ADDRESS=host:port of the cluster's GCS (set by `ray job submit`)")
     work = Path(args.work or tempfile.mkdtemp(prefix="bench-scale-"))
     work.mkdir(parents=True, exist_ok=True)
     lines = bench_annotate(args, work)
-    print(f"\n`cwpo annotate`, tiny annotator (1-layer 32-wide BERT, max_length 32), 2 actors x 0.5 CPU, "
+    where = f"on the cluster at {os.environ['RAY_ADDRESS']}" if args.cluster else "a local Ray per run"
+    print(f"\n`cwpo annotate`, tiny annotator (1-layer 32-wide BERT, max_length 32), 2 actors x 0.5 CPU, {where}, "
           f"{psutil.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB")
     print("\n".join(lines))
     print(f"\n(work folder: {work})")
