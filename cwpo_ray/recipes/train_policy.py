@@ -190,7 +190,7 @@ def run(cfg: Config) -> int:
     out = Path(cfg.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     if not cfg.resume:
-        for stale in ("ray", "sft", "policy", "reference.parquet", "mlflow_run_id"):
+        for stale in ("ray", "sft", "policy", "reference.parquet", "reference", "mlflow_run_id"):
             _remove(out / stale)
     start = resolve_model(cfg.model, cfg.gguf_file)
     n_pairs = write_train_pairs(cfg, out / "train_pairs.parquet")
@@ -239,7 +239,8 @@ def _schema(fields):
 
 def write_train_pairs(cfg: Config, path: Path) -> int:
     """The kept pairs with their weight column, streamed into row groups of ``ROW_GROUP`` rows;
-    returns how many. Memory: one input batch, whatever the table's size.
+    returns how many. Memory: one input row group (a batch of 65,536 rows for JSONL) and one output
+    row group, whatever the table's size.
 
     topk:F keeps the ceil(F * n) most confident pairs, ties broken by row order (as
     ``weighting.pair_weights``): ``topk_selection`` finds the threshold confidence and how many
