@@ -285,6 +285,27 @@ def test_streamed_train_pairs_keep_what_pair_weights_keeps(tmp_path, spec):
         assert kept == sorted(sorted(range(len(values)), key=lambda i: (-values[i], i))[:k])
 
 
+def test_confidence_raw_weighting_reads_the_uncalibrated_column(tmp_path):
+    """The cw_raw arm: weights are the annotated table's confidence_raw, not its calibrated confidence."""
+    from cwpo_ray.config import load_config
+    from cwpo_ray.recipes import train_policy
+
+    rows = [{"id": f"p{i}", "prompt": f"q{i}", "chosen": f"c{i}", "rejected": f"r{i}", "confidence": 0.9,
+             "confidence_raw": i / 10} for i in range(8)]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "pairs.parquet")
+    for spec, want in (("confidence", [0.9] * 8), ("confidence_raw", [i / 10 for i in range(8)])):
+        cfg = load_config(train_policy.Config, flags=dict(data=str(tmp_path / "pairs.parquet"), out=str(tmp_path / "o"),
+                                                          weighting=spec, batch_size=1, num_workers=1))
+        train_policy.write_train_pairs(cfg, tmp_path / f"{spec}.parquet")
+        assert pq.read_table(tmp_path / f"{spec}.parquet").column("weight").to_pylist() == pytest.approx(want)
+    pq.write_table(pa.Table.from_pylist([{k: v for k, v in r.items() if k != "confidence_raw"} for r in rows]),
+                   tmp_path / "old.parquet")
+    cfg = load_config(train_policy.Config, flags=dict(data=str(tmp_path / "old.parquet"), out=str(tmp_path / "o"),
+                                                      weighting="confidence_raw", batch_size=1, num_workers=1))
+    with pytest.raises(ValueError, match="needs a confidence_raw column"):
+        train_policy.write_train_pairs(cfg, tmp_path / "x.parquet")
+
+
 def test_streamed_train_pairs_reject_bad_confidence_and_publish_nothing(tmp_path):
     from cwpo_ray.config import load_config
     from cwpo_ray.recipes import train_policy

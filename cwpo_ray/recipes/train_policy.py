@@ -122,7 +122,7 @@ class Config(Settings):
     data: str = option(help="annotated or labeled pair table (.parquet/.jsonl file or folder)", must_exist=True)
     out: str = option(help="output folder (sft/, policy/, train_pairs.parquet, reference.parquet, manifest.json)")
     loss: str = option("dpo", "per-pair loss", choices=LOSS_TYPES)
-    weighting: str = option("confidence", "pair weights: none, confidence or topk:F")
+    weighting: str = option("confidence", "pair weights: none, confidence, confidence_raw (uncalibrated) or topk:F")
     resume: bool = option(True, "continue from DIR's last checkpoints; --no-resume starts over")
     reference_cache: str = option("", "folder of reference log-probs shared by runs from the same start model "
                                       "(responses scored before are not scored again)")
@@ -252,20 +252,24 @@ def write_train_pairs(cfg: Config, path: Path) -> int:
 
     from cwpo_ray.rowstore import ROW_GROUP, RowWriter, iter_column_batches, topk_keep, topk_selection
     from cwpo_ray.tables import LABELED_COLUMNS, require_columns
-    from cwpo_ray.weighting import parse_weighting
+    from cwpo_ray.weighting import confidence_column, parse_weighting
 
     names = require_columns(cfg.data, LABELED_COLUMNS)
+    column = confidence_column(cfg.weighting)  # confidence, or confidence_raw (the cw_raw arm)
     annotated = "confidence" in names
+    if annotated and column not in names:
+        raise ValueError(f"weighting {cfg.weighting} needs a {column} column; {cfg.data} has none (annotated "
+                         "before calibration existed: annotate it again)")
     kind, fraction = parse_weighting(cfg.weighting)
     if kind == "topk" and not annotated:
         raise ValueError("weighting topk:F needs an annotated table (a confidence column)")
 
     def confidences():
-        for batch in iter_column_batches(cfg.data, ["confidence"]):
-            c = batch.column("confidence")
+        for batch in iter_column_batches(cfg.data, [column]):
+            c = batch.column(column)
             values = c.to_numpy(zero_copy_only=False).astype(np.float64) if c.null_count == 0 else None
             if values is None or not ((values >= 0) & (values <= 1)).all():  # NaN fails too
-                raise ValueError(f"{cfg.data}: confidence must be in [0, 1] on every row")
+                raise ValueError(f"{cfg.data}: {column} must be in [0, 1] on every row")
             yield values
 
     threshold, ties = None, 0
@@ -273,15 +277,15 @@ def write_train_pairs(cfg: Config, path: Path) -> int:
         n = sum(len(v) for v in confidences())
         k = max(1, -(-int(round(fraction * n * 1e6)) // 1_000_000))  # weighting.pair_weights's k
         threshold, ties = topk_selection(confidences, k)
-    columns = list(LABELED_COLUMNS) + (["confidence"] if annotated else [])
+    columns = list(LABELED_COLUMNS) + ([column] if annotated else [])
     with RowWriter(path, _schema(PAIR_SCHEMA_FIELDS), ROW_GROUP) as out:
         for batch in iter_column_batches(cfg.data, columns):
             weights = np.ones(batch.num_rows)
             if annotated:
-                c = batch.column("confidence")
+                c = batch.column(column)
                 weights = c.to_numpy(zero_copy_only=False).astype(np.float64) if c.null_count == 0 else None
                 if weights is None or not ((weights >= 0) & (weights <= 1)).all():
-                    raise ValueError(f"{cfg.data}: confidence must be in [0, 1] on every row")
+                    raise ValueError(f"{cfg.data}: {column} must be in [0, 1] on every row")
             if kind == "topk":
                 keep, ties = topk_keep(weights, threshold, ties)
                 batch, weights = batch.filter(pa.array(keep)), np.ones(int(keep.sum()))
