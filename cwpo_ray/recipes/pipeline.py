@@ -190,11 +190,10 @@ def warn_if_annotator_did_not_learn(metrics: dict, seed: int) -> None:
 
     lo, hi = metrics.get("annotator.heldout_accuracy_lo"), metrics.get("annotator.heldout_accuracy_hi")
     if lo is not None and lo <= 0.5:
-        bar = "!" * 100
-        console.say(f"{bar}\nWARNING (seed {seed}): the annotator has not learned. Its held-out accuracy is "
-                    f"{metrics['annotator.heldout_accuracy']:.3f} [{lo:.3f}, {hi:.3f}], an interval that includes "
-                    f"0.5 (chance).\nThe ws / cw / topk arms of this seed train on labels close to noise; their "
-                    f"results say little about the method.\n{bar}")
+        console.say(f"!!! WARNING (seed {seed}): the annotator has not learned: held-out accuracy "
+                    f"{metrics['annotator.heldout_accuracy']:.3f} [{lo:.3f}, {hi:.3f}] includes 0.5 (chance).\n"
+                    "!!! The ws / cw / topk arms of this seed train on labels close to noise; their results say "
+                    "little about the method.")
 
 
 def run_annotate(cfg: Config, unlabeled: str, annotator: str, out: Path) -> dict:
