@@ -58,7 +58,9 @@ MOVED = {
 
 @pytest.mark.parametrize("preset", PRESETS)
 def test_published_presets_resolve_to_the_measured_stage_settings(preset):
-    now, then = resolved_stage_configs(preset), MEASURED[preset]
+    # the snapshot was taken in another checkout: the repository's own path is a placeholder there
+    now = json.loads(json.dumps(resolved_stage_configs(preset), default=str).replace(str(REPO), "<REPO>"))
+    then = MEASURED[preset]
     sft_runs = load_config(pipeline.Config, str(REPO / preset)).sft == "shared"
     for stage_name, settings in then.items():
         if stage_name == "sft" and not sft_runs:
