@@ -318,6 +318,23 @@ def test_streamed_train_pairs_reject_bad_confidence_and_publish_nothing(tmp_path
     assert not list(tmp_path.glob("*train_pairs*"))  # no partial table, no temporary left
 
 
+def test_step_plan_keeps_the_order_published_runs_trained_in():
+    """Up to RANDPERM_ROWS rows, an epoch's order is torch.randperm's as it always was (the quick and
+    full presets' results reproduce); above, a permutation computed per step (flat memory)."""
+    from cwpo_ray.recipes.train_policy import RANDPERM_ROWS, StepPlan
+
+    plan = StepPlan(n=100, batch_size=4, world=2, epochs=2, seed=3)
+    for step in range(plan.total_steps):
+        epoch, i = divmod(step, plan.steps_per_epoch)
+        order = torch.randperm(100, generator=torch.Generator().manual_seed(3 * 1000 + epoch)).tolist()
+        for rank in (0, 1):
+            start = i * plan.global_batch + rank * 4
+            assert plan.rows(step, rank) == [order[start:start + 4]]
+    big = StepPlan(n=RANDPERM_ROWS + 3, batch_size=8, world=1, epochs=1, seed=0)
+    rows = big.rows(5, 0)[0]
+    assert len(set(rows)) == 8 and all(0 <= r < big.n for r in rows) and rows == big.rows(5, 0)[0]
+
+
 def test_step_plan_rows_read_by_index_are_the_plans_rows(tmp_path):
     """Every epoch is a permutation (each row once, the remainder dropped), the same for a fresh
     plan (a resumed run), another per epoch; the batch reader returns exactly those rows."""

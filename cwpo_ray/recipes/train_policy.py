@@ -22,8 +22,9 @@ histogram threshold, no sort of the table); each worker reads, per micro-batch, 
 groups its rows fall in (``BatchReader``), and the reference log-probs are a table of the same
 rows in the same row groups, joined per micro-batch by row index (no gather between workers).
 Which rows a worker trains on at a step is ``StepPlan``: the epoch's seeded permutation of the
-rows, computed for the step's positions only (a Feistel permutation, ``rowstore.permuted``: no
-n-entry index), so a resumed run, on any worker, reads the same rows. Why not Ray Data
+rows, so a resumed run, on any worker, reads the same rows: ``torch.randperm``'s up to 2^20 rows (the
+order every published run trained in, at most 8 MiB), above that a Feistel permutation computed for
+the step's positions only (``rowstore.permuted``: no n-entry index). Why not Ray Data
 (``datasets=`` / ``get_dataset_shard``): its streaming split hands each worker the blocks that
 come, in an order that depends on timing, and resuming mid-epoch would mean replaying the stream;
 training here needs "rows P..Q of epoch E's order on rank R", deterministic, which is random
@@ -48,6 +49,7 @@ starts over). DIR must be on storage every worker can read and write. Metrics go
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import shutil
@@ -574,7 +576,9 @@ class StepPlan:
 
     def rows(self, step: int, rank: int) -> list[list[int]]:
         """This worker's micro-batches of optimizer step ``step``: positions of the epoch's seeded
-        permutation of the rows (``rowstore.permuted``, computed for these positions only)."""
+        permutation of the rows. Up to ``RANDPERM_ROWS`` rows it is ``torch.randperm``'s, the order every
+        published run trained in (so they reproduce; at most 8 MiB); above, ``rowstore.permuted``'s,
+        computed for these positions only, so memory does not grow with the table."""
         import numpy as np
 
         from cwpo_ray.rowstore import permuted
@@ -582,8 +586,22 @@ class StepPlan:
         epoch, i = divmod(step, self.steps_per_epoch)
         per_worker = self.batch_size * self.accumulation
         start = i * self.global_batch + rank * per_worker
-        mine = permuted(np.arange(start, start + per_worker), self.n, self.seed * 1000 + epoch).tolist()
+        if self.n <= RANDPERM_ROWS:
+            mine = _randperm(self.n, self.seed * 1000 + epoch)[start:start + per_worker].tolist()
+        else:
+            mine = permuted(np.arange(start, start + per_worker), self.n, self.seed * 1000 + epoch).tolist()
         return [mine[k:k + self.batch_size] for k in range(0, per_worker, self.batch_size)]
+
+
+RANDPERM_ROWS = 1 << 20
+
+
+@functools.lru_cache(maxsize=2)
+def _randperm(n: int, seed: int):
+    """An epoch's order of ``n`` rows, made once per epoch rather than once per step."""
+    import torch
+
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))
 
 
 class BatchReader:
