@@ -22,8 +22,8 @@ histogram threshold, no sort of the table); each worker reads, per micro-batch, 
 groups its rows fall in (``BatchReader``), and the reference log-probs are a table of the same
 rows in the same row groups, joined per micro-batch by row index (no gather between workers).
 Which rows a worker trains on at a step is ``StepPlan``: the epoch's seeded permutation of the
-rows, so a resumed run, on any worker, reads the same rows: ``torch.randperm``'s up to 2^20 rows (the
-order every published run trained in, at most 8 MiB), above that a Feistel permutation computed for
+rows, so a resumed run, on any worker, reads the same rows: ``torch.randperm``'s up to 2^16 rows (the
+order every published run trained in, at most 512 KiB), above that a Feistel permutation computed for
 the step's positions only (``rowstore.permuted``: no n-entry index). Why not Ray Data
 (``datasets=`` / ``get_dataset_shard``): its streaming split hands each worker the blocks that
 come, in an order that depends on timing, and resuming mid-epoch would mean replaying the stream;
@@ -577,7 +577,7 @@ class StepPlan:
     def rows(self, step: int, rank: int) -> list[list[int]]:
         """This worker's micro-batches of optimizer step ``step``: positions of the epoch's seeded
         permutation of the rows. Up to ``RANDPERM_ROWS`` rows it is ``torch.randperm``'s, the order every
-        published run trained in (so they reproduce; at most 8 MiB); above, ``rowstore.permuted``'s,
+        published run trained in (so they reproduce; at most 512 KiB); above, ``rowstore.permuted``'s,
         computed for these positions only, so memory does not grow with the table."""
         import numpy as np
 
@@ -593,7 +593,7 @@ class StepPlan:
         return [mine[k:k + self.batch_size] for k in range(0, per_worker, self.batch_size)]
 
 
-RANDPERM_ROWS = 1 << 20
+RANDPERM_ROWS = 1 << 16
 
 
 @functools.lru_cache(maxsize=2)
