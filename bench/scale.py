@@ -99,7 +99,23 @@ def cluster_raylets(gcs_address: str) -> list[psutil.Process]:
     return found
 
 
-class TreeRSS:
+class _Sampler:
+    """A thread that runs ``self._run`` (sampling until ``self._stop`` is set) inside a ``with`` block."""
+
+    def __init__(self):
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+class TreeRSS(_Sampler):
     """Peak RSS of a driver process and of each Ray actor under it (sampled every 0.2 s).
 
     With ``raylets`` (a cluster the driver joined), actors are the MapWorker processes under those
@@ -109,8 +125,7 @@ class TreeRSS:
         self.root, self.driver, self.actors, self.pids = psutil.Process(pid), 0, {}, set()
         self.raylets = raylets
         self.before = {p.pid for p in self._cluster_workers()} if raylets else set()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
+        super().__init__()
 
     def _cluster_workers(self) -> list[psutil.Process]:
         out = []
@@ -139,13 +154,6 @@ class TreeRSS:
                     pass
             time.sleep(0.2)
 
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
 
 
 def annotate_cmd(data: Path, annotator: Path, out: Path, extra: list[str]) -> list[str]:
@@ -289,7 +297,7 @@ def make_policy_pairs(n: int, folder: Path, seed: int = 0) -> Path:
     return folder
 
 
-class PeakRSS:
+class PeakRSS(_Sampler):
     """Peak memory of a driver process and of each Ray Train worker under it: the kernel's own peak
     (VmHWM) and the largest RSS sampled, every 0.2 s."""
 
@@ -297,8 +305,7 @@ class PeakRSS:
         self.root, self.tag = psutil.Process(pid), worker_tag
         self.driver = {"hwm": 0, "rss": 0}
         self.workers: dict[int, dict] = {}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
+        super().__init__()
 
     @staticmethod
     def _sample(p: psutil.Process, into: dict) -> None:
@@ -322,13 +329,6 @@ class PeakRSS:
                     pass
             time.sleep(0.2)
 
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
 
 
 def run_policy(data: Path, model: Path, out: Path, log: Path) -> dict:
