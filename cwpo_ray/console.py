@@ -105,21 +105,22 @@ def timed_stage(name: str) -> Iterator[Callable[[object], None]]:
         ticker = threading.Thread(target=tick, daemon=True)
         ticker.start()
 
-    def done(result) -> None:
-        stop.set()
-        if ticker is not None:
+    def stop_ticker() -> None:
+        if not stop.is_set() and ticker is not None:
+            stop.set()
             ticker.join()
-            _terminal.write("\r\033[K")  # clear the running line; the final one takes its place
+            _terminal.write("\r\033[K")  # clear the running line; a final one may take its place
+            _terminal.flush()
+        stop.set()
+
+    def done(result) -> None:
+        stop_ticker()
         stage_line(name, "done", time.perf_counter() - start, result)
 
     try:
         yield done
     finally:
-        stop.set()
-        if ticker is not None:
-            ticker.join()
-            _terminal.write("\r\033[K")
-            _terminal.flush()
+        stop_ticker()
 
 
 def show_file(path: Path, skip_sections: tuple[str, ...] = (), max_line: int = 0) -> None:

@@ -118,26 +118,26 @@ def device_for(dist: DistributedConfig) -> torch.device:
     return torch.device("cpu")
 
 
-def sum_over_workers(values: list[float], device=None) -> list[float]:
-    """Element-wise sums over every worker of the process group (float64); outside one, the values."""
+def _reduce_over_workers(values: list[float], op: str, device=None) -> list[float]:
+    """Element-wise ``op`` (a ``torch.distributed.ReduceOp`` name) over every worker of the process
+    group, in float64; outside one, the values."""
     import torch.distributed as td
 
     if not (td.is_available() and td.is_initialized()) or td.get_world_size() == 1:
         return [float(v) for v in values]
     t = torch.tensor(values, dtype=torch.float64, device=device)
-    td.all_reduce(t)
+    td.all_reduce(t, op=getattr(td.ReduceOp, op))
     return t.tolist()
+
+
+def sum_over_workers(values: list[float], device=None) -> list[float]:
+    """Element-wise sums over every worker of the process group (float64); outside one, the values."""
+    return _reduce_over_workers(values, "SUM", device)
 
 
 def max_over_workers(values: list[float], device=None) -> list[float]:
     """Element-wise maxima over every worker of the process group; outside one, the values."""
-    import torch.distributed as td
-
-    if not (td.is_available() and td.is_initialized()) or td.get_world_size() == 1:
-        return [float(v) for v in values]
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    td.all_reduce(t, op=td.ReduceOp.MAX)
-    return t.tolist()
+    return _reduce_over_workers(values, "MAX", device)
 
 
 def barrier() -> None:

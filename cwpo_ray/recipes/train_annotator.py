@@ -249,9 +249,9 @@ def train_loop(config: dict) -> None:
     continues the round it was in.
     """
     import ray
-    import torch
     from tqdm import tqdm
 
+    from cwpo_ray import calibration
     from cwpo_ray import distributed as D
 
     cfg: Config = config["cfg"]
@@ -289,7 +289,7 @@ def train_loop(config: dict) -> None:
                 margins = heldout_margins(engine, [chosen[i] for i in spec.heldout],
                                           [rejected[i] for i in spec.heldout], annotator.tokenizer.pad_token_id,
                                           cfg.eval_batch_size)
-                row.update({f"heldout_{k}": v for k, v in _summary(margins).items() if k != "n"})
+                row.update({f"heldout_{k}": v for k, v in calibration.summarize(margins).items() if k != "n"})
                 state["oof"].setdefault(spec.name, []).append(margins)
             state["history"].append(row)
             if spec.saves:
@@ -346,12 +346,6 @@ def _train_epoch(engine, chosen, rejected, rows: list[int], cfg: Config, world: 
     return mean_over_workers(loss_sum, loss_n)
 
 
-def _summary(margins: list[float]) -> dict:
-    from cwpo_ray import calibration
-
-    return calibration.summarize(margins)
-
-
 def _maybe_save(spec: Round, epoch: int, row: dict, state: dict, engine, annotator, rank: int, config: dict):
     """folds 1: the epoch with the lowest held-out BT loss so far; the refit: its last epoch."""
     if spec.heldout:
@@ -371,6 +365,7 @@ def _maybe_save(spec: Round, epoch: int, row: dict, state: dict, engine, annotat
 def save_best(annotator, state_dict, staging: Path, epoch: int, state: dict) -> None:
     """Replace the staged annotator (only rank 0 calls this). Its held-out figures: the held-out split's
     at that epoch (folds 1) or every fold's held-out pairs pooled at the chosen epoch count."""
+    from cwpo_ray import calibration
     from cwpo_ray.annotator import save_annotator
 
     oof = state["oof"]
@@ -378,7 +373,7 @@ def save_best(annotator, state_dict, staging: Path, epoch: int, state: dict) -> 
         margins = oof["heldout"][epoch - 1]
     else:
         margins = [m for v in oof.values() for m in v[epoch - 1]]
-    annotator.meta.metrics = {**_summary(margins), "epoch": epoch}
+    annotator.meta.metrics = {**calibration.summarize(margins), "epoch": epoch}
     tmp = staging.with_name(staging.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     save_annotator(annotator, tmp, state_dict=state_dict)
