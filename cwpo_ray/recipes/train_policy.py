@@ -58,9 +58,13 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Optional
 
-from cwpo_ray.config import option
-from cwpo_ray.distributed import DistributedConfig
-from cwpo_ray.losses import LOSS_TYPES
+# When this module began to load: in a Ray Train worker, the start of its own imports (torch,
+# transformers), a fixed cost of every stage (cwpo_ray.stopwatch).
+_IMPORT_START = time.time()
+
+from cwpo_ray.config import option  # noqa: E402
+from cwpo_ray.distributed import DistributedConfig  # noqa: E402
+from cwpo_ray.losses import LOSS_TYPES  # noqa: E402
 
 EPILOG = """examples:
   cwpo train-policy --data runs/annotated.parquet --model smollm2-135m --out runs/cw-dpo
@@ -186,9 +190,10 @@ class ReferenceSpec:
 # ----------------------------------------------------------------------------- the recipe
 
 def run(cfg: Config) -> int:
-    from cwpo_ray import tracking
+    from cwpo_ray import stopwatch, tracking
     from cwpo_ray.models import ModelSource, resolve_model
 
+    stamps = {"run_start": stopwatch.now()}
     out = Path(cfg.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     if not cfg.resume:
@@ -196,6 +201,7 @@ def run(cfg: Config) -> int:
             _remove(out / stale)
     start = resolve_model(cfg.model, cfg.gguf_file)
     n_pairs = write_train_pairs(cfg, out / "train_pairs.parquet")
+    stamps["pairs_written"] = stopwatch.now()
 
     # A rerun into the same DIR continues the same MLflow run, as a restarted worker does.
     run_id_file = out / "mlflow_run_id"
@@ -207,6 +213,7 @@ def run(cfg: Config) -> int:
         if old_run_id is None:
             tracking.log_config(cfg)
         run_ids = (mlrun.info.run_id, tracking.tracking_uri())
+        stamps["mlflow_started"] = stopwatch.now()
 
         # SFT on (prompt, chosen): the PO start and its reference.
         if cfg.sft_epochs > 0:
@@ -216,14 +223,35 @@ def run(cfg: Config) -> int:
         # Confidence-weighted PO; its workers first compute the reference log-probs once
         # (DIR/reference.parquet), so PO never holds a second model.
         result = train_stage(cfg, "po", start, out / "train_pairs.parquet", out / "policy", n_pairs, *run_ids)
+        stamps["stages_done"] = stopwatch.now()
 
     manifest = {"stage": "train-policy", "config": asdict(cfg), "pairs": n_pairs, "start": str(start),
                 "sft": str(out / "sft") if cfg.sft_epochs > 0 else None, "policy": str(out / "policy"),
                 "reference_table": str(out / "reference.parquet"), "mlflow_run_id": mlrun.info.run_id,
                 "final_metrics": {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}}
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    stamps["run_end"] = stopwatch.now()
+    _log_fixed_costs(stamps, cfg, *run_ids)
     print(f"train-policy: {n_pairs} pairs -> {out / 'policy'} (MLflow run {mlrun.info.run_id})")
     return 0
+
+def _log_fixed_costs(stamps: dict, cfg: Config, run_id: str, uri: str) -> None:
+    """The driver's stamps as ``time/...`` metrics, and seconds per item (``cwpo_ray.stopwatch``) of
+    each stage, the workers' stamps included, as ``fixed/<mode>/<item>`` metrics."""
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    from cwpo_ray import stopwatch
+
+    client = MlflowClient(uri)
+    ms = int(stamps["run_end"] * 1000)
+    metrics = {f"time/{k}": v for k, v in stamps.items()}
+    metrics.update({f"fixed/{k}": v for k, v in stopwatch.fixed_costs(stamps, stopwatch.RUN_ITEMS).items()})
+    logged = client.get_run(run_id).data.metrics  # the stages' stamps, the workers' among them
+    for mode in (["sft"] if cfg.sft_epochs > 0 else []) + ["po"]:
+        stage = {k[len(f"time/{mode}/"):]: v for k, v in logged.items() if k.startswith(f"time/{mode}/")}
+        metrics.update({f"fixed/{mode}/{k}": v for k, v in stopwatch.fixed_costs(stage).items()})
+    client.log_batch(run_id, metrics=[Metric(k, v, ms, 0) for k, v in metrics.items()])
 
 
 # ----------------------------------------------------------------------------- data
@@ -530,8 +558,11 @@ def reference_key(source, cfg: Settings) -> str:
 def train_stage(cfg: Config, mode: str, source, table: Path, save_to: Path, n_pairs: int, run_id: str,
                 tracking_uri: str):
     """One Ray Train run (SFT or PO) of ``train_loop``; the model is saved to ``save_to``."""
+    from cwpo_ray import stopwatch
     from cwpo_ray.distributed import run_trainer
+    from cwpo_ray.ray_env import init_ray
 
+    stamps = {"stage_start": stopwatch.now()}
     epochs, lr = (cfg.sft_epochs, cfg.sft_lr) if mode == "sft" else (cfg.epochs, cfg.lr)
     plan = StepPlan(n_pairs, cfg.batch_size, cfg.num_workers, epochs, cfg.seed, cfg.max_steps, cfg.grad_accumulation)
     warmup = cfg.warmup_steps if cfg.warmup_steps < plan.total_steps else plan.total_steps // 10
@@ -546,7 +577,22 @@ def train_stage(cfg: Config, mode: str, source, table: Path, save_to: Path, n_pa
     # Ray Train keys a run's checkpoints by name under the storage path: one name per output folder,
     # so stages sharing a storage_path (the pipeline's arms on s3://) never resume each other's.
     name = mode if not cfg.storage_path else f"{out.name}-{hashlib.sha256(str(out).encode()).hexdigest()[:8]}-{mode}"
-    return run_trainer(train_loop, {"job": job}, cfg, name=name, default_storage=str(out / "ray"))
+    init_ray()  # run_trainer's own call then finds Ray up; timed apart from Ray Train's start
+    stamps["ray_ready"] = stopwatch.now()
+    result = run_trainer(train_loop, {"job": job}, cfg, name=name, default_storage=str(out / "ray"))
+    stamps["fit_done"] = stopwatch.now()
+    _log_stamps(run_id, tracking_uri, mode, stamps)
+    return result
+
+
+def _log_stamps(run_id: str, uri: str, mode: str, stamps: dict) -> None:
+    """``stamps`` as ``time/<mode>/<name>`` metrics of the stage's MLflow run (``cwpo_ray.stopwatch``)."""
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    if run_id:
+        ms = int(max(stamps.values()) * 1000)
+        MlflowClient(uri).log_batch(run_id, metrics=[Metric(f"time/{mode}/{k}", v, ms, 0) for k, v in stamps.items()])
 
 
 @dataclass
@@ -630,6 +676,7 @@ class BatchReader:
 
 def train_loop(loop_config: dict) -> None:
     """Runs on every Ray Train worker: SFT (job.mode == 'sft') or PO, with checkpoints and resume."""
+    stamps = {"import_start": _IMPORT_START, "loop_entered": time.time()}  # fixed costs (cwpo_ray.stopwatch)
     import torch
     from transformers import get_cosine_schedule_with_warmup
 
@@ -642,21 +689,27 @@ def train_loop(loop_config: dict) -> None:
     device = device_for(dist)
     source = ModelSource(job.model_path, job.gguf_file)
     torch.manual_seed(cfg.seed)
+    stamps["imports_done"] = time.time()
     tokenizer = load_tokenizer(source)
+    stamps["tokenizer_loaded"] = time.time()
     model = _with_lora(load_causal_lm(source), cfg).to(device)
+    stamps["model_loaded"] = time.time()
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = adamw(params, job.lr, cfg.weight_decay)
     engine = setup_engine(model, optimizer, lambda opt: get_cosine_schedule_with_warmup(
         opt, job.warmup_steps, plan.total_steps), dist, micro_batch_size=plan.batch_size,
         accumulation_steps=plan.accumulation)
+    stamps["engine_ready"] = time.time()
     start = (resume(engine) or {}).get("step", 0)
     logger = RankZeroLogger(job.tracking_uri, job.run_id)
+    stamps["resumed"] = time.time()
     if job.mode == "po":
         t0 = time.perf_counter()
         ensure_reference(engine, tokenizer, job.table, job.reference, rank, world_size)
         if start == 0:
             logger.log_metrics({"reference/seconds": time.perf_counter() - t0}, step=0)
+    stamps["reference_done"] = time.time()
     batches = BatchReader(job.table, job.reference_table if job.mode == "po" else None)
     prefix = "sft/" if job.mode == "sft" else ""
 
@@ -690,7 +743,10 @@ def train_loop(loop_config: dict) -> None:
         bar.close()
     # Whole-loop time (logging and checkpoints included), what a trainer's "runtime" reports.
     logger.log_metrics({prefix + "loop_seconds": time.perf_counter() - loop_start}, step=plan.total_steps)
+    stamps["loop_done"] = time.time()
     save_final_model(engine, tokenizer, source, job, rank)
+    stamps["saved"] = time.time()
+    logger.log_metrics({f"time/{job.mode}/{k}": v for k, v in stamps.items()}, step=0)
 
 
 def step_loss(engine, tokenizer, batch: dict, job: Job):
