@@ -62,6 +62,10 @@ def test_folds_hold_every_pair_out_exactly_once():
     # the epoch count with the lowest pooled out-of-fold loss: epoch 2 here
     oof = {"fold-0": [[0.1, -0.2], [1.0, 0.5], [2.0, -3.0]], "fold-1": [[0.0], [0.8], [0.9]]}
     assert chosen_epochs(oof) == 2
+    # Epoch 2 is right on 4 of 5 pairs but overconfident: the raw loss prefers epoch 1 (3 of 5, timid),
+    # the loss after a fitted temperature (what calibration leaves of it) prefers epoch 2.
+    oof = {"fold-0": [[0.3, 0.3, 0.3, -0.3, -0.3], [8.0, 8.0, 8.0, 8.0, -8.0]]}
+    assert chosen_epochs(oof) == 1 and chosen_epochs(oof, calibrated=True) == 2
 
 
 def test_kfold_training_chooses_epochs_refits_calibrates_and_resumes(ray_cluster, mlflow_server, tiny_encoder,

@@ -64,6 +64,11 @@ class Settings(DistributedConfig):
     calibration: str = option("temperature", "temperature: fit one T on out-of-fold margins so that confidence "
                                              "C = 2(sigma(|r_a - r_b| / T) - 1/2) is calibrated; none: T = 1",
                               choices=("temperature", "none"))
+    # Opt-in: with temperature scaling applied afterwards, an epoch's overconfidence is undone by T, so
+    # raw BT loss penalizes what calibration fixes (bench/RESULTS.md, the annotator over five seeds).
+    select_by: str = option("bt_loss", "folds > 1: choose the epoch count by the pooled out-of-fold BT loss "
+                                       "(bt_loss) or by that loss after fitting a temperature to those margins "
+                                       "(calibrated_bt_loss)", choices=("bt_loss", "calibrated_bt_loss"))
     log_every: int = option(10, "log the training loss every N steps")
 
     def validate(self) -> None:
@@ -76,6 +81,8 @@ class Settings(DistributedConfig):
             raise ValueError(f"heldout_fraction must be in (0, 1), got {self.heldout_fraction}")
         if self.folds < 1:
             raise ValueError(f"folds must be at least 1, got {self.folds}")
+        if self.select_by not in ("bt_loss", "calibrated_bt_loss"):
+            raise ValueError(f"select_by must be bt_loss or calibrated_bt_loss, got {self.select_by!r}")
         if self.calibration not in ("temperature", "none"):
             raise ValueError(f"calibration must be temperature or none, got {self.calibration!r}")
         if self.lr <= 0:
@@ -165,12 +172,17 @@ def plan_rounds(rows: list[dict], cfg: Settings, seed: int) -> list[Round]:
     return rounds + [Round("refit", list(range(len(rows))), [], 0, saves=True)]
 
 
-def chosen_epochs(oof: dict[str, list[list[float]]]) -> int:
-    """The epoch count whose out-of-fold margins (all folds pooled) have the lowest BT loss."""
+def chosen_epochs(oof: dict[str, list[list[float]]], calibrated: bool = False) -> int:
+    """The epoch count whose out-of-fold margins (all folds pooled) have the lowest BT loss; ``calibrated``:
+    the lowest BT loss of ``margins / T`` with T fitted to those margins."""
     from cwpo_ray import calibration
 
+    def loss(m: list[float]) -> float:
+        t = calibration.fit_temperature(m) if calibrated else 1.0
+        return calibration.bt_loss([x / t for x in m])
+
     n_epochs = min(len(v) for v in oof.values())
-    losses = [calibration.bt_loss([m for v in oof.values() for m in v[e]]) for e in range(n_epochs)]
+    losses = [loss([m for v in oof.values() for m in v[e]]) for e in range(n_epochs)]
     return int(min(range(n_epochs), key=lambda e: (losses[e], e))) + 1
 
 
@@ -272,11 +284,11 @@ def train_loop(config: dict) -> None:
     bar = tqdm(total=total_epochs, initial=len(state["history"]), disable=rank != 0 or not cfg.progress, desc="train-annotator",
                unit="epoch", mininterval=2)
     r, fresh = state["round"], False
-    if resumed and state["epoch"] + 1 >= _epochs(rounds[r], state):
+    if resumed and state["epoch"] + 1 >= _epochs(rounds[r], state, cfg):
         r, fresh = r + 1, True  # the checkpoint closed its round: the next one starts from a fresh model
     while r < len(rounds):
         spec = rounds[r]
-        spec.epochs = _epochs(spec, state)
+        spec.epochs = _epochs(spec, state, cfg)
         if fresh:
             annotator, engine = _fresh(cfg, dist, world, config)
             state.update(round=r, epoch=-1, best_loss=float("inf"), best_epoch=None)
@@ -305,9 +317,10 @@ def train_loop(config: dict) -> None:
     bar.close()
 
 
-def _epochs(spec: Round, state: dict) -> int:
+def _epochs(spec: Round, state: dict, cfg: Settings) -> int:
     """A round's epoch count; the refit's is chosen from the folds' out-of-fold losses."""
-    return chosen_epochs(state["oof"]) if spec.name == "refit" else spec.epochs
+    return (chosen_epochs(state["oof"], cfg.select_by == "calibrated_bt_loss") if spec.name == "refit"
+            else spec.epochs)
 
 
 def _fresh(cfg: Config, dist, world: int, config: dict):
