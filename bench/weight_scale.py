@@ -63,6 +63,8 @@ def flat(params) -> torch.Tensor:
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    # in float64: a float32 dot product over 135M entries is off by ~1e-2 (it printed cosines of 1.02)
+    a, b = a.double(), b.double()
     na, nb = a.norm(), b.norm()
     return float(a @ b / (na * nb)) if na > 0 and nb > 0 else float("nan")
 
