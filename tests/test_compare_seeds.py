@@ -209,10 +209,15 @@ def test_compare_over_two_seeds(tmp_path, mlflow_server):
     assert pm["seeds.cw.dpo.gra"] == pytest.approx(0.65) and pm["seeds.cw.dpo.n_seeds"] == 2
     assert pm["seeds.cw-human.dpo.diff"] == pytest.approx(0.2)
 
-    # One seed (tagged, or an older untagged run): the single-seed table, as before.
+    # One seed (tagged, or an older untagged run): the single-seed table, as before. For seed 3 the pipeline
+    # first ran cw with other results, then reran it (a resume after a change): only the newer run counts.
     for seed in (3, None):
         one = client.create_run(exp_id, run_name="pipeline", tags={"stage": "pipeline"}).info.run_id
         (tmp_path / f"one-{seed}").mkdir()
+        if seed == 3:
+            (tmp_path / "replaced").mkdir()
+            log_arm(client, exp_id, one, "cw", seed, scores(10, 0), tmp_path / "replaced")
+            time.sleep(0.01)  # a later start time
         for arm in ("human", "cw"):
             log_arm(client, exp_id, one, arm, seed, scores(*SEEDED[arm][0]), tmp_path / f"one-{seed}")
         out = tmp_path / f"cmp-{seed}"
@@ -220,7 +225,9 @@ def test_compare_over_two_seeds(tmp_path, mlflow_server):
                          "--out", str(out), "--no-log"]) == 0
         single = (out / "compare.md").read_text()
         assert "| arm | loss | GRA | 95% CI | GRA strict |" in single and "| seeds |" not in single
-        assert "| cw | dpo | 0.700 |" in single and "| dpo | cw - human | vader | +0.300 |" in single
+        assert single.count("| cw | dpo | 0.700 |") == 1 and "| cw | dpo | 0.100 |" not in single  # 0.1: the old run
+        assert line_of(single, "| dpo | cw - human | vader |").startswith("| dpo | cw - human | vader | +0.300 |")
+        assert ("1 older run(s) of an arm x loss x seed that a newer run replaced are left out" in single) == (seed == 3)
 
 
 def test_over_seeds_tables_from_rows_keep_the_newest_run_and_show_missing_seeds():

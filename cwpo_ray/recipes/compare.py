@@ -522,11 +522,14 @@ def latest_runs(rows: list[dict]) -> list[dict]:
     return [r for r in rows if id(r) in keep]
 
 
-def report_over_seeds(client, rows: list[dict], seeds: list, title: str, out: Path) -> tuple[str, list[Path], dict]:
+def replaced_note(replaced: int) -> str:
+    return (f"\n{replaced} older run(s) of an arm x loss x seed that a newer run replaced are left out.\n"
+            if replaced else "")
+
+
+def report_over_seeds(client, rows: list[dict], seeds: list, title: str, out: Path,
+                      replaced: int = 0) -> tuple[str, list[Path], dict]:
     """compare.md's text, the charts (written under ``out``) and the parent-run metrics, over seeds."""
-    replaced = len(rows)
-    rows = latest_runs(rows)
-    replaced -= len(rows)
     with tempfile.TemporaryDirectory() as tmp:
         found: dict[str, dict | None] = {}
 
@@ -540,8 +543,7 @@ def report_over_seeds(client, rows: list[dict], seeds: list, title: str, out: Pa
     by_judge = judges_markdown_over_seeds(agg, seeds)
     text = (markdown_over_seeds(agg, seeds, title) + ("\n" + by_judge if by_judge else "")
             + ("\n" + paired_markdown_over_seeds(pairs, seeds) if pairs else "") + "\n" + seeds_markdown(rows)
-            + (f"\n{replaced} older run(s) of an arm x loss x seed that a newer run replaced are left out.\n"
-               if replaced else ""))
+            + replaced_note(replaced))
     names = "/".join(_seed_name(s) for s in seeds)
     chart_rows = [dict(r, gra_per_seed=[r["gra_per_seed"].get(s) for s in seeds]) for r in agg]
     bar_chart(chart_rows, out / "compare.png", f"{title}\nmean over seeds {names}, one dot per seed")
@@ -556,15 +558,17 @@ def report_over_seeds(client, rows: list[dict], seeds: list, title: str, out: Pa
 def run(cfg: Config) -> int:
     client = _client()
     exp, parent = find_parent(client, cfg.experiment, cfg.parent_run_id)
-    rows = collect_rows(client, exp, parent)
-    if not rows:
+    all_rows = collect_rows(client, exp, parent)
+    if not all_rows:
         raise ValueError(f"pipeline run {parent.info.run_id} has no arm runs yet")
+    rows = latest_runs(all_rows)
+    replaced = len(all_rows) - len(rows)
     title = f"{cfg.experiment} / {parent.info.run_name} ({parent.info.run_id[:8]})"
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     seeds = seeds_of(rows)
     if len(seeds) > 1:
-        text, charts, metrics = report_over_seeds(client, rows, seeds, title, out)
+        text, charts, metrics = report_over_seeds(client, rows, seeds, title, out, replaced)
         print(text, flush=True)
         (out / "compare.md").write_text(text)
         files = [out / "compare.md", *charts]
@@ -578,7 +582,7 @@ def run(cfg: Config) -> int:
     pairs = paired_rows(client, rows)
     by_judge = judges_markdown(rows)
     text = (markdown(rows, title) + ("\n" + by_judge if by_judge else "")
-            + ("\n" + paired_markdown(pairs) if pairs else ""))
+            + ("\n" + paired_markdown(pairs) if pairs else "") + replaced_note(replaced))
     print(text, flush=True)
     (out / "compare.md").write_text(text)
     bar_chart(rows, out / "compare.png", title)
