@@ -113,6 +113,25 @@ def test_encode_cuts_prompt_from_the_left(tiny_encoder):
     assert len(long_response[0]) == 16
 
 
+def test_annotate_bf16_precision_scores_like_fp32(tiny_encoder, tmp_path):
+    """The bf16 setting runs the matmuls in bfloat16 (not a no-op) and labels as fp32 does where the
+    rewards are not near-tied; a saved folder loads in either precision."""
+    folder = save_annotator(new_annotator(ModelSource(str(tiny_encoder)), max_length=32), tmp_path / "ann")
+    fp32, bf16 = load_annotator(folder), load_annotator(folder, precision="bf16")
+    rows = eval_pairs(200, seed=5)
+    args = [r["prompt"] for r in rows], [r["response_a"] for r in rows], [r["response_b"] for r in rows]
+    a, b = fp32.label_pairs(*args), bf16.label_pairs(*args)
+    ra, rb = np.array(a["reward_a"] + a["reward_b"]), np.array(b["reward_a"] + b["reward_b"])
+    assert 0 < np.abs(ra - rb).max() < 0.05 * max(1.0, np.abs(ra).max())
+    margin = np.abs(np.array(a["reward_a"]) - np.array(a["reward_b"]))
+    clear = margin > 2 * np.abs(ra - rb).max()
+    assert clear.sum() > len(rows) // 2
+    assert [p for p, c in zip(a["preferred"], clear) if c] == [p for p, c in zip(b["preferred"], clear) if c]
+    assert np.abs(np.array(a["confidence"]) - np.array(b["confidence"])).max() < 0.05
+    with pytest.raises(ValueError, match="precision"):
+        load_annotator(folder, precision="fp16")
+
+
 # ----------------------------------------------------------------------------- training
 
 def test_ddp_training_learns_resumes_and_logs(trained, mlflow_server):
