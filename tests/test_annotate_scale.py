@@ -71,6 +71,27 @@ def test_parquet_units_cover_every_row_once(tmp_path):
     assert annotate.parquet_ranges([900], 400) == [(0, 300), (300, 600), (600, 900)]
 
 
+def test_a_small_input_is_cut_into_enough_units_for_every_actor(tmp_path):
+    """One 10k-row file in one row group was one unit under the default unit_rows: one actor
+    labeled it all. It is now 16 units, each row in exactly one, in input order; a large input
+    keeps unit_rows; the plan does not depend on the actor count."""
+    rows = pairs(10_000)
+    path = tmp_path / "one.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), path, row_group_size=10_000)
+    units = annotate.plan_units([path], annotate.Settings().unit_rows)
+    assert len(units) == annotate.MIN_UNITS
+    got = [r["id"] for u in units for b in annotate.iter_unit_rows(u, 512) for r in b]
+    assert got == [r["id"] for r in rows]
+    jsonl = tmp_path / "one.jsonl"
+    write_jsonl(jsonl, rows)
+    units = annotate.plan_units([jsonl], 20_000)
+    assert annotate.MIN_UNITS - 2 <= len(units) <= annotate.MIN_UNITS + 2  # rows estimated from the first MiB
+    assert [r["id"] for u in units for b in annotate.iter_unit_rows(u, 512) for r in b] == [r["id"] for r in rows]
+    assert annotate.balanced_unit_rows(10_000_000, 20_000) == 20_000
+    assert annotate.balanced_unit_rows(100, 20_000) == annotate.MIN_UNIT_ROWS
+    assert annotate.balanced_unit_rows(100, 10) == 10  # never above what was asked for
+
+
 def test_jsonl_byte_ranges_cover_every_line_once(tmp_path):
     rng = random.Random(3)
     rows = pairs(700)
@@ -156,6 +177,10 @@ def test_work_folder_is_kept_only_for_the_same_fingerprint(tmp_path):
     assert note == "resume" and (work / "units" / "u.json").exists() and not (work / "tmp").exists()
     cfg.batch_size = 7  # changes how, not what: still resumes
     assert annotate.prepare_work(out, annotate.fingerprint(cfg, [data]))[1] == "resume"
+    cfg.precision = "bf16"  # changes the labels' last digits: starts over
+    assert annotate.prepare_work(out, annotate.fingerprint(cfg, [data]))[1].startswith("starting over")
+    cfg.precision = "fp32"
+    work, note = annotate.prepare_work(out, annotate.fingerprint(cfg, [data]))
     for change in ("settings", "input", "annotator"):
         (work / "units" / "u.json").write_text("{}")
         if change == "settings":

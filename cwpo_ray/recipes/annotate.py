@@ -25,11 +25,12 @@ relabeling. On a multi-node cluster DATA and OUT must be on storage every node s
 
 A killed run resumes: run the same command again. How (and why not Ray Data's checkpoints):
 the input is cut into deterministic work units (a Parquet file's row groups, or a byte range
-of lines of a JSONL file, about --unit-rows rows each; a .gz file is one unit). An actor
+of lines of a JSONL file, about --unit-rows rows each, fewer for an input under 16 x --unit-rows
+rows so that it still makes 16 units and every actor gets work; a .gz file is one unit). An actor
 labels a whole unit, writes its annotated / quarantine rows and a small JSON sidecar of its
 statistics into OUT/.annotate-work/units/, and the sidecar, renamed into place last, commits
 the unit. A rerun whose input files (paths, sizes, mtimes), annotator folder (file sizes,
-mtimes) and output-changing settings (unit_rows, export_uncertain) match the fingerprint
+mtimes) and output-changing settings (unit_rows, export_uncertain, precision) match the fingerprint
 in OUT/.annotate-work/ skips the committed units; otherwise it starts over and says so.
 When every unit is committed the unit files are rewritten into the final files (one Ray task
 per output file) and the report is merged from the sidecars, so it covers the killed run's
@@ -97,6 +98,9 @@ class Settings:
     cpus_per_actor: float = option(0.5, "CPUs reserved per actor; fractional, so reads and writes still get a CPU")
     gpus_per_actor: float = option(0.0, "GPUs per actor (fractional shares one GPU); > 0 runs the model on CUDA")
     torch_threads: int = option(0, "torch threads per actor (0: max(1, round(cpus_per_actor)))")
+    precision: str = option("fp32", "how the annotator runs: fp32, or bf16 autocast (faster on CPUs with "
+                                    "AMX/AVX512-BF16; labels and confidences may differ slightly)",
+                            choices=("fp32", "bf16"))
     export_uncertain: int = option(0, "also write the N least-confident pairs to OUT/uncertain.parquet")
     unit_rows: int = option(20_000, "rows per work unit: what one actor call labels and a killed run redoes at most "
                                     "per actor")
@@ -111,6 +115,8 @@ class Settings:
             raise ValueError(f"max_bytes_per_file must be at least 65536, got {self.max_bytes_per_file}")
         if self.min_actors is not None and not 1 <= self.min_actors <= self.num_actors:
             raise ValueError(f"min_actors must be in [1, num_actors={self.num_actors}], got {self.min_actors}")
+        if self.precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision must be fp32 or bf16, got {self.precision!r}")
         if self.cpus_per_actor < 0 or self.gpus_per_actor < 0 or self.torch_threads < 0 or self.export_uncertain < 0:
             raise ValueError("cpus_per_actor, gpus_per_actor, torch_threads and export_uncertain must be >= 0")
 
@@ -225,21 +231,47 @@ def byte_ranges(size: int, sample: bytes, unit_rows: int) -> list[tuple[int, int
     return [(s, min(s + step, size)) for s in range(0, size, step)]
 
 
+# A small input is still cut into at least MIN_UNITS units (of at least MIN_UNIT_ROWS rows), so that
+# every actor of a pool gets work: a 10k-pair file under the default unit_rows was one unit, which
+# one actor labeled while the others idled. 16 divides evenly over 1, 2, 4, 8 and 16 actors.
+MIN_UNITS, MIN_UNIT_ROWS = 16, 256
+
+
+def balanced_unit_rows(total_rows: int, unit_rows: int, min_units: int = MIN_UNITS,
+                       min_unit_rows: int = MIN_UNIT_ROWS) -> int:
+    """Rows per unit: ``unit_rows``, lowered for a small input to about total / min_units
+    (never below ``min_unit_rows``, never above ``unit_rows``). Depends on the input only, not on
+    the actor count, so a rerun with other resources plans the same units and resumes."""
+    return max(1, min(unit_rows, max(min_unit_rows, -(-total_rows // min_units))))
+
+
 def plan_units(files: list[Path], unit_rows: int) -> list[dict]:
     """The deterministic work units of the input files (same files and unit_rows, same units)."""
-    units = []
-    for k, f in enumerate(files):
-        name = f.name
-        if name.endswith(".parquet"):
+    # first pass: rows per file (Parquet metadata; JSONL estimated from its first MiB)
+    layout, total = [], 0
+    for f in files:
+        if f.name.endswith(".parquet"):
             meta = pq.ParquetFile(f).metadata
-            spans = parquet_ranges([meta.row_group(g).num_rows for g in range(meta.num_row_groups)], unit_rows)
-            kind = "parquet"
-        elif name.endswith(".gz"):
-            spans, kind = [(0, -1)], "jsonl.gz"  # gzip cannot seek: one unit
+            groups = [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
+            layout.append(("parquet", groups))
+            total += sum(groups)
+        elif f.name.endswith(".gz"):
+            layout.append(("jsonl.gz", None))  # gzip cannot seek: one unit
         else:
             with open(f, "rb") as fh:
                 sample = fh.read(2**20)
-            spans, kind = byte_ranges(f.stat().st_size, sample, unit_rows), "jsonl"
+            size = f.stat().st_size
+            layout.append(("jsonl", (size, sample)))
+            total += int(size / (len(sample) / max(1, sample.count(b"\n")))) if sample else 0
+    rows = balanced_unit_rows(total, unit_rows)
+    units = []
+    for k, (f, (kind, info)) in enumerate(zip(files, layout)):
+        if kind == "parquet":
+            spans = parquet_ranges(info, rows)
+        elif kind == "jsonl.gz":
+            spans = [(0, -1)]
+        else:
+            spans = byte_ranges(info[0], info[1], rows)
         for start, end in spans:
             units.append({"key": f"f{k:05d}-{max(start, 0):014d}", "path": str(f), "kind": kind,
                           "start": start, "end": end})
@@ -409,7 +441,7 @@ def annotate_unit(unit: dict, work: Path, label: Callable[[list], pa.Table], bat
     units, tmp = work / "units", work / "tmp"
     units.mkdir(parents=True, exist_ok=True)
     tmp.mkdir(parents=True, exist_ok=True)
-    key, tag, began = unit["key"], uuid.uuid4().hex[:8], time.perf_counter()
+    key, tag, began, started = unit["key"], uuid.uuid4().hex[:8], time.perf_counter(), time.time()
     writers: dict[str, pq.ParquetWriter] = {}
     stats, candidates = new_stats(), None
     for rows in iter_unit_rows(unit, batch_size):
@@ -444,7 +476,7 @@ def annotate_unit(unit: dict, work: Path, label: Callable[[list], pa.Table], bat
         os.replace(tmp / f"{key}.{tag}.uncertain.parquet", final)
         files["uncertain"] = {"path": final.name, "rows": candidates.num_rows, "bytes": final.stat().st_size}
     sidecar = {"unit": unit, "files": files, "stats": stats_to_json(stats), "pid": os.getpid(),
-               "seconds": round(time.perf_counter() - began, 3)}
+               "seconds": round(time.perf_counter() - began, 3), "started": started}
     (tmp / f"{key}.{tag}.json").write_text(json.dumps(sidecar))
     os.replace(tmp / f"{key}.{tag}.json", units / f"{key}.json")
     return {"key": key, "annotated": stats["annotated"], "quarantined": stats["quarantined"]}
@@ -454,13 +486,13 @@ class LabelUnits:
     """Ray Data callable class: loads the annotator once per actor, then labels unit after unit."""
 
     def __init__(self, annotator_dir: str, work: str, batch_size: int, model_batch_size: int, threads: int,
-                 use_gpu: bool, keep_uncertain: int):
+                 use_gpu: bool, keep_uncertain: int, precision: str = "fp32"):
         import torch
 
         from cwpo_ray.annotator import load_annotator
 
         torch.set_num_threads(threads)
-        self.annotator = load_annotator(annotator_dir, device="cuda" if use_gpu else "cpu")
+        self.annotator = load_annotator(annotator_dir, device="cuda" if use_gpu else "cpu", precision=precision)
         self.name = str(Path(annotator_dir).resolve())
         self.work, self.batch_size, self.model_batch_size = Path(work), batch_size, model_batch_size
         self.keep_uncertain = keep_uncertain
@@ -566,7 +598,9 @@ def fingerprint(cfg: Config, files: list[Path]) -> dict:
                  for p in annotator.rglob("*") if p.is_file())
     return {"input": [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files],
             "annotator": [str(annotator)] + [list(a) for a in ann],
-            "settings": {"unit_rows": cfg.unit_rows, "export_uncertain": cfg.export_uncertain}}
+            # precision only when not fp32: a work folder of a run before the setting existed still resumes
+            "settings": {"unit_rows": cfg.unit_rows, "export_uncertain": cfg.export_uncertain,
+                         **({"precision": cfg.precision} if cfg.precision != "fp32" else {})}}
 
 
 def digest(part: Any) -> str:
@@ -687,7 +721,7 @@ def label_units(cfg: Config, todo: list[dict], work: Path) -> int:
         fn_constructor_kwargs=dict(annotator_dir=str(Path(cfg.annotator).resolve()), work=str(work),
                                    batch_size=cfg.batch_size, model_batch_size=cfg.model_batch_size,
                                    threads=threads, use_gpu=cfg.gpus_per_actor > 0,
-                                   keep_uncertain=cfg.export_uncertain),
+                                   keep_uncertain=cfg.export_uncertain, precision=cfg.precision),
         # one unit in flight per actor: a unit is long, and a queue behind a busy actor idles the others
         compute=ray.data.ActorPoolStrategy(min_size=min(cfg.min_actors or actors, actors), max_size=actors,
                                            max_tasks_in_flight_per_actor=1),
@@ -761,9 +795,12 @@ def run(cfg: Config) -> int:
         print(f"annotate: resuming: {len(done)} of {len(units)} units already committed in {work}", flush=True)
     elif note != "fresh":
         print(f"annotate: {note}", flush=True)
-    start = time.perf_counter()
+    start, start_wall = time.perf_counter(), time.time()
     annotated_now = label_units(cfg, todo, work) if todo else 0
     labeled_at = time.perf_counter()
+    # start-up: from the job's start to the first unit this run began labeling (Ray Data's plan,
+    # actors importing torch and loading the annotator); wall clock, as the actors' sidecars record it
+    began = [side["started"] for side in committed(work) if side.get("started", 0) >= start_wall]
     stats, out_files, n_units = publish_outputs(cfg, work, out)
     seconds = time.perf_counter() - start
     if n_units != len(units):
@@ -771,6 +808,7 @@ def run(cfg: Config) -> int:
     report = build_report(stats, seconds, str(Path(cfg.annotator).resolve()), {
         "annotated_this_run": annotated_now, "units": len(units), "resumed_units": len(done),
         "label_seconds": round(labeled_at - start, 3), "write_seconds": round(seconds - (labeled_at - start), 3),
+        "startup_seconds": round(min(began) - start_wall, 3) if began else None,
         "output_files": out_files, "settings": asdict(Settings(**{k: getattr(cfg, k) for k in
                                                                  Settings.__dataclass_fields__}))})
     with atomic_path(out / "report.json") as tmp:
