@@ -20,8 +20,20 @@ def init_ray(num_cpus: int | None = None, log_to_driver: bool = True):
         # env_vars here makes Ray refuse the driver, so join as is.
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=log_to_driver)
     else:
-        # The dashboard serves Ray's state API, which Ray Train polls (without it: a warning every
-        # few seconds); it binds loopback only.
-        ray.init(_node_ip_address="127.0.0.1", include_dashboard=True, dashboard_host="127.0.0.1", num_cpus=num_cpus,
-                 log_to_driver=log_to_driver, runtime_env=runtime_env)
+        # No dashboard unless CWPO_RAY_DASHBOARD=1: its ~10 processes take ~2.5 s of each local start
+        # on 2 cores (bench/RESULTS.md, fixed cost per stage). Without its state API, Ray Train's
+        # placement-group cleaner warns every second that it cannot query the controller (only
+        # meaningful on a long-lived cluster, where the dashboard runs): the hook silences that.
+        dashboard = os.environ.get("CWPO_RAY_DASHBOARD", "0") == "1"
+        if not dashboard:
+            runtime_env["worker_process_setup_hook"] = "cwpo_ray.ray_env.quiet_placement_group_cleaner"
+        ray.init(_node_ip_address="127.0.0.1", include_dashboard=dashboard, dashboard_host="127.0.0.1",
+                 num_cpus=num_cpus, log_to_driver=log_to_driver, runtime_env=runtime_env)
     return ray
+
+
+def quiet_placement_group_cleaner() -> None:
+    """Ray worker setup hook: Ray Train's placement-group cleaner logs errors only (see init_ray)."""
+    import logging
+
+    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)

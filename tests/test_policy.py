@@ -576,6 +576,64 @@ def test_lora_trains_adapters_and_saves_a_merged_model(ddp_run, tiny_decoder):
     assert changed and all(name.endswith(("q_proj.weight", "v_proj.weight")) for name in changed), changed
 
 
+@pytest.mark.parametrize("warmup,total", [(0, 8), (3, 10), (10, 10), (2, 1)])
+def test_cosine_schedule_gives_transformers_learning_rates(warmup, total):
+    """train-policy's own cosine schedule (it spares each worker transformers' Trainer imports) steps
+    through the same learning rates as transformers' get_cosine_schedule_with_warmup."""
+    from transformers import get_cosine_schedule_with_warmup
+
+    from cwpo_ray.recipes.train_policy import cosine_schedule
+
+    def rates(make):
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.3)
+        sched, out = make(opt), []
+        for _ in range(total + 2):
+            out.append(sched.get_last_lr()[0])
+            opt.step()
+            sched.step()
+        return out
+
+    ours = rates(lambda opt: cosine_schedule(opt, warmup, total))
+    assert ours == pytest.approx(rates(lambda opt: get_cosine_schedule_with_warmup(opt, warmup, total)), abs=1e-12)
+    assert max(ours) > 0
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_final_model_is_the_trained_module_and_loads_with_from_pretrained(tiny, tmp_path, lora):
+    """The final save writes rank 0's trained module itself (LoRA merged in), not the start model
+    reloaded: what from_pretrained reads back equals the trained weights, and differs from the start."""
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    from cwpo_ray.config import load_config
+    from cwpo_ray.distributed import DistributedConfig, adamw, setup_engine
+    from cwpo_ray.recipes import train_policy
+
+    tokenizer, source = tiny
+    cfg = load_config(train_policy.Config, flags=dict(data=str(tmp_path), model=source.path, out=str(tmp_path),
+                                                       lora=lora, lora_r=4))
+    job = train_policy.Job(cfg=cfg, mode="po", model_path=source.path, gguf_file=None, table="",
+                           save_to=str(tmp_path / "policy"), lr=0.1, warmup_steps=0, plan=None, run_id="",
+                           tracking_uri="", reference_table="", reference_key="")
+    model = train_policy._with_lora(fresh_model(source), cfg)
+    engine = setup_engine(model, adamw([p for p in model.parameters() if p.requires_grad], 0.1, 0.0), None,
+                          DistributedConfig(), micro_batch_size=1)
+    for _ in range(2):  # LoRA's B starts at zero: the second step moves the merged weights
+        engine.backward_and_step(engine(input_ids=torch.tensor([[1, 2, 3, 4]])).logits.pow(2).mean())
+    trained = (copy.deepcopy(model).merge_and_unload() if lora else model).state_dict()
+    trained = {k: v.clone() for k, v in trained.items()}
+
+    train_policy.save_final_model(engine, tokenizer, source, job, rank=0)
+    saved = AutoModelForCausalLM.from_pretrained(tmp_path / "policy").state_dict()
+    start = fresh_model(source).state_dict()
+    assert set(saved) == set(trained) == set(start)
+    for name, tensor in trained.items():
+        assert torch.equal(saved[name], tensor), name
+    assert any(not torch.equal(saved[name], start[name]) for name in start)
+    assert load_tokenizer(ModelSource(str(tmp_path / "policy"))).get_vocab() == tokenizer.get_vocab()
+
+
 def test_deepspeed_config_bf16_on_gpu_fp32_on_cpu():
     """What each placement asks DeepSpeed for (the GPU run itself needs a GPU; this machine has none)."""
     from cwpo_ray.distributed import DistributedConfig, deepspeed_config
