@@ -103,13 +103,15 @@ def run_ours(spec: str, pairs_path: Path, out: Path, args, batch: int, n_pairs: 
     fixed = {k[len("fixed/"):]: v for k, v in client.get_run(run_id).data.metrics.items() if k.startswith("fixed/")}
     return {"epoch_s": loop_s + ref_s, "loop_s": loop_s, "ref_s": ref_s, "wall_s": wall, "fixed": fixed,
             "mean_loss": sum(m.value for m in losses) / len(losses), "final_loss": losses[-1].value,
-            "steps": len(losses), "pairs": n_pairs}
+            "steps": len(losses), "pairs": n_pairs, "losses": [m.value for m in losses]}
 
 
 def run_trl(source, rows: list[dict], out: Path, args, batch: int, precompute: bool) -> dict:
     import torch
     from datasets import Dataset
-    from trl import DPOConfig, DPOTrainer
+    from trl import DPOConfig
+
+    _TimedDPOTrainer = _timed_trainer_class()
 
     from cwpo_ray.models import load_causal_lm, load_tokenizer
 
@@ -123,15 +125,33 @@ def run_trl(source, rows: list[dict], out: Path, args, batch: int, precompute: b
                        logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, bf16=False,
                        dataloader_drop_last=True, disable_tqdm=True, seed=0)
     data = Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows])
-    trainer = DPOTrainer(model=model, args=config, train_dataset=data, processing_class=tok)
+    trainer = _TimedDPOTrainer(model=model, args=config, train_dataset=data, processing_class=tok)
     print(f"TRL optim: {config.optim}", flush=True)
     t1 = time.perf_counter()
     result = trainer.train()
     wall = time.perf_counter() - t0
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     return {"epoch_s": result.metrics["train_runtime"], "wall_s": wall, "setup_s": t1 - t0,
-            "mean_loss": result.training_loss, "final_loss": losses[-1] if losses else float("nan"),
-            "steps": trainer.state.global_step, "pairs": len(rows)}
+            "ref_s": trainer.precompute_seconds, "mean_loss": result.training_loss,
+            "final_loss": losses[-1] if losses else float("nan"), "steps": trainer.state.global_step,
+            "pairs": len(rows), "losses": losses}
+
+
+def _timed_trainer_class():
+    """DPOTrainer that times its reference pass (with precompute_ref_log_probs, run in its constructor)."""
+    from trl import DPOTrainer
+
+    class Timed(DPOTrainer):
+        precompute_seconds = 0.0
+
+        def _precompute_ref_logps(self, *args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return super()._precompute_ref_logps(*args, **kwargs)
+            finally:
+                self.precompute_seconds += time.perf_counter() - t0
+
+    return Timed
 
 
 def bench_model(name: str, n_pairs: int, words: int, args, work: Path) -> list[dict]:
@@ -146,24 +166,64 @@ def bench_model(name: str, n_pairs: int, words: int, args, work: Path) -> list[d
     for rep in range(args.repeats):
         if args.no_trl:
             ours = run_ours(spec, pairs_path, work / f"ours-{name}-{rep}", args, args.batch_size, n_pairs)
-            results.append({"model": name, "who": "cwpo train-policy", **ours})
+            results.append({"model": name, "who": "cwpo train-policy", "repeat": rep, **ours})
             continue
         trl_default = run_trl(source, rows, work / f"trl-{name}-{rep}", args, args.batch_size, precompute=False)
-        results.append({"model": name, "who": "TRL DPOTrainer", **trl_default})
+        results.append({"model": name, "who": "TRL DPOTrainer", "repeat": rep, **trl_default})
         if args.trl_precompute:
             trl_pre = run_trl(source, rows, work / f"trlpre-{name}-{rep}", args, args.batch_size, precompute=True)
-            results.append({"model": name, "who": "TRL, precompute_ref_log_probs", **trl_pre})
+            results.append({"model": name, "who": "TRL, precompute_ref_log_probs", "repeat": rep, **trl_pre})
         ours = run_ours(spec, pairs_path, work / f"ours-{name}-{rep}", args, args.batch_size, n_pairs)
-        results.append({"model": name, "who": "cwpo train-policy", **ours})
+        results.append({"model": name, "who": "cwpo train-policy", "repeat": rep, **ours})
     return results
 
 
-def table(results: list[dict]) -> str:
-    lines = ["| model | trainer | pairs | steps | s/epoch | wall s | mean loss | final loss |",
-             "|---|---|---|---|---|---|---|---|"]
+def max_relative_difference(a: list[float], b: list[float]) -> float:
+    """Largest |a - b| / |b| over the steps (nan when the step counts differ)."""
+    if len(a) != len(b) or not a:
+        return float("nan")
+    return max(abs(x - y) / max(abs(y), 1e-12) for x, y in zip(a, b))
+
+
+def ratios(results: list[dict]) -> str:
+    """Per repeat and model: our epoch over TRL's default epoch, over TRL precompute's epoch plus its
+    reference pass, and the largest per-step relative loss difference to each; then the medians."""
+    from statistics import median
+
+    lines = ["| model | repeat | ours s | TRL s | ours / TRL | TRL precompute + ref s | ours / (TRL pre + ref) | "
+             "max rel. loss diff vs TRL | vs TRL pre |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    by_model: dict[str, list] = {}
     for r in results:
-        lines.append(f"| {r['model']} | {r['who']} | {r['pairs']} | {r['steps']} | {r['epoch_s']:.2f} | "
-                     f"{r['wall_s']:.1f} | {r['mean_loss']:.4f} | {r['final_loss']:.4f} |")
+        by_model.setdefault(r["model"], []).append(r)
+    for model, rs in by_model.items():
+        rows = []
+        for rep in sorted({r["repeat"] for r in rs}):
+            who = {r["who"]: r for r in rs if r["repeat"] == rep}
+            ours, trl, pre = (who.get(k) for k in ("cwpo train-policy", "TRL DPOTrainer",
+                                                   "TRL, precompute_ref_log_probs"))
+            if not ours or not trl:
+                continue
+            pre_s = pre["epoch_s"] + pre["ref_s"] if pre else float("nan")
+            rows.append((ours["epoch_s"], trl["epoch_s"], ours["epoch_s"] / trl["epoch_s"], pre_s,
+                         ours["epoch_s"] / pre_s,
+                         max_relative_difference(ours["losses"], trl["losses"]),
+                         max_relative_difference(ours["losses"], pre["losses"]) if pre else float("nan")))
+            lines.append(f"| {model} | {rep + 1} | " + " | ".join(f"{v:.2f}" for v in rows[-1][:5])
+                         + f" | {rows[-1][5]:.1e} | {rows[-1][6]:.1e} |")
+        if len(rows) > 1:
+            lines.append(f"| {model} | median | " + " | ".join(f"{median(c):.2f}" for c in list(zip(*rows))[:5])
+                         + f" | {max(r[5] for r in rows):.1e} (max) | {max(r[6] for r in rows):.1e} (max) |")
+    return "\n".join(lines)
+
+
+def table(results: list[dict]) -> str:
+    lines = ["| model | trainer | repeat | pairs | steps | s/epoch | reference pass s | wall s | mean loss | "
+             "final loss |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in results:  # ours: s/epoch includes the reference pass; TRL precompute: it does not
+        ref = f"{r['ref_s']:.2f}" if r.get("ref_s") else "-"
+        lines.append(f"| {r['model']} | {r['who']} | {r.get('repeat', 0) + 1} | {r['pairs']} | {r['steps']} | "
+                     f"{r['epoch_s']:.2f} | {ref} | {r['wall_s']:.1f} | {r['mean_loss']:.4f} | {r['final_loss']:.4f} |")
     return "\n".join(lines)
 
 
@@ -215,6 +275,7 @@ def main() -> int:
             results += bench_model(name, n, args.words, args, work)
             print(table(results), flush=True)
     print("\n" + table(results))
+    print("\nRatios (epoch seconds; TRL precompute counted with its reference pass):\n" + ratios(results))
     print("\nFixed costs of our runs (seconds; cwpo_ray.stopwatch):\n" + fixed_table(results))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))

@@ -1,7 +1,8 @@
 """Pairs as token rows and their summed response log-probs (SFT and PO): pure torch, no Ray, no I/O.
 
-A pair is scored as two sequences, ``prompt + chosen`` and ``prompt + rejected`` (packed into
-one row that shares the prompt, see ``pair_batch``); only the response tokens carry loss.
+A pair is scored as two sequences, ``prompt + chosen`` and ``prompt + rejected``, computed packed:
+one copy of a prompt per batch, several pairs per row (``pair_batch``); only the response tokens
+carry loss.
 Truncation rule (one rule everywhere: SFT, reference pass, PO): the prompt is cut from the
 LEFT to ``max_prompt_length`` tokens (the end of a prompt, next to the answer, matters most),
 then the response (with EOS appended) is cut from the RIGHT so that prompt + response fits
@@ -82,44 +83,97 @@ def collate(ids: list[list[int]], prompt_lens: list[int], pad_id: int) -> dict[s
     return {"input_ids": input_ids, "attention_mask": attention, "response_mask": response}
 
 
-def pair_batch(tokenizer, prompts, chosen, rejected, lengths: Lengths) -> dict[str, torch.Tensor]:
-    """One row per pair, packed as ``prompt | chosen | rejected``: the prompt goes through the
-    model once per pair instead of twice (~20% fewer tokens on bench/train_policy.py's pairs).
+def pair_batch(tokenizer, prompts, chosen, rejected, lengths: Lengths, pack: bool = True,
+               row_tokens: int | None = None) -> dict[str, torch.Tensor]:
+    """The rows a batch of pairs goes through the model as: each response scored exactly as in its
+    own sequence ``prompt + response``, with fewer tokens computed.
 
-    Each response is scored exactly as in its own sequence: a 4D attention mask keeps the
-    rejected tokens from seeing the chosen ones, their positions continue from the prompt, and
-    the first token of each response is predicted from the last prompt token. Returns
-    ``input_ids``, ``position_ids``, a boolean ``attention_mask`` (rows, 1, T, T), and per scored
-    sequence (the n chosen, then the n rejected) ``pred_positions`` / ``labels`` / ``label_mask``:
-    where each response token is predicted from, which token, and which entries are real.
+    A *segment* is a prompt followed by responses that read it: ``prompt | chosen | rejected``, and
+    with ``pack`` the responses of all pairs of the batch with the same prompt (its tokens then go
+    through the model once), up to ``row_tokens`` tokens (default: twice the longest pair, which
+    bounds the attention over a row). With ``pack`` several segments share a row, first fit, longest
+    first, so rows are nearly full instead of padded to the longest. A 4D attention mask lets each
+    response see only its own prompt and itself; positions restart per segment and continue from
+    the prompt in each response. ``pack=False``: one pair per row, padded to the longest.
+
+    Returns ``input_ids``, ``position_ids``, a boolean ``attention_mask`` (rows, 1, T, T) and per
+    scored sequence (the n chosen, then the n rejected) ``seq_rows`` / ``pred_positions`` /
+    ``labels`` / ``label_mask``: its row, where each of its tokens is predicted from, which token,
+    and which entries are real.
     """
     c_ids, c_plen = encode_responses(tokenizer, prompts, chosen, lengths)
     r_ids, r_plen = encode_responses(tokenizer, prompts, rejected, lengths)
-    packed = [(c[:p], c[p:], r[q:]) for c, p, r, q in zip(c_ids, c_plen, r_ids, r_plen)]
-    n = len(packed)
-    width = max(len(p) + len(c) + len(r) for p, c, r in packed)
-    longest = max(max(len(c), len(r)) for _, c, r in packed)
-    input_ids = torch.full((n, width), tokenizer.pad_token_id, dtype=torch.long)
-    position_ids = torch.zeros((n, width), dtype=torch.long)
-    mask = torch.eye(width, dtype=torch.bool).repeat(n, 1, 1, 1)  # padding attends to itself only (no NaN rows)
+    n = len(c_ids)
+    pair_prompts = [c[:p] for c, p in zip(c_ids, c_plen)]  # the prompt's cut does not depend on the response
+    responses = [c[p:] for c, p in zip(c_ids, c_plen)] + [r[q:] for r, q in zip(r_ids, r_plen)]
+    capacity = (row_tokens or 2 * max(len(c) + len(r) - q for c, r, q in zip(c_ids, r_ids, r_plen))) if pack else 0
+    segments = _segments(pair_prompts, [len(x) for x in responses], capacity)
+    sizes = [len(p) + sum(len(responses[k]) for k in members) for p, members in segments]
+    rows = _first_fit(sizes, capacity)
+    width, longest = max(sum(sizes[g] for g in row) for row in rows), max(len(x) for x in responses)
+    input_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+    position_ids = torch.zeros((len(rows), width), dtype=torch.long)
+    segment = torch.full((len(rows), width), -1, dtype=torch.long)  # -1: padding
+    owner = torch.full((len(rows), width), -1, dtype=torch.long)    # the response a token is of; -1: a prompt's
+    seq_rows = torch.zeros(2 * n, dtype=torch.long)
     pred = torch.zeros((2 * n, longest), dtype=torch.long)
     labels = torch.zeros((2 * n, longest), dtype=torch.long)
     label_mask = torch.zeros((2 * n, longest), dtype=torch.bool)
-    for i, (p, c, r) in enumerate(packed):
-        P, C, R = len(p), len(c), len(r)
-        input_ids[i, :P + C + R] = torch.tensor(p + c + r, dtype=torch.long)
-        position_ids[i, :P + C] = torch.arange(P + C)
-        position_ids[i, P + C:P + C + R] = torch.arange(P, P + R)
-        causal = torch.ones((P + C + R, P + C + R), dtype=torch.bool).tril()
-        causal[P + C:, P:P + C] = False  # rejected never sees chosen
-        mask[i, 0, :P + C + R, :P + C + R] = causal
-        for seq, first, tokens in ((i, P, c), (n + i, P + C, r)):
-            src = [P - 1] + [first + j - 1 for j in range(1, len(tokens))]
-            pred[seq, :len(tokens)] = torch.tensor(src).clamp(min=0)
-            labels[seq, :len(tokens)] = torch.tensor(tokens, dtype=torch.long)
-            label_mask[seq, :len(tokens)] = torch.tensor([s >= 0 for s in src])  # no prompt: 1st token unscored
-    return {"input_ids": input_ids, "position_ids": position_ids, "attention_mask": mask,
-            "pred_positions": pred, "labels": labels, "label_mask": label_mask}
+    for i, row in enumerate(rows):
+        at = 0
+        for g in row:
+            prompt, members = segments[g]
+            P = len(prompt)
+            input_ids[i, at:at + P], position_ids[i, at:at + P], segment[i, at:at + P] = torch.tensor(prompt), \
+                torch.arange(P), g
+            last, at = at + P - 1, at + P  # the prompt's last token predicts each response's first
+            for k in members:
+                tokens = responses[k]
+                L = len(tokens)
+                input_ids[i, at:at + L], position_ids[i, at:at + L] = torch.tensor(tokens), torch.arange(P, P + L)
+                segment[i, at:at + L], owner[i, at:at + L], seq_rows[k] = g, k, i
+                pred[k, :L] = torch.tensor([max(last, 0)] + list(range(at, at + L - 1)))
+                labels[k, :L] = torch.tensor(tokens)
+                label_mask[k, :L] = True
+                label_mask[k, 0] = P > 0  # no prompt: the first token is predicted from nothing
+                at += L
+    causal = torch.ones((width, width), dtype=torch.bool).tril()
+    same_segment = (segment[:, :, None] == segment[:, None, :]) & (segment[:, :, None] >= 0)
+    reads = (owner[:, None, :] == -1) | (owner[:, :, None] == owner[:, None, :])  # its prompt, or itself
+    mask = (causal & same_segment & reads) | torch.eye(width, dtype=torch.bool)  # padding: itself (no NaN rows)
+    return {"input_ids": input_ids, "position_ids": position_ids, "attention_mask": mask.unsqueeze(1),
+            "seq_rows": seq_rows, "pred_positions": pred, "labels": labels, "label_mask": label_mask}
+
+
+def _segments(prompts: list[list[int]], response_lens: list[int], capacity: int) -> list[tuple[list[int], list[int]]]:
+    """(prompt tokens, the responses that read it), pair i's responses being i and n + i. With a
+    ``capacity``, pairs with the same prompt share a segment while it has at most that many tokens."""
+    n = len(prompts)
+    segments, open_ = [], {}  # open_: prompt -> index of its segment still taking pairs
+    for i, p in enumerate(prompts):
+        size = response_lens[i] + response_lens[n + i]
+        g = open_.get(tuple(p)) if capacity else None
+        if g is not None and segments[g][2] + size <= capacity:
+            segments[g][1].extend([i, n + i])
+            segments[g][2] += size
+        else:
+            open_[tuple(p)] = len(segments)
+            segments.append([p, [i, n + i], len(p) + size])
+    return [(p, members) for p, members, _ in segments]
+
+
+def _first_fit(sizes: list[int], capacity: int) -> list[list[int]]:
+    """Indices of ``sizes`` in bins of ``capacity`` tokens, first fit, largest first (0: one per bin)."""
+    bins, room = [], []
+    for i in sorted(range(len(sizes)), key=lambda i: -sizes[i]):
+        j = next((j for j, r in enumerate(room) if sizes[i] <= r), None) if capacity else None
+        if j is None:
+            bins.append([i])
+            room.append(capacity - sizes[i])
+        else:
+            bins[j].append(i)
+            room[j] -= sizes[i]
+    return bins
 
 
 def sft_batch(tokenizer, prompts, responses, lengths: Lengths) -> dict[str, torch.Tensor]:
@@ -157,19 +211,23 @@ def sequence_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor,
     vocabulary is a large share of the compute. ``logsumexp`` instead of a full
     log-softmax keeps one float per position instead of a vocabulary-wide tensor.
     """
-    if "pred_positions" in batch:  # packed pairs (pair_batch): chosen rows then rejected rows
+    if "pred_positions" in batch:  # packed pairs (pair_batch): the chosen sequences, then the rejected
         return _response_logps(model, batch["input_ids"], _mask_for(model, batch["attention_mask"]),
-                               batch["position_ids"], batch["pred_positions"], batch["labels"], batch["label_mask"])
+                               batch["position_ids"], batch["seq_rows"], batch["pred_positions"], batch["labels"],
+                               batch["label_mask"])
     ids = batch["input_ids"]
     pred = torch.arange(ids.shape[1] - 1).expand(ids.shape[0], -1)  # position t predicts token t+1
-    return _response_logps(model, ids, batch["attention_mask"], None, pred, ids[:, 1:], batch["response_mask"][:, 1:])
+    return _response_logps(model, ids, batch["attention_mask"], None, torch.arange(ids.shape[0]), pred, ids[:, 1:],
+                           batch["response_mask"][:, 1:])
 
 
-def _response_logps(model, ids, attention, positions, pred, labels, label_mask) -> tuple[torch.Tensor, torch.Tensor]:
+def _response_logps(model, ids, attention, positions, seq_rows, pred, labels, label_mask
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per scored sequence s: sum over j of log p(labels[s, j]) read at position pred[s, j] of
-    row s mod (rows of ids), where label_mask[s, j]; and the count of such tokens."""
+    row seq_rows[s], where label_mask[s, j]; and the count of such tokens."""
     device = next(_innermost(model).parameters()).device
-    ids, attention, pred, labels, label_mask = (t.to(device) for t in (ids, attention, pred, labels, label_mask))
+    ids, attention, seq_rows, pred, labels, label_mask = (
+        t.to(device) for t in (ids, attention, seq_rows, pred, labels, label_mask))
     start = int(pred[label_mask].min()) if label_mask.any() else 0  # logits only from here on
     keep = ids.shape[1] - start
     kwargs = {"logits_to_keep": keep} if _accepts(model, "logits_to_keep") else {}
@@ -179,7 +237,7 @@ def _response_logps(model, ids, attention, positions, pred, labels, label_mask) 
     if "logits_to_keep" not in kwargs:
         logits = logits[:, start:]
     logits = logits.float()
-    rows = torch.arange(len(pred), device=device).remainder(ids.shape[0]).unsqueeze(1)
+    rows = seq_rows.unsqueeze(1)
     at = (pred - start).clamp(min=0)
     token_logps = logits[rows, at, labels] - torch.logsumexp(logits, dim=-1)[rows, at]
     token_logps = torch.where(label_mask, token_logps, torch.zeros_like(token_logps))

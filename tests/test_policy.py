@@ -82,28 +82,37 @@ def test_sequence_logps_sum_response_tokens_only(tiny):
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
-def test_packed_pair_scores_each_response_as_its_own_sequence(tiny, attention):
-    """prompt | chosen | rejected in one row gives the log-probs and gradients of two separate
-    sequences (responses of different lengths, one truncated, padding in the batch)."""
+@pytest.mark.parametrize("pack", [True, False])
+def test_packed_pair_scores_each_response_as_its_own_sequence(tiny, attention, pack):
+    """prompt | chosen | rejected in one row (pack=False), and several pairs per row with a shared
+    prompt computed once (pack=True), give the log-probs and gradients of separate sequences
+    (responses of different lengths, one truncated, padding in the batch)."""
     from tiny_models import synthetic_pairs
 
     tokenizer, source = tiny
-    rows = synthetic_pairs(4, seed=7)
+    rows = synthetic_pairs(7, seed=7)
     rows[1]["chosen"] += " and then some more words that will not fit"
     rows[2]["rejected"] = "no"
+    for i, j in ((4, 0), (5, 0), (6, 3)):  # pairs 0, 4, 5 share a prompt, and 3, 6
+        rows[i]["prompt"] = rows[j]["prompt"]
     lengths = logprobs.Lengths(8, 24)
     prompts = [r["prompt"] for r in rows]
+    n = len(rows)
 
     def scored(packed: bool):
         model = fresh_model(source)
         model.config._attn_implementation = attention
         if packed:
-            logps, counts = logprobs.sequence_logps(model, batch_of(tokenizer, rows, lengths))
+            batch = logprobs.pair_batch(tokenizer, prompts, [r["chosen"] for r in rows], [r["rejected"] for r in rows],
+                                        lengths, pack=pack)
+            logps, counts = logprobs.sequence_logps(model, batch)
         else:
-            c, nc = logprobs.sequence_logps(model, logprobs.sft_batch(tokenizer, prompts, [r["chosen"] for r in rows], lengths))
-            r, nr = logprobs.sequence_logps(model, logprobs.sft_batch(tokenizer, prompts, [r["rejected"] for r in rows], lengths))
+            c, nc = logprobs.sequence_logps(model, logprobs.sft_batch(tokenizer, prompts, [r["chosen"] for r in rows],
+                                                                      lengths))
+            r, nr = logprobs.sequence_logps(model, logprobs.sft_batch(tokenizer, prompts, [r["rejected"] for r in rows],
+                                                                      lengths))
             logps, counts = torch.cat([c, r]), torch.cat([nc, nr])
-        (logps * torch.linspace(0.5, 2.0, 8)).sum().backward()  # a loss that weighs every sequence differently
+        (logps * torch.linspace(0.5, 2.0, 2 * n)).sum().backward()  # a loss that weighs every sequence differently
         return logps.detach(), counts, [p.grad for p in model.parameters()]
 
     packed, separate = scored(True), scored(False)
@@ -112,6 +121,30 @@ def test_packed_pair_scores_each_response_as_its_own_sequence(tiny, attention):
     assert torch.equal(packed[1], separate[1]) and int(packed[1][1]) + prompt_tokens == 24  # cut to max_length
     for a, b in zip(packed[2], separate[2]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_packing_computes_each_shared_prompt_once_in_fewer_rows(tiny):
+    """What packing saves, on a batch whose pairs repeat prompts: every distinct prompt goes in once,
+    rows hold several pairs, and fewer tokens are computed than one padded row per pair."""
+    from tiny_models import synthetic_pairs
+
+    tokenizer, _ = tiny
+    rows = synthetic_pairs(8, seed=3)
+    for i in (1, 2, 5):
+        rows[i]["prompt"] = rows[0]["prompt"]
+    args = ([r["prompt"] for r in rows], [r["chosen"] for r in rows], [r["rejected"] for r in rows],
+            logprobs.Lengths(8, 24))
+    packed, plain = logprobs.pair_batch(tokenizer, *args), logprobs.pair_batch(tokenizer, *args, pack=False)
+    prompt = tokenizer(rows[0]["prompt"])["input_ids"]
+
+    def starts(batch):  # (row, position) where a segment's prompt starts: position id 0
+        return int((batch["position_ids"] == 0).logical_and(batch["input_ids"] == prompt[0]).sum())
+
+    assert plain["input_ids"].shape[0] == 8 and packed["input_ids"].shape[0] < 8
+    assert packed["input_ids"].numel() <= plain["input_ids"].numel()
+    assert starts(packed) < starts(plain)
+    assert packed["seq_rows"].unique().numel() == packed["input_ids"].shape[0]  # no empty row
+    assert torch.equal(packed["seq_rows"][:8], packed["seq_rows"][8:])  # a pair's responses share a row
 
 
 def test_zero_weight_pair_leaves_parameters_unchanged(tiny):

@@ -34,8 +34,9 @@ Prompts are put in the model's chat format when its tokenizer has a chat templat
 evaluate` generates; --no-chat-template keeps plain text). Truncation rule: the prompt is cut
 from the LEFT to --max-prompt-length tokens, then the response (EOS appended) is cut from the
 RIGHT so prompt + response fits --max-length; at least one response token is kept. The loss covers response tokens only. A pair goes through
-the model as ONE row, prompt | chosen | rejected, with an attention mask that keeps rejected
-from seeing chosen: the same log-probs as two sequences, the prompt computed once.
+the model as prompt | chosen | rejected in one row, with an attention mask that keeps rejected
+from seeing chosen; pairs of a batch with the same prompt share it, several pairs share a row
+(``logprobs.pair_batch``): the same log-probs as two sequences per pair, fewer tokens computed.
 
 Batches: each optimizer step takes --grad-accumulation micro-batches of --batch-size pairs per
 worker (the global batch is the same data whatever the worker count, and N workers x K
@@ -236,6 +237,7 @@ def run(cfg: Config) -> int:
     print(f"train-policy: {n_pairs} pairs -> {out / 'policy'} (MLflow run {mlrun.info.run_id})")
     return 0
 
+
 def _log_fixed_costs(stamps: dict, cfg: Config, run_id: str, uri: str) -> None:
     """The driver's stamps as ``time/...`` metrics, and seconds per item (``cwpo_ray.stopwatch``) of
     each stage, the workers' stamps included, as ``fixed/<mode>/<item>`` metrics."""
@@ -421,7 +423,10 @@ def _score_group(engine, tokenizer, rows: Optional[dict], known, dummy: dict, sp
         for c in REFERENCE_COLUMNS:
             values[c][:] = found[c]
         todo = [i for i in range(n) if not hit[i]]
-    todo.sort(key=lambda i: len(rows["prompt"][i]) + max(len(rows["chosen"][i]), len(rows["rejected"][i])))
+    # Pairs with the same prompt in the same batch (pair_batch computes a shared prompt once), prompts of
+    # similar length together (rows pack with less padding).
+    todo.sort(key=lambda i: (len(rows["prompt"][i]), rows["prompt"][i],
+                             len(rows["chosen"][i]) + len(rows["rejected"][i])))
     bs = spec.batch_size
     for b in range(int(max_over_workers([-(-len(todo) // bs)], device)[0])):
         idx = todo[b * bs:(b + 1) * bs]
