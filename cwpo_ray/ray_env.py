@@ -20,7 +20,7 @@ def init_ray(num_cpus: int | None = None, log_to_driver: bool = True):
         # env_vars here makes Ray refuse the driver, so join as is.
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=log_to_driver)
     else:
-        # No dashboard unless CWPO_RAY_DASHBOARD=1: its ~10 processes take ~2.5 s of each local start
+        # No dashboard unless CWPO_RAY_DASHBOARD=1: its ~10 processes take 1-2.5 s of each local start
         # on 2 cores (bench/RESULTS.md, fixed cost per stage). Without its state API, Ray Train's
         # placement-group cleaner warns every second that it cannot query the controller (only
         # meaningful on a long-lived cluster, where the dashboard runs): the hook silences that.

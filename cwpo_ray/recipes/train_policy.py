@@ -827,8 +827,8 @@ def cosine_lr_factor(step: int, warmup: int, total: int) -> float:
 def cosine_schedule(optimizer, warmup: int, total: int):
     """``cosine_lr_factor`` as a torch LambdaLR. Ours rather than transformers': importing that one
     imports transformers' Trainer utilities and, when installed, peft, which a worker without LoRA
-    never needs (measured: ~0.4 s of each worker's start; the rest of that import is transformers'
-    own, paid by the model load anyway)."""
+    never needs (measured: 0.4 s of each worker's start with the tiny model, within the noise with
+    SmolLM2; the rest of that import is transformers' own, paid by the model load anyway)."""
     from torch.optim.lr_scheduler import LambdaLR
 
     return LambdaLR(optimizer, functools.partial(cosine_lr_factor, warmup=warmup, total=total))
