@@ -88,6 +88,22 @@ def load_backbone(source: ModelSource, dtype=None):
     return plain_weights(AutoModel.from_pretrained(source.path, torch_dtype=dtype or torch.float32, **source.kwargs()))
 
 
+def own_trainable_weights(model):
+    """Copy the trainable weights into the process's own memory before training.
+
+    from_pretrained leaves them as copy-on-write pages of the mmapped safetensors file, so the first
+    optimizer step pays for copying every page it writes (measured: 1.6-2.0 s for SmolLM2-135M's first
+    AdamW step on 2 cores, vs 0.09 s for this copy). The memory is the same: those pages are copied anyway.
+    """
+    import torch
+
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.data = p.data.clone()
+    return model
+
+
 def plain_weights(model):
     """Forget that the weights came from a GGUF file.
 

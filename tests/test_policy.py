@@ -701,3 +701,16 @@ def test_prompts_take_the_models_chat_format(tiny):
     assert chat[0][chat_p[0]:] == plain[0][plain_p[0]:]  # the same response tokens (EOS included)
     tokenizer.chat_template = None  # a base model: chat=True changes nothing
     assert logprobs.encode_responses(tokenizer, prompts, responses, logprobs.Lengths(16, 48, chat=True)) == (plain, plain_p)
+
+
+def test_own_trainable_weights_copies_trainable_tensors_with_equal_values(tiny_decoder):
+    from cwpo_ray.models import ModelSource, load_causal_lm, own_trainable_weights
+
+    model = load_causal_lm(ModelSource(str(tiny_decoder)))
+    model.get_input_embeddings().weight.requires_grad_(False)
+    before = {n: (p.data_ptr(), p.detach().clone()) for n, p in model.named_parameters()}
+    own_trainable_weights(model)
+    for n, p in model.named_parameters():
+        ptr, value = before[n]
+        assert torch.equal(p.detach(), value), n
+        assert (p.data_ptr() != ptr) == p.requires_grad, n  # frozen weights stay where they are

@@ -686,7 +686,7 @@ def train_loop(loop_config: dict) -> None:
     import torch
 
     from cwpo_ray.distributed import RankZeroLogger, adamw, device_for, report, resume, setup_engine, world
-    from cwpo_ray.models import ModelSource, load_causal_lm, load_tokenizer
+    from cwpo_ray.models import ModelSource, load_causal_lm, load_tokenizer, own_trainable_weights
 
     job: Job = loop_config["job"]
     cfg, dist, plan = job.cfg, loop_config["dist"], job.plan
@@ -697,7 +697,7 @@ def train_loop(loop_config: dict) -> None:
     stamps["imports_done"] = time.time()
     tokenizer = load_tokenizer(source)
     stamps["tokenizer_loaded"] = time.time()
-    model = _with_lora(load_causal_lm(source), cfg).to(device)
+    model = own_trainable_weights(_with_lora(load_causal_lm(source), cfg).to(device))
     stamps["model_loaded"] = time.time()
 
     params = [p for p in model.parameters() if p.requires_grad]
