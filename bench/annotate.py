@@ -46,7 +46,6 @@ import random
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -57,6 +56,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from cwpo_ray.tables import iter_rows, write_table  # noqa: E402
+from scale import Sampler  # noqa: E402  (bench/ is the script's own folder on sys.path)
 
 WORDS = ("the a of to and in is it you that he was for on are with as his they be at one have this from or had by "
          "word but what some we can out other were all there when up use your how said an each she which do their "
@@ -81,12 +81,12 @@ def word_range(text: str) -> tuple[int, int]:
     return int(lo), int(hi or lo)
 
 
-class PeakRSS:
+class PeakRSS(Sampler):
     """Samples a process's resident memory every 50 ms; ``peak`` in MiB."""
 
     def __init__(self, pid: int):
-        self.proc, self.peak, self._stop = psutil.Process(pid), 0, threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
+        self.proc, self.peak = psutil.Process(pid), 0
+        super().__init__()
 
     def _run(self):
         while not self._stop.is_set():
@@ -95,14 +95,6 @@ class PeakRSS:
             except psutil.Error:
                 return
             time.sleep(0.05)
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
 
     @property
     def mib(self) -> float:

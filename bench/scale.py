@@ -99,8 +99,9 @@ def cluster_raylets(gcs_address: str) -> list[psutil.Process]:
     return found
 
 
-class _Sampler:
-    """A thread that runs ``self._run`` (sampling until ``self._stop`` is set) inside a ``with`` block."""
+class Sampler:
+    """A thread that runs ``self._run`` (sampling until ``self._stop`` is set) inside a ``with`` block
+    (also bench/annotate.py's)."""
 
     def __init__(self):
         self._stop = threading.Event()
@@ -115,7 +116,7 @@ class _Sampler:
         self._thread.join()
 
 
-class TreeRSS(_Sampler):
+class TreeRSS(Sampler):
     """Peak RSS of a driver process and of each Ray actor under it (sampled every 0.2 s).
 
     With ``raylets`` (a cluster the driver joined), actors are the MapWorker processes under those
@@ -297,7 +298,7 @@ def make_policy_pairs(n: int, folder: Path, seed: int = 0) -> Path:
     return folder
 
 
-class PeakRSS(_Sampler):
+class PeakRSS(Sampler):
     """Peak memory of a driver process and of each Ray Train worker under it: the kernel's own peak
     (VmHWM) and the largest RSS sampled, every 0.2 s."""
 
