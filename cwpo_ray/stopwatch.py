@@ -9,7 +9,6 @@ different processes (one clock on one machine; across machines, as far as their 
 
 from __future__ import annotations
 
-import time
 
 # key -> (what it is, from stamp, to stamp), in the order they happen. Stamps: driver run_start ..
 # mlflow_started, per stage stage_start, ray_ready, [worker rank 0: import_start (the worker begins
@@ -33,10 +32,6 @@ STAGE_ITEMS = {
     "save": ("final save", "loop_done", "saved"),
     "train_end": ("worker group + controller shutdown", "saved", "fit_done"),
 }
-
-
-def now() -> float:
-    return time.time()
 
 
 def fixed_costs(stamps: dict[str, float], items: dict = STAGE_ITEMS) -> dict[str, float]:

@@ -195,7 +195,7 @@ def run(cfg: Config) -> int:
     from cwpo_ray import stopwatch, tracking
     from cwpo_ray.models import ModelSource, resolve_model
 
-    stamps = {"run_start": stopwatch.now()}
+    stamps = {"run_start": time.time()}
     out = Path(cfg.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     if not cfg.resume:
@@ -203,7 +203,7 @@ def run(cfg: Config) -> int:
             _remove(out / stale)
     start = resolve_model(cfg.model, cfg.gguf_file)
     n_pairs = write_train_pairs(cfg, out / "train_pairs.parquet")
-    stamps["pairs_written"] = stopwatch.now()
+    stamps["pairs_written"] = time.time()
 
     # A rerun into the same DIR continues the same MLflow run, as a restarted worker does.
     run_id_file = out / "mlflow_run_id"
@@ -215,7 +215,7 @@ def run(cfg: Config) -> int:
         if old_run_id is None:
             tracking.log_config(cfg)
         run_ids = (mlrun.info.run_id, tracking.tracking_uri())
-        stamps["mlflow_started"] = stopwatch.now()
+        stamps["mlflow_started"] = time.time()
 
         # SFT on (prompt, chosen): the PO start and its reference.
         if cfg.sft_epochs > 0:
@@ -225,14 +225,14 @@ def run(cfg: Config) -> int:
         # Confidence-weighted PO; its workers first compute the reference log-probs once
         # (DIR/reference.parquet), so PO never holds a second model.
         result = train_stage(cfg, "po", start, out / "train_pairs.parquet", out / "policy", n_pairs, *run_ids)
-        stamps["stages_done"] = stopwatch.now()
+        stamps["stages_done"] = time.time()
 
     manifest = {"stage": "train-policy", "config": asdict(cfg), "pairs": n_pairs, "start": str(start),
                 "sft": str(out / "sft") if cfg.sft_epochs > 0 else None, "policy": str(out / "policy"),
                 "reference_table": str(out / "reference.parquet"), "mlflow_run_id": mlrun.info.run_id,
                 "final_metrics": {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}}
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-    stamps["run_end"] = stopwatch.now()
+    stamps["run_end"] = time.time()
     _log_fixed_costs(stamps, cfg, *run_ids)
     print(f"train-policy: {n_pairs} pairs -> {out / 'policy'} (MLflow run {mlrun.info.run_id})")
     return 0
@@ -568,7 +568,7 @@ def train_stage(cfg: Config, mode: str, source, table: Path, save_to: Path, n_pa
     from cwpo_ray.distributed import run_trainer
     from cwpo_ray.ray_env import init_ray
 
-    stamps = {"stage_start": stopwatch.now()}
+    stamps = {"stage_start": time.time()}
     epochs, lr = (cfg.sft_epochs, cfg.sft_lr) if mode == "sft" else (cfg.epochs, cfg.lr)
     plan = StepPlan(n_pairs, cfg.batch_size, cfg.num_workers, epochs, cfg.seed, cfg.max_steps, cfg.grad_accumulation)
     warmup = cfg.warmup_steps if cfg.warmup_steps < plan.total_steps else plan.total_steps // 10
@@ -584,9 +584,9 @@ def train_stage(cfg: Config, mode: str, source, table: Path, save_to: Path, n_pa
     # so stages sharing a storage_path (the pipeline's arms on s3://) never resume each other's.
     name = mode if not cfg.storage_path else f"{out.name}-{hashlib.sha256(str(out).encode()).hexdigest()[:8]}-{mode}"
     init_ray()  # run_trainer's own call then finds Ray up; timed apart from Ray Train's start
-    stamps["ray_ready"] = stopwatch.now()
+    stamps["ray_ready"] = time.time()
     result = run_trainer(train_loop, {"job": job}, cfg, name=name, default_storage=str(out / "ray"))
-    stamps["fit_done"] = stopwatch.now()
+    stamps["fit_done"] = time.time()
     _log_stamps(run_id, tracking_uri, mode, stamps)
     return result
 
