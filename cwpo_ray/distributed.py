@@ -78,7 +78,7 @@ def run_trainer(loop_fn: Callable[[dict], None], loop_config: dict, dist: Distri
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     env = {"DS_ACCELERATOR": "cuda" if dist.use_gpu else "cpu", "TOKENIZERS_PARALLELISM": "false",
            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
-    for key in ("MLFLOW_TRACKING_URI", "HF_HUB_OFFLINE", "PYTHONPATH"):
+    for key in ("MLFLOW_TRACKING_URI", "HF_HUB_OFFLINE", "PYTHONPATH", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"):
         if os.environ.get(key):
             env[key] = os.environ[key]
     trainer = TorchTrainer(
@@ -162,13 +162,14 @@ def die_once(marker: Path) -> None:
     """Testing hook for worker failures: the calling process dies, the first time only (``marker``).
 
     It waits first: Ray Train's controller collects a reported checkpoint on its next poll
-    (every 2 s), and a checkpoint not yet collected is lost with the worker. No exception and no
-    cleanup (``os._exit``): as if the process were killed.
+    (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, 2 s by default), and a checkpoint not yet collected is lost
+    with the worker; four polls' worth. No exception and no cleanup (``os._exit``): as if the
+    process were killed.
     """
     if marker.exists():
         return
     marker.write_text("injected failure\n")
-    time.sleep(8)
+    time.sleep(4 * float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "2")))
     os._exit(1)
 
 
@@ -319,8 +320,12 @@ def setup_engine(model, optimizer, make_scheduler, dist: DistributedConfig, micr
     return DDPEngine(model, optimizer, make_scheduler, accumulation_steps, max_grad_norm)
 
 
-def report(metrics: dict, engine=None, client_state: dict | None = None) -> None:
-    """``ray.train.report`` from every worker (it is a barrier), with a checkpoint when ``engine`` is given."""
+def report(metrics: dict, engine=None, client_state: dict | None = None, phase: str = "") -> None:
+    """``ray.train.report`` from every worker (it is a barrier), with a checkpoint when ``engine`` is given.
+
+    ``phase`` names what the checkpoint belongs to when one Ray Train run trains in several phases
+    (SFT then PO): it goes into the checkpoint's metadata, and ``resume`` of another phase ignores it.
+    """
     import ray.train
 
     if engine is None:
@@ -331,17 +336,20 @@ def report(metrics: dict, engine=None, client_state: dict | None = None) -> None
         engine.save_checkpoint(directory, client_state or {})
         has_files = any(Path(directory).iterdir())
         checkpoint = ray.train.Checkpoint.from_directory(directory) if has_files else None
+        if checkpoint is not None and phase:
+            checkpoint.set_metadata({"phase": phase})
         ray.train.report(metrics, checkpoint=checkpoint)
     finally:
         shutil.rmtree(directory, ignore_errors=True)
 
 
-def resume(engine) -> dict | None:
-    """The client state of the latest checkpoint, loaded into ``engine``; None on a fresh start."""
+def resume(engine, phase: str = "") -> dict | None:
+    """The client state of the latest checkpoint, loaded into ``engine``; None on a fresh start or
+    when the latest checkpoint is another phase's (a checkpoint without a phase matches any)."""
     import ray.train
 
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None:
+    if checkpoint is None or checkpoint.get_metadata().get("phase", phase) != phase:
         return None
     with checkpoint.as_directory() as directory:
         return engine.load_checkpoint(directory)

@@ -503,11 +503,29 @@ def _curve(uri, run_id, key="loss"):
 
 @pytest.fixture(scope="module")
 def ddp_run(ray_cluster, mlflow_server, tiny_decoder, tmp_path_factory):
+    """SFT then PO in one Ray Train run; the last worker is killed at PO's second step, when the
+    latest checkpoint is SFT's (its step 4): the restarted group skips the saved SFT and starts PO over."""
     root = tmp_path_factory.mktemp("policy")
     _annotated_table(root / "pairs.parquet")
     out = root / "ddp"
-    run_id = _run(root / "pairs.parquet", tiny_decoder, out, strategy="ddp")
+    run_id = _run(root / "pairs.parquet", tiny_decoder, out, strategy="ddp", fail_at_step=1, max_failures=1)
     return root, out, run_id
+
+
+def test_sft_and_po_share_one_ray_train_run_and_resume_by_phase(ddp_run, mlflow_server):
+    from mlflow.tracking import MlflowClient
+
+    root, out, run_id = ddp_run
+    assert (out / ".failed-at-1").exists()  # the failure did happen
+    assert sorted(p.name for p in (out / "ray").iterdir() if p.is_dir()) == ["sft-po"]  # one Ray Train run
+    client = MlflowClient(mlflow_server)
+    # SFT ran and saved once, before the failure; the restart did not run it again
+    assert [s for s, _ in _curve(mlflow_server, run_id, "sft/loss")] == [1, 2, 3, 4]
+    assert len(client.get_metric_history(run_id, "time/sft/saved")) == 1
+    # PO started over from step 0 (SFT's step-4 checkpoint is not PO's): step 1 twice, the same value
+    curve = _curve(mlflow_server, run_id)
+    assert [s for s, _ in curve] == [1, 1] + list(range(2, 9))
+    assert curve[0][1] == pytest.approx(curve[1][1], rel=1e-6)
 
 
 def test_sft_then_cw_dpo_learns_the_preference(ddp_run, mlflow_server):
@@ -532,7 +550,7 @@ def test_sft_then_cw_dpo_learns_the_preference(ddp_run, mlflow_server):
     assert [by_id[r["id"]] for r in rows] == pytest.approx(ref_c.tolist(), abs=1e-3)
     # TRL-named metrics went to MLflow, one point per step
     metrics = _curve(mlflow_server, run_id, "rewards/accuracies")
-    assert [s for s, _ in metrics] == list(range(1, 9))
+    assert sorted({s for s, _ in metrics}) == list(range(1, 9))  # step 1 twice: the fixture's restart
     assert _curve(mlflow_server, run_id, "sft/loss")
     from mlflow.tracking import MlflowClient
 
@@ -557,7 +575,7 @@ def zero2_run(ddp_run):
 
 
 def test_deepspeed_zero2_and_ddp_give_the_same_loss_curve(ddp_run, zero2_run, mlflow_server):
-    ddp = _curve(mlflow_server, ddp_run[2])
+    ddp = sorted(dict(_curve(mlflow_server, ddp_run[2])).items())  # the rerun of DDP's step 1 once
     zero2 = _curve(mlflow_server, zero2_run[1])
     assert [s for s, _ in ddp] == [s for s, _ in zero2] == list(range(1, 9))
     assert [v for _, v in zero2] == pytest.approx([v for _, v in ddp], rel=CURVE_RTOL)
@@ -648,7 +666,7 @@ def test_final_model_is_the_trained_module_and_loads_with_from_pretrained(tiny, 
                                                        lora=lora, lora_r=4))
     job = train_policy.Job(cfg=cfg, mode="po", model_path=source.path, gguf_file=None, table="",
                            save_to=str(tmp_path / "policy"), lr=0.1, warmup_steps=0, plan=None, run_id="",
-                           tracking_uri="", reference_table="", reference_key="")
+                           tracking_uri="", reference_table="")
     model = train_policy._with_lora(fresh_model(source), cfg)
     engine = setup_engine(model, adamw([p for p in model.parameters() if p.requires_grad], 0.1, 0.0), None,
                           DistributedConfig(), micro_batch_size=1)

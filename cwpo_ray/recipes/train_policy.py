@@ -15,6 +15,8 @@ Steps, all under --out DIR:
      (DIR/reference.parquet), so PO never holds a second model in memory; with
      --reference-cache, responses an earlier run scored from the same start are reused.
      -> DIR/policy (merged LoRA if --lora), loadable with AutoModelForCausalLM as is.
+  2 and 3 are one Ray Train run (one worker group, started once); a restarted group skips SFT
+  once DIR/sft is saved, and each phase resumes only from its own checkpoints.
 
 Data path (memory does not grow with the number of pairs, in the driver or a worker): the
 driver streams PAIRS into DIR/train_pairs.parquet in row groups of 1024 rows (topk:F by an exact
@@ -150,7 +152,7 @@ class Config(Settings):
 
 @dataclass
 class Job:
-    """What one Ray Train run (SFT or PO) of ``train_loop`` needs besides the stage's config."""
+    """What one phase (SFT or PO) of ``train_loop`` needs besides the stage's config."""
 
     cfg: Config
     mode: str                 # "sft" or "po"
@@ -164,7 +166,6 @@ class Job:
     run_id: str
     tracking_uri: str
     reference_table: str
-    reference_key: str
 
     @property
     def lengths(self):
@@ -172,10 +173,13 @@ class Job:
 
         return Lengths(self.cfg.max_prompt_length, self.cfg.max_length, self.cfg.chat_template)
 
-    @property
     def reference(self) -> "ReferenceSpec":
-        return ReferenceSpec(self.reference_table, self.lengths, self.cfg.ref_batch_size, self.cfg.reference_cache,
-                             self.reference_key)
+        """Where the reference log-probs go; keyed by the start model as it is on disk when PO begins
+        (after SFT, in the same Ray Train run, DIR/sft exists only then)."""
+        from cwpo_ray.models import ModelSource
+
+        key = reference_key(ModelSource(self.model_path, self.gguf_file), self.cfg)
+        return ReferenceSpec(self.reference_table, self.lengths, self.cfg.ref_batch_size, self.cfg.reference_cache, key)
 
 
 @dataclass
@@ -217,14 +221,15 @@ def run(cfg: Config) -> int:
         run_ids = (mlrun.info.run_id, tracking.tracking_uri())
         stamps["mlflow_started"] = time.time()
 
-        # SFT on (prompt, chosen): the PO start and its reference.
+        # SFT on (prompt, chosen): the PO start and its reference. Then confidence-weighted PO, whose
+        # workers first compute the reference log-probs once (DIR/reference.parquet), so PO never
+        # holds a second model. Both phases run in one Ray Train run, on one worker group.
+        jobs = []
         if cfg.sft_epochs > 0:
-            train_stage(cfg, "sft", start, out / "train_pairs.parquet", out / "sft", n_pairs, *run_ids)
+            jobs.append(make_job(cfg, "sft", start, out / "train_pairs.parquet", out / "sft", n_pairs, *run_ids))
             start = ModelSource(str(out / "sft"))
-
-        # Confidence-weighted PO; its workers first compute the reference log-probs once
-        # (DIR/reference.parquet), so PO never holds a second model.
-        result = train_stage(cfg, "po", start, out / "train_pairs.parquet", out / "policy", n_pairs, *run_ids)
+        jobs.append(make_job(cfg, "po", start, out / "train_pairs.parquet", out / "policy", n_pairs, *run_ids))
+        result = train_phases(cfg, jobs, *run_ids)
         stamps["stages_done"] = time.time()
 
     manifest = {"stage": "train-policy", "config": asdict(cfg), "pairs": n_pairs, "start": str(start),
@@ -561,33 +566,42 @@ def reference_key(source, cfg: Settings) -> str:
 
 # ----------------------------------------------------------------------------- Ray Train
 
-def train_stage(cfg: Config, mode: str, source, table: Path, save_to: Path, n_pairs: int, run_id: str,
-                tracking_uri: str):
-    """One Ray Train run (SFT or PO) of ``train_loop``; the model is saved to ``save_to``."""
-    from cwpo_ray import stopwatch
-    from cwpo_ray.distributed import run_trainer
-    from cwpo_ray.ray_env import init_ray
-
-    stamps = {"stage_start": time.time()}
+def make_job(cfg: Config, mode: str, source, table: Path, save_to: Path, n_pairs: int, run_id: str,
+             tracking_uri: str) -> Job:
+    """One phase (SFT or PO): its step plan and learning rate; the model is saved to ``save_to``."""
     epochs, lr = (cfg.sft_epochs, cfg.sft_lr) if mode == "sft" else (cfg.epochs, cfg.lr)
     plan = StepPlan(n_pairs, cfg.batch_size, cfg.num_workers, epochs, cfg.seed, cfg.max_steps, cfg.grad_accumulation)
     warmup = cfg.warmup_steps if cfg.warmup_steps < plan.total_steps else plan.total_steps // 10
     print(f"train-policy {mode}: {n_pairs} pairs, {plan.total_steps} steps ({plan.steps_per_epoch}/epoch), "
           f"global batch {plan.global_batch}, warm-up {warmup}, lr {lr}")
-    out = Path(cfg.out).resolve()
     if cfg.reference_cache:
         cfg = replace(cfg, reference_cache=str(Path(cfg.reference_cache).resolve()))  # workers may have another cwd
-    job = Job(cfg=cfg, mode=mode, model_path=source.path, gguf_file=source.gguf_file, table=str(table),
-              save_to=str(save_to), lr=lr, warmup_steps=warmup, plan=plan, run_id=run_id, tracking_uri=tracking_uri,
-              reference_table=str(out / "reference.parquet"), reference_key=reference_key(source, cfg))
+    return Job(cfg=cfg, mode=mode, model_path=source.path, gguf_file=source.gguf_file, table=str(table),
+               save_to=str(save_to), lr=lr, warmup_steps=warmup, plan=plan, run_id=run_id, tracking_uri=tracking_uri,
+               reference_table=str(Path(cfg.out).resolve() / "reference.parquet"))
+
+
+def train_phases(cfg: Config, jobs: list[Job], run_id: str, tracking_uri: str):
+    """One Ray Train run of ``train_loop`` through ``jobs`` in order (SFT, then PO).
+
+    One run rather than one per phase: a Ray Train run costs ~15 s to start here (controller, worker
+    actors) and each worker ~10 s of imports (bench/RESULTS.md, fixed cost per stage), paid once.
+    """
+    from cwpo_ray.distributed import run_trainer
+    from cwpo_ray.ray_env import init_ray
+
+    stamps = {"stage_start": time.time()}
+    out = Path(cfg.out).resolve()
+    modes = "-".join(job.mode for job in jobs)
     # Ray Train keys a run's checkpoints by name under the storage path: one name per output folder,
     # so stages sharing a storage_path (the pipeline's arms on s3://) never resume each other's.
-    name = mode if not cfg.storage_path else f"{out.name}-{hashlib.sha256(str(out).encode()).hexdigest()[:8]}-{mode}"
+    name = modes if not cfg.storage_path else f"{out.name}-{hashlib.sha256(str(out).encode()).hexdigest()[:8]}-{modes}"
     init_ray()  # run_trainer's own call then finds Ray up; timed apart from Ray Train's start
     stamps["ray_ready"] = time.time()
-    result = run_trainer(train_loop, {"job": job}, cfg, name=name, default_storage=str(out / "ray"))
-    stamps["fit_done"] = time.time()
-    _log_stamps(run_id, tracking_uri, mode, stamps)
+    result = run_trainer(train_loop, {"jobs": jobs}, cfg, name=name, default_storage=str(out / "ray"))
+    # The start of the run is the first phase's fixed cost, its end the last's (cwpo_ray.stopwatch).
+    _log_stamps(run_id, tracking_uri, jobs[0].mode, stamps)
+    _log_stamps(run_id, tracking_uri, jobs[-1].mode, {"fit_done": time.time()})
     return result
 
 
@@ -681,15 +695,33 @@ class BatchReader:
 
 
 def train_loop(loop_config: dict) -> None:
-    """Runs on every Ray Train worker: SFT (job.mode == 'sft') or PO, with checkpoints and resume."""
+    """Runs on every Ray Train worker: each phase of ``jobs`` in order (SFT, then PO), with checkpoints
+    and resume. A restarted worker group skips a phase whose model is saved (the folder appears only
+    once complete: ``save_final_model``), and a phase resumes only from its own checkpoints."""
     stamps = {"import_start": _IMPORT_START, "loop_entered": time.time()}  # fixed costs (cwpo_ray.stopwatch)
+    from cwpo_ray.distributed import barrier
+
+    jobs: list[Job] = loop_config["jobs"]
+    for i, job in enumerate(jobs):
+        last = i == len(jobs) - 1
+        if not last and Path(job.save_to).exists():
+            continue
+        train_phase(job, loop_config["dist"], stamps)
+        if not last:
+            barrier()  # rank 0 has saved the model the next phase starts from
+        stamps = {"loop_entered": time.time()}
+
+
+def train_phase(job: Job, dist, stamps: dict) -> None:
+    """One phase on this worker: load the start, (PO) reference pass, steps with checkpoints, final save."""
+    import gc
+
     import torch
 
     from cwpo_ray.distributed import RankZeroLogger, adamw, device_for, report, resume, setup_engine, world
     from cwpo_ray.models import ModelSource, load_causal_lm, load_tokenizer, own_trainable_weights
 
-    job: Job = loop_config["job"]
-    cfg, dist, plan = job.cfg, loop_config["dist"], job.plan
+    cfg, plan = job.cfg, job.plan
     rank, world_size = world()
     device = device_for(dist)
     source = ModelSource(job.model_path, job.gguf_file)
@@ -706,12 +738,12 @@ def train_loop(loop_config: dict) -> None:
         opt, job.warmup_steps, plan.total_steps), dist, micro_batch_size=plan.batch_size,
         accumulation_steps=plan.accumulation)
     stamps["engine_ready"] = time.time()
-    start = (resume(engine) or {}).get("step", 0)
+    start = (resume(engine, job.mode) or {}).get("step", 0)
     logger = RankZeroLogger(job.tracking_uri, job.run_id)
     stamps["resumed"] = time.time()
     if job.mode == "po":
         t0 = time.perf_counter()
-        ensure_reference(engine, tokenizer, job.table, job.reference, rank, world_size)
+        ensure_reference(engine, tokenizer, job.table, job.reference(), rank, world_size)
         if start == 0:
             logger.log_metrics({"reference/seconds": time.perf_counter() - t0}, step=0)
     stamps["reference_done"] = time.time()
@@ -739,7 +771,7 @@ def train_loop(loop_config: dict) -> None:
             bar.update(1)
             bar.set_postfix(loss=f"{metrics['loss']:.4f}")
         if (step + 1) % cfg.checkpoint_every == 0:
-            report({**metrics, "step": step + 1}, engine, {"step": step + 1})
+            report({**metrics, "step": step + 1}, engine, {"step": step + 1}, phase=job.mode)
         elif step + 1 == plan.total_steps:
             # No checkpoint at the end: the final model is saved next; a model + AdamW state written
             # only to be deleted was the largest fixed cost of a short epoch (bench/RESULTS.md).
@@ -752,6 +784,8 @@ def train_loop(loop_config: dict) -> None:
     save_final_model(engine, tokenizer, source, job, rank)
     stamps["saved"] = time.time()
     logger.log_metrics({f"time/{job.mode}/{k}": v for k, v in stamps.items()}, step=0)
+    del engine, model, optimizer, params
+    gc.collect()  # the next phase loads its own model: this one's memory goes first
 
 
 def step_loss(engine, tokenizer, batch: dict, job: Job):
