@@ -1,8 +1,8 @@
 """Where a training stage's fixed time goes: named wall-clock stamps, turned into seconds per item.
 
 The driver and the rank-0 worker record ``time.time()`` at fixed points and log them to the
-stage's MLflow run as ``time/<stamp>`` (run-wide) and ``time/<mode>/<stamp>`` (per Ray Train stage,
-mode sft or po) metrics; ``fixed_costs`` turns them into seconds per item, logged as
+stage's MLflow run as ``time/<stamp>`` (run-wide) and ``time/<mode>/<stamp>`` (per phase, sft or
+po; both phases are one Ray Train run, whose start counts to the first and whose end to the last) metrics; ``fixed_costs`` turns them into seconds per item, logged as
 ``fixed/<mode>/<item>``. Wall-clock time rather than ``perf_counter`` because the stamps come from
 different processes (one clock on one machine; across machines, as far as their clocks agree).
 """
@@ -11,8 +11,9 @@ from __future__ import annotations
 
 
 # key -> (what it is, from stamp, to stamp), in the order they happen. Stamps: driver run_start ..
-# mlflow_started, per stage stage_start, ray_ready, [worker rank 0: import_start (the worker begins
-# importing the recipe's module) .. saved], fit_done; then driver stages_done, run_end.
+# mlflow_started, per phase stage_start, ray_ready (first phase), [worker rank 0: import_start (the worker
+# begins importing the recipe's module; first phase) .. saved], fit_done (last phase); then driver
+# stages_done, run_end.
 RUN_ITEMS = {
     "train_pairs": ("write train_pairs.parquet", "run_start", "pairs_written"),
     "mlflow_start": ("MLflow run start + params", "pairs_written", "mlflow_started"),
