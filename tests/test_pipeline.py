@@ -245,6 +245,25 @@ def test_a_stage_killed_midway_resumes_only_under_the_same_settings(tmp_path):
     assert stage(folder, "lr=3e-4", finishes) == {"gra": 0.6} and seen == ["step 40", None]  # not resumed
 
 
+def test_a_stage_run_again_says_whether_code_or_settings_changed(tmp_path, capsys):
+    import json
+
+    from cwpo_ray.fingerprints import code_version
+    from cwpo_ray.recipes.pipeline import stage
+
+    folder = tmp_path / "annotator"
+    stage(folder, "a", lambda: {"n": 1})
+    stage(folder, "a", lambda: {"n": 2})
+    assert "done already, reusing" in capsys.readouterr().out
+    stage(folder, "b", lambda: {"n": 3})
+    assert "annotator: its settings or inputs changed since the last run (fingerprint a -> b)" in capsys.readouterr().out
+    marker = folder / ".stage.json"
+    assert json.loads(marker.read_text())["code_version"] == code_version()
+    marker.write_text(json.dumps({"fingerprint": "b", "code_version": "older", "result": {"n": 3}}))
+    assert stage(folder, "c", lambda: {"n": 4}) == {"n": 4}
+    assert "annotator: the code changed since the last run (fingerprint b -> c)" in capsys.readouterr().out
+
+
 def test_gguf_start_model_is_dequantized_once_into_an_equal_folder(tmp_path):
     """The pipeline turns SmolLM2's GGUF into a plain folder that every stage then loads (instead of
     dequantizing per load): the same weights, the same tokenizer and the same chat format."""

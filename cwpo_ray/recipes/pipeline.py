@@ -133,14 +133,19 @@ def stage(folder: Path, fp: str, work: Callable[[], dict], label: str = "") -> d
     if saved.get("fingerprint") == fp and "result" in saved:
         console.stage_line(label or folder.name, "done already, reusing", fingerprint=fp)
         return saved["result"]
+    if saved.get("fingerprint") not in (None, fp):
+        # Say why a stage an earlier run did is not reused: the code, or its settings and inputs.
+        why = "the code" if saved.get("code_version", code_version()) != code_version() else "its settings or inputs"
+        console.say(f"  {label or folder.name}: {why} changed since the last run "
+                    f"(fingerprint {saved['fingerprint']} -> {fp}): running it again")
     if saved.get("fingerprint") != fp and folder.exists():
         shutil.rmtree(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    _write_marker(marker, {"fingerprint": fp})  # started, not done
+    _write_marker(marker, {"fingerprint": fp, "code_version": code_version()})  # started, not done
     with console.timed_stage(label or folder.name) as done:
         result = work()
         done(result)
-    _write_marker(marker, {"fingerprint": fp, "result": result})
+    _write_marker(marker, {"fingerprint": fp, "code_version": code_version(), "result": result})
     return result
 
 
