@@ -248,7 +248,7 @@ def test_a_stage_killed_midway_resumes_only_under_the_same_settings(tmp_path):
 def test_every_arm_trains_on_its_table_with_its_weighting():
     """What makes one arm differ from another: the table it trains on, its weighting, the human labels it
     used (the end-to-end runs take three of the arms: tests/test_cluster.py)."""
-    from cwpo_ray.recipes.pipeline import Config, arm_inputs, human_labels_used
+    from cwpo_ray.recipes.pipeline import Config, arm_inputs, human_labels_used, reads_weak_labels
 
     tables = {"unlabeled_human": "H", "labeled": "L", "annotated": "A", "unlabeled_gold": "G",
               "n_labeled": 30, "n_unlabeled": 70}
@@ -256,6 +256,8 @@ def test_every_arm_trains_on_its_table_with_its_weighting():
     assert [arm_inputs(arm, tables) for arm in arms] == [
         ("H", "none"), ("L", "none"), ("A", "none"), ("A", "confidence"), ("A", "confidence_raw"), ("G", "none"),
         ("A", "topk:0.3")]
+    # Exactly the arms on the annotated table read weak labels (no annotator is trained for the others).
+    assert [reads_weak_labels(arm) for arm in arms] == [arm_inputs(arm, tables)[0] == "A" for arm in arms]
     shared, no_sft = Config(sft="shared"), Config(sft="none")
     assert [human_labels_used(arm, shared, tables) for arm in arms] == [100, 30, 30, 30, 30, 30, 30]
     assert [human_labels_used(arm, no_sft, tables) for arm in arms] == [70, 30, 30, 30, 30, 0, 30]

@@ -17,6 +17,7 @@ with like; that same run's PO on the labeled split *is* the human_labeled_only a
 first loss. `per-arm` gives each arm its own SFT on its own training labels (the paper's
 protocol; costs one SFT per arm). `none` starts PO from the base model (the prototype's setup).
 
+The annotator is trained only when an arm reads its labels (not for arms=[human] or [gold]).
 A GGUF start model is first dequantized once into OUT/start/model, which every stage loads.
 Each stage writes into its own folder under OUT and, last, a marker `.stage.json` holding the
 fingerprint of its settings and its inputs' fingerprints. A rerun skips a stage whose marker
@@ -272,6 +273,11 @@ def _evaluate_task(ecfg: evaluate_stage.Config, tracking_uri: str) -> dict:
     torch.set_num_threads(max(1, int(ecfg.num_cpus)))
     evaluate_stage.run(ecfg)
     return json.loads((Path(ecfg.out) / "eval.json").read_text())["metrics"]
+
+
+def reads_weak_labels(arm: str) -> bool:
+    """Whether an arm trains on the annotator's labels (the pipeline trains an annotator only if one does)."""
+    return not (arm.startswith("human") or arm == "gold")
 
 
 def arm_inputs(arm: str, tables: dict) -> tuple[str, str]:
@@ -580,15 +586,22 @@ def run_seed(cfg: Config, out: Path, runs: ArmRuns, start: str, fp_base: str) ->
     fp_data = fingerprint("data", code_version(), cfg.source, source_fingerprint(resolve_source(cfg.source)),
                           to_dict(cfg.data), cfg.max_unlabeled, cfg.seed)
     tables = stage(out / "data", fp_data, lambda: run_data(cfg, out / "data"))
-    fp_ann = fingerprint("annotator", fp_data, to_dict(cfg.annotator))
-    ann = stage(out / "annotator", fp_ann, lambda: run_annotator(cfg, tables["labeled"], out / "annotator",
-                                                                 runs.parent_id))
-    warn_if_annotator_did_not_learn(ann["metrics"], cfg.seed)
-    fp_lab = fingerprint("annotate", fp_ann, to_dict(cfg.annotate))
-    labels = stage(out / "annotate", fp_lab, lambda: run_annotate(cfg, tables["unlabeled"], ann["annotator"],
-                                                                  out / "annotate"))
-    tables = {**tables, "annotated": labels["annotated"]}
-    runs.log_parent({tag + k: v for k, v in {**ann["metrics"], **labels["metrics"], "pairs.labeled": tables["n_labeled"],
+    fp_lab, weak_metrics = None, {}
+    if any(reads_weak_labels(arm) for arm in cfg.arms):
+        fp_ann = fingerprint("annotator", fp_data, to_dict(cfg.annotator))
+        ann = stage(out / "annotator", fp_ann, lambda: run_annotator(cfg, tables["labeled"], out / "annotator",
+                                                                     runs.parent_id))
+        warn_if_annotator_did_not_learn(ann["metrics"], cfg.seed)
+        fp_lab = fingerprint("annotate", fp_ann, to_dict(cfg.annotate))
+        labels = stage(out / "annotate", fp_lab, lambda: run_annotate(cfg, tables["unlabeled"], ann["annotator"],
+                                                                      out / "annotate"))
+        tables = {**tables, "annotated": labels["annotated"]}
+        weak_metrics = {**ann["metrics"], **labels["metrics"]}
+    else:
+        from cwpo_ray import console
+
+        console.say(f"annotator: not trained (none of the arms {cfg.arms} reads weak labels)")
+    runs.log_parent({tag + k: v for k, v in {**weak_metrics, "pairs.labeled": tables["n_labeled"],
                                              "pairs.unlabeled": tables["n_unlabeled"]}.items()})
     test = resolve_test(cfg, tables)
     if "gold" in cfg.arms:  # cheap, and a function of the split alone: rebuilt rather than staged
@@ -613,7 +626,7 @@ def run_seed(cfg: Config, out: Path, runs: ArmRuns, start: str, fp_base: str) ->
             folder = out / "arms" / name
             data, weighting = arm_inputs(arm, tables)
             # The human and gold arms do not read the annotator's labels: a new annotator leaves them done.
-            fp_labels = fp_data if arm.startswith("human") or arm == "gold" else fp_lab
+            fp_labels = fp_lab if reads_weak_labels(arm) else fp_data
             fp_train = fingerprint("train", arm, loss, fp_start, fp_labels, policy_fp, cfg.seed)
             # Evaluation is its own stage: a validation pass and then the test pass share the training.
             fp_eval = fingerprint("eval", fp_train, to_dict(cfg.evaluate), test, cfg.seed)
