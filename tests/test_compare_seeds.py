@@ -101,9 +101,11 @@ def scores(wins_: int, ties: int, n: int = 100) -> list[float]:
     return [1.0] * wins_ + [0.0] * ties + [-1.0] * (n - wins_ - ties)
 
 
-def log_arm(client, exp_id: str, parent: str, arm: str, seed, vader: list[float], tmp: Path) -> None:
+def log_arm(client, exp_id: str, parent: str, arm: str, seed, vader: list[float], tmp: Path,
+            split: str = "test", run_id: str = "") -> str:
     """An arm's child run as the pipeline leaves it for one seed: tags, eval/* metrics (also under a second
-    judge, textblob, which ties everything) and responses.parquet at the run's root."""
+    judge, textblob, which ties everything) and responses.parquet at the run's root; for the validation
+    split validation/* metrics and validation/responses.parquet (into ``run_id`` when given)."""
     from types import SimpleNamespace
 
     from mlflow.entities import Metric
@@ -111,25 +113,30 @@ def log_arm(client, exp_id: str, parent: str, arm: str, seed, vader: list[float]
     from cwpo_ray.recipes.evaluate import judge_metrics
 
     n = len(vader)
-    tags = {"mlflow.parentRunId": parent, "stage": "arm", "arm": arm, "loss": "dpo", "eval/judge": "vader",
+    prefix = "eval" if split == "test" else split
+    tags = {"mlflow.parentRunId": parent, "stage": "arm", "arm": arm, "loss": "dpo", f"{prefix}/judge": "vader",
             **({} if seed is None else {"seed": str(seed)})}
-    run_id = client.create_run(exp_id, run_name=f"{arm}-dpo-seed{seed}", tags=tags).info.run_id
+    if run_id:
+        client.set_tag(run_id, f"{prefix}/judge", "vader")
+    else:
+        run_id = client.create_run(exp_id, run_name=f"{arm}-dpo-seed{seed}", tags=tags).info.run_id
     ref, flat = [0.0] * n, [0.0] * n
     cfg = SimpleNamespace(n_boot=500, seed=0)
     metrics = judge_metrics(vader, ref, cfg)
     metrics.update({f"textblob.{k}": v for k, v in judge_metrics(flat, ref, cfg).items() if k != "n"})
     metrics["human_labels_used"] = 300.0 if arm == "human" else 0.0
     now = int(time.time() * 1000)  # one request per run: the server is slow on a loaded machine
-    client.log_batch(run_id, metrics=[Metric(k if k == "human_labels_used" else f"eval/{k}", float(v), now, 0)
+    client.log_batch(run_id, metrics=[Metric(k if k == "human_labels_used" else f"{prefix}/{k}", float(v), now, 0)
                                       for k, v in metrics.items()])
     rows = [{"id": f"s{seed}p{i:03d}", "prompt": f"q{i}", "policy_response": "x", "reference_response": "y",
              "policy_score": vader[i], "reference_score": 0.0, "policy_score_vader": vader[i],
              "reference_score_vader": 0.0, "policy_score_textblob": 0.0, "reference_score_textblob": 0.0}
             for i in range(n)]
-    folder = tmp / f"{arm}-{seed}"
+    folder = tmp / f"{arm}-{seed}-{split}"
     folder.mkdir()
     write_table(pa.Table.from_pylist(rows), folder / "responses.parquet")
-    client.log_artifact(run_id, str(folder / "responses.parquet"))
+    client.log_artifact(run_id, str(folder / "responses.parquet"), None if split == "test" else split)
+    return run_id
 
 
 def line_of(table: str, start: str) -> str:
@@ -260,3 +267,31 @@ def test_over_seeds_tables_from_rows_keep_the_newest_run_and_show_missing_seeds(
     assert cw_h["n_seeds"] == 1 and cw_h["diff"] == pytest.approx(0.25)  # only seed 0 has both
     assert not any(p["b"] == "ws" for p in pairs)  # ws left no responses: no paired difference
     assert "| +0.250 / - |" in compare.paired_markdown_over_seeds(pairs, seeds)
+
+
+def test_compare_reads_the_split_it_is_asked_for(tmp_path, mlflow_server):
+    """An arm evaluated on the validation prompts (while settings are chosen) and then on the test prompts
+    keeps both in one run: compare reports the test evaluation by default and the validation one with
+    --split validation, each into its own files; an arm not yet evaluated on the validation split is left out."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(mlflow_server)
+    exp_id = client.create_experiment("cwpo-compare-split")
+    parent = client.create_run(exp_id, run_name="pipeline", tags={"stage": "pipeline"}).info.run_id
+    human = log_arm(client, exp_id, parent, "human", 0, scores(30, 0), tmp_path, split="validation")
+    log_arm(client, exp_id, parent, "human", 0, scores(45, 0), tmp_path, run_id=human)
+    cw = log_arm(client, exp_id, parent, "cw", 0, scores(60, 0), tmp_path, split="validation")
+    log_arm(client, exp_id, parent, "cw", 0, scores(70, 0), tmp_path, run_id=cw)
+    log_arm(client, exp_id, parent, "ws", 0, scores(55, 0), tmp_path)  # test only
+    args = ["compare", "--experiment", "cwpo-compare-split", "--parent-run-id", parent, "--out", str(tmp_path / "c")]
+    assert cli.main(args) == 0 and cli.main(args + ["--split", "validation"]) == 0
+    test, val = ((tmp_path / "c" / name).read_text() for name in ("compare.md", "compare_validation.md"))
+    assert "| human | dpo | 0.450 |" in test and "| cw | dpo | 0.700 |" in test and "| ws | dpo | 0.550 |" in test
+    assert "| human | dpo | 0.300 |" in val and "| cw | dpo | 0.600 |" in val and "| ws |" not in val
+    assert "validation prompts" in val and "validation prompts" not in test
+    assert "| validation prompts |" in val and "| test prompts |" in test
+    # the paired difference from each split's own per-prompt responses
+    assert line_of(test, "| dpo | cw - human | vader |").startswith("| dpo | cw - human | vader | +0.250 |")
+    assert line_of(val, "| dpo | cw - human | vader |").startswith("| dpo | cw - human | vader | +0.300 |")
+    assert {"compare.md", "compare_validation.md", "compare_validation.png"} <= {
+        a.path for a in client.list_artifacts(parent)}

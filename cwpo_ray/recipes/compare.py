@@ -26,7 +26,9 @@ Runs without a seed tag (older pipelines) count as one seed.
 Reads the child runs of a pipeline parent run (--parent-run-id, default: the latest pipeline
 run of --experiment). Prints the tables, writes OUT/compare.md, OUT/compare.png (GRA per
 arm, one bar per loss, interval whiskers, the 0.5 line) and OUT/compare_paired.png (the
-differences with their intervals, the 0 line), and logs them to the parent run.
+differences with their intervals, the 0 line), and logs them to the parent run. --split
+validation compares the evaluations on the validation prompts instead (what settings are chosen
+by) into compare_validation.md / .png / _paired.png.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ EPILOG = """examples:
   cwpo compare                                   # latest pipeline run of experiment cwpo-pipeline
   cwpo compare --experiment my-exp --out runs/compare
   cwpo compare --parent-run-id 0123abcd... --out runs/compare
+  cwpo compare --experiment my-exp --split validation   # the runs evaluated with evaluate.split validation
 """
 
 ARM_ORDER = ("human", "human_labeled_only", "ws", "cw", "cw_raw", "gold")
@@ -56,6 +59,20 @@ class Config:
     parent_run_id: str = option("", "pipeline parent run (default: the latest pipeline run of the experiment)")
     out: str = option("runs/compare", "folder for compare.md and compare.png")
     log: bool = option(True, "also log the table and chart to the parent run")
+    split: str = option("test", "which evaluation of the arms: test (the measurement) or validation (the prompts "
+                                "settings are chosen on)", choices=("test", "validation"))
+
+    @property
+    def prefix(self) -> str:
+        """The arm runs' metric prefix of the split (evaluate.metric_prefix, without its import)."""
+        return "eval" if self.split == "test" else self.split
+
+
+
+def split_file(name: str, split: str) -> str:
+    """compare.md for the test split, compare_validation.md for the validation split."""
+    stem, dot, ext = name.partition(".")
+    return name if split == "test" else f"{stem}_{split}{dot}{ext}"
 
 
 def _client():
@@ -82,12 +99,13 @@ def find_parent(client, experiment: str, parent_run_id: str):
 GRA_KEYS = ("gra", "gra_lo", "gra_hi", "gra_strict", "gra_strict_lo", "gra_strict_hi", "gold_policy", "gold_reference")
 
 
-def judge_metrics(metrics: dict) -> tuple[dict, dict]:
-    """(main judge's GRA metrics, {extra judge: its GRA metrics}) from a run's ``eval/*`` metrics;
-    an extra judge's are logged as ``eval/JUDGE.gra`` ...."""
-    main = {k: metrics.get(f"eval/{k}") for k in GRA_KEYS}
-    extra_names = sorted(k[len("eval/"):-len(".gra")] for k in metrics if k.startswith("eval/") and k.endswith(".gra"))
-    return main, {j: {k: metrics.get(f"eval/{j}.{k}") for k in GRA_KEYS} for j in extra_names}
+def judge_metrics(metrics: dict, prefix: str = "eval") -> tuple[dict, dict]:
+    """(main judge's GRA metrics, {extra judge: its GRA metrics}) from a run's ``eval/*`` metrics
+    (``validation/*`` for the validation split); an extra judge's are logged as ``eval/JUDGE.gra`` ...."""
+    p = prefix + "/"
+    main = {k: metrics.get(p + k) for k in GRA_KEYS}
+    extra_names = sorted(k[len(p):-len(".gra")] for k in metrics if k.startswith(p) and k.endswith(".gra"))
+    return main, {j: {k: metrics.get(f"{p}{j}.{k}") for k in GRA_KEYS} for j in extra_names}
 
 
 def seed_key(seed) -> tuple:
@@ -105,8 +123,9 @@ def seeds_of(rows: list[dict]) -> list:
     return sorted({r["seed"] for r in rows}, key=seed_key)
 
 
-def collect_rows(client, exp, parent) -> list[dict]:
-    """One row per child (arm x loss, x seed when the pipeline ran several) run, in a stable arm order."""
+def collect_rows(client, exp, parent, prefix: str = "eval") -> list[dict]:
+    """One row per child (arm x loss, x seed when the pipeline ran several) run, in a stable arm order;
+    its metrics are those of the evaluation logged under ``prefix`` (eval: test, validation)."""
     children = client.search_runs([exp.experiment_id],
                                   filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}' and tags.stage = 'arm'")
     pm = parent.data.metrics
@@ -125,13 +144,14 @@ def collect_rows(client, exp, parent) -> list[dict]:
         arm = tags.get("arm", run.info.run_name)
         seed = tags.get("seed")
         annotator_acc = annotator_accuracy(seed)
-        main, extra = judge_metrics(m)
+        main, extra = judge_metrics(m, prefix)
         rows.append({
+            "split": "test" if prefix == "eval" else prefix,
             "arm": arm, "loss": tags.get("loss", ""), "seed": seed, "run_id": run.info.run_id,
             "start_time": run.info.start_time or 0, **main,
             # runs evaluated before the judge was tagged: "gold"
-            "judge": tags.get("eval/judge", "gold"), "judges": extra,
-            "n": m.get("eval/n"), "pair_accuracy": m.get("eval/pair_accuracy"),
+            "judge": tags.get(f"{prefix}/judge", "gold"), "judges": extra,
+            "n": m.get(f"{prefix}/n"), "pair_accuracy": m.get(f"{prefix}/pair_accuracy"),
             # Only the weak-label arms rest on the annotator's labels.
             "annotator_accuracy": None if arm.startswith("human") or arm == "gold" else annotator_acc,
             "human_labels_used": m.get("human_labels_used"),
@@ -159,16 +179,18 @@ def wins_by_judge(rows: list[dict], main_judge: str) -> dict[str, dict]:
     return out
 
 
-def per_prompt_wins(client, run_id: str, dst: Path, main_judge: str = "gold") -> dict | None:
+def per_prompt_wins(client, run_id: str, dst: Path, main_judge: str = "gold", split: str = "test") -> dict | None:
     """judge -> prompt id -> 1 / 0.5 / 0 (the arm's response scored above / equal to / below the
-    start's), from the responses.parquet the pipeline logs to each arm's run; None when it is not there."""
+    start's), from the responses.parquet the pipeline logs to each arm's run (a validation evaluation's
+    under validation/); None when it is not there."""
     from mlflow.exceptions import MlflowException
 
     from cwpo_ray.tables import read_table
 
     dst.mkdir(parents=True, exist_ok=True)
     try:
-        path = client.download_artifacts(run_id, "responses.parquet", str(dst))
+        path = client.download_artifacts(run_id, ("" if split == "test" else split + "/") + "responses.parquet",
+                                         str(dst))
     except (MlflowException, OSError):
         return None
     return wins_by_judge(read_table(path).to_pylist(), main_judge)
@@ -185,7 +207,8 @@ def paired_rows(client, rows: list[dict]) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         def outcomes(row):
             if row["run_id"] not in found:
-                found[row["run_id"]] = per_prompt_wins(client, row["run_id"], Path(tmp) / row["run_id"], row["judge"])
+                found[row["run_id"]] = per_prompt_wins(client, row["run_id"], Path(tmp) / row["run_id"], row["judge"],
+                                                       row["split"])
             return found[row["run_id"]]
 
         for loss in dict.fromkeys(r["loss"] for r in rows):
@@ -494,18 +517,19 @@ def seeds_markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def metrics_over_seeds(agg: list[dict], pairs: list[dict]) -> dict:
+def metrics_over_seeds(agg: list[dict], pairs: list[dict], split: str = "test") -> dict:
     """The aggregated main-judge numbers as parent-run metrics: seeds.ARM.LOSS.gra ..., seeds.A-B.LOSS.diff ...
-    (the pipeline logs each seed's as seedS.ARM.LOSS.gra ...)."""
+    (the pipeline logs each seed's as seedS.ARM.LOSS.gra ...); seeds.validation.ARM... for the validation split."""
     out = {}
+    base = "seeds" if split == "test" else f"seeds.{split}"
     for r in agg:
-        name = f"seeds.{r['arm'].replace(':', '')}.{r['loss']}"
+        name = f"{base}.{r['arm'].replace(':', '')}.{r['loss']}"
         for k in ("gra", "gra_lo", "gra_hi", "gra_strict", "gra_strict_lo", "gra_strict_hi"):
             out[f"{name}.{k}"] = r[k]
         out[f"{name}.n_seeds"] = len(r["seeds"])
     for p in pairs:
         if p["judge"] == next(r["judge"] for r in agg):
-            name = f"seeds.{p['a'].replace(':', '')}-{p['b'].replace(':', '')}.{p['loss']}"
+            name = f"{base}.{p['a'].replace(':', '')}-{p['b'].replace(':', '')}.{p['loss']}"
             out.update({f"{name}.diff": p["diff"], f"{name}.lo": p["lo"], f"{name}.hi": p["hi"]})
     return {k: float(v) for k, v in out.items() if v is not None and v == v}
 
@@ -528,14 +552,15 @@ def replaced_note(replaced: int) -> str:
 
 
 def report_over_seeds(client, rows: list[dict], seeds: list, title: str, out: Path,
-                      replaced: int = 0) -> tuple[str, list[Path], dict]:
+                      replaced: int = 0, split: str = "test") -> tuple[str, list[Path], dict]:
     """compare.md's text, the charts (written under ``out``) and the parent-run metrics, over seeds."""
     with tempfile.TemporaryDirectory() as tmp:
         found: dict[str, dict | None] = {}
 
         def outcomes(row):
             if row["run_id"] not in found:
-                found[row["run_id"]] = per_prompt_wins(client, row["run_id"], Path(tmp) / row["run_id"], row["judge"])
+                found[row["run_id"]] = per_prompt_wins(client, row["run_id"], Path(tmp) / row["run_id"], row["judge"],
+                                                       row["split"])
             return found[row["run_id"]]
 
         agg = rows_over_seeds(rows, outcomes)
@@ -546,32 +571,44 @@ def report_over_seeds(client, rows: list[dict], seeds: list, title: str, out: Pa
             + replaced_note(replaced))
     names = "/".join(_seed_name(s) for s in seeds)
     chart_rows = [dict(r, gra_per_seed=[r["gra_per_seed"].get(s) for s in seeds]) for r in agg]
-    bar_chart(chart_rows, out / "compare.png", f"{title}\nmean over seeds {names}, one dot per seed")
-    files = [out / "compare.png"]
+    bar_chart(chart_rows, out / split_file("compare.png", split), f"{title}\nmean over seeds {names}, one dot per seed")
+    files = [out / split_file("compare.png", split)]
     if pairs:
-        paired_chart([dict(p, per_seed=list(p["per_seed"].values())) for p in pairs], out / "compare_paired.png",
-                     f"{title}\nover seeds {names}, one dot per seed")
-        files.append(out / "compare_paired.png")
-    return text, files, metrics_over_seeds(agg, pairs)
+        paired_chart([dict(p, per_seed=list(p["per_seed"].values())) for p in pairs],
+                     out / split_file("compare_paired.png", split), f"{title}\nover seeds {names}, one dot per seed")
+        files.append(out / split_file("compare_paired.png", split))
+    return text, files, metrics_over_seeds(agg, pairs, split)
+
+
+def prompts_column(text: str, split: str) -> str:
+    """The tables' prompt-count column names the split compared."""
+    return text if split == "test" else text.replace("| test prompts |", f"| {split} prompts |")
 
 
 def run(cfg: Config) -> int:
     client = _client()
     exp, parent = find_parent(client, cfg.experiment, cfg.parent_run_id)
-    all_rows = collect_rows(client, exp, parent)
+    all_rows = collect_rows(client, exp, parent, "eval" if cfg.split == "test" else cfg.split)
     if not all_rows:
         raise ValueError(f"pipeline run {parent.info.run_id} has no arm runs yet")
+    if cfg.split != "test":
+        all_rows = [r for r in all_rows if r["n"] is not None]  # arms evaluated on that split
+        if not all_rows:
+            raise ValueError(f"pipeline run {parent.info.run_id} has no arm evaluated on the {cfg.split} split")
     rows = latest_runs(all_rows)
     replaced = len(all_rows) - len(rows)
-    title = f"{cfg.experiment} / {parent.info.run_name} ({parent.info.run_id[:8]})"
+    title = (f"{cfg.experiment} / {parent.info.run_name} ({parent.info.run_id[:8]})"
+             + ("" if cfg.split == "test" else f", {cfg.split} prompts"))
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
+    md = out / split_file("compare.md", cfg.split)
     seeds = seeds_of(rows)
     if len(seeds) > 1:
-        text, charts, metrics = report_over_seeds(client, rows, seeds, title, out, replaced)
+        text, charts, metrics = report_over_seeds(client, rows, seeds, title, out, replaced, cfg.split)
+        text = prompts_column(text, cfg.split)
         print(text, flush=True)
-        (out / "compare.md").write_text(text)
-        files = [out / "compare.md", *charts]
+        md.write_text(text)
+        files = [md, *charts]
         if cfg.log:
             for k, v in metrics.items():
                 client.log_metric(parent.info.run_id, k, v)
@@ -583,13 +620,14 @@ def run(cfg: Config) -> int:
     by_judge = judges_markdown(rows)
     text = (markdown(rows, title) + ("\n" + by_judge if by_judge else "")
             + ("\n" + paired_markdown(pairs) if pairs else "") + replaced_note(replaced))
+    text = prompts_column(text, cfg.split)
     print(text, flush=True)
-    (out / "compare.md").write_text(text)
-    bar_chart(rows, out / "compare.png", title)
-    files = [out / "compare.md", out / "compare.png"]
+    md.write_text(text)
+    bar_chart(rows, out / split_file("compare.png", cfg.split), title)
+    files = [md, out / split_file("compare.png", cfg.split)]
     if pairs:
-        paired_chart(pairs, out / "compare_paired.png", title)
-        files.append(out / "compare_paired.png")
+        paired_chart(pairs, out / split_file("compare_paired.png", cfg.split), title)
+        files.append(out / split_file("compare_paired.png", cfg.split))
     if cfg.log:
         for f in files:
             client.log_artifact(parent.info.run_id, str(f))

@@ -570,11 +570,13 @@ def run_stages(cfg: Config, out: Path) -> int:
         run_seed(replace(cfg, seed=seed), out if len(seeds) == 1 else out / f"seed-{seed}", runs, start, fp_base)
 
     with console.timed_stage("compare") as done:
-        compare.run(compare.Config(experiment=cfg.experiment, parent_run_id=runs.parent_id, out=str(out / "compare")))
+        compare.run(compare.Config(experiment=cfg.experiment, parent_run_id=runs.parent_id, out=str(out / "compare"),
+                                   split=cfg.evaluate.split))
         done({})
     runs.close()
     # The terminal gets the main judge's table and the paired differences; compare.md has every judge.
-    console.show_file(out / "compare" / "compare.md", skip_sections=("GRA under every judge",), max_line=160)
+    console.show_file(out / "compare" / compare.split_file("compare.md", cfg.evaluate.split),
+                      skip_sections=("GRA under every judge",), max_line=160)
     console.say(f"pipeline: done -> {out} (MLflow experiment {cfg.experiment!r}, parent run {runs.parent_id}; "
                 f"tracking URI {tracking.tracking_uri()})")
     return 0
