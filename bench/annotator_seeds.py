@@ -40,8 +40,9 @@ for k, v in {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "TOKENIZERS_PARALLELISM":
              "DS_ACCELERATOR": "cpu"}.items():
     os.environ.setdefault(k, v)
 
-# The full preset with train-annotator's and the data stage's defaults where the preset pins the
-# old behaviour (folds 1, calibration none, no validation split).
+# The first full preset (full_seed0.yaml, what the saved seeds ran) with train-annotator's and the data
+# stage's defaults where it pins the old behaviour (folds 1, calibration none, no validation split): its
+# annotator settings are then full.yaml's.
 DEFAULTS = ["annotator.folds=5", "annotator.calibration=temperature", "data.validation_fraction=0.1"]
 
 
@@ -59,7 +60,7 @@ def measure(seed: int, overrides: list[str], work: Path) -> dict:
     from cwpo_ray.config import load_config
     from cwpo_ray.recipes import pipeline
 
-    cfg = load_config(pipeline.Config, str(REPO / "cwpo_ray" / "configs" / "full.yaml"),
+    cfg = load_config(pipeline.Config, str(REPO / "cwpo_ray" / "configs" / "full_seed0.yaml"),
                       overrides=DEFAULTS + overrides)
     cfg = replace(cfg, seed=seed, experiment="cwpo-annotator-seeds")
     out = work / f"seed-{seed}"

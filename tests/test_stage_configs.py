@@ -18,7 +18,7 @@ from cwpo_ray.recipes import annotate, data, evaluate, pipeline, train_annotator
 
 REPO = Path(__file__).resolve().parent.parent
 MEASURED = json.loads((Path(__file__).parent / "data" / "stage_configs_measured.json").read_text())
-PRESETS = ["cwpo_ray/configs/quick.yaml", "cwpo_ray/configs/full.yaml", "jobs/configs/benchmark_cpu.yaml"]
+PRESETS = ["cwpo_ray/configs/quick.yaml", "cwpo_ray/configs/full_seed0.yaml", "jobs/configs/benchmark_cpu.yaml"]
 
 
 def resolved_stage_configs(preset: str) -> dict:
@@ -108,3 +108,17 @@ def test_the_gpu_preset_is_accepted_and_asks_for_gpus():
     assert cfg.annotator.use_gpu and cfg.annotate.gpus_per_actor > 0 and cfg.evaluate.num_gpus >= 1
     assert cfg.policy.use_gpu and cfg.policy.strategy == "deepspeed" and cfg.policy.zero_stage == 3
     assert cfg.source.startswith("hh-rlhf:")
+
+
+def test_the_measurement_preset_chooses_nothing_on_test_prompts():
+    """full.yaml is the measurement: a validation split, the annotator's epochs and temperature chosen
+    out-of-fold, several seeds, and no setting tagged as chosen on test prompts, on gold accuracy or
+    pinned to the older protocol (those tags live in full_seed0.yaml and quick.yaml)."""
+    text = (REPO / "cwpo_ray" / "configs" / "full.yaml").read_text()
+    for tag in ("[test]", "[gold-unlabeled]", "[pinned]"):
+        assert tag not in text, tag
+    cfg = load_config(pipeline.Config, str(REPO / "cwpo_ray" / "configs" / "full.yaml"))
+    cfg.validate()
+    assert cfg.data.validation_fraction > 0 and cfg.evaluate.split == "test"
+    assert cfg.annotator.folds > 1 and cfg.annotator.calibration == "temperature"
+    assert len(cfg.seed_list()) >= 3 and {"human", "ws", "cw", "cw_raw"} <= set(cfg.arms)

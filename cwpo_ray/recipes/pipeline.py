@@ -46,7 +46,8 @@ from cwpo_ray.recipes import train_policy as policy_stage
 
 EPILOG = """examples:
   cwpo pipeline --config cwpo_ray/configs/quick.yaml            # the README's main command
-  cwpo pipeline --config cwpo_ray/configs/full.yaml out=runs/full seed=1
+  cwpo pipeline --config cwpo_ray/configs/full.yaml 'arms=[human,ws,cw,cw_raw]' 'losses=[dpo]'  # 3 seeds
+  cwpo pipeline --config cwpo_ray/configs/full.yaml 'arms=[human]' evaluate.split=validation policy.lr=4e-5
   cwpo pipeline --config my.yaml arms=[human,cw,topk:0.3] losses=[dpo,ipo] policy.lr=1e-5
 """
 
