@@ -62,12 +62,6 @@ class Config:
     split: str = option("test", "which evaluation of the arms: test (the measurement) or validation (the prompts "
                                 "settings are chosen on)", choices=("test", "validation"))
 
-    @property
-    def prefix(self) -> str:
-        """The arm runs' metric prefix of the split (evaluate.metric_prefix, without its import)."""
-        return "eval" if self.split == "test" else self.split
-
-
 
 def split_file(name: str, split: str) -> str:
     """compare.md for the test split, compare_validation.md for the validation split."""
@@ -123,9 +117,12 @@ def seeds_of(rows: list[dict]) -> list:
     return sorted({r["seed"] for r in rows}, key=seed_key)
 
 
-def collect_rows(client, exp, parent, prefix: str = "eval") -> list[dict]:
+def collect_rows(client, exp, parent, split: str = "test") -> list[dict]:
     """One row per child (arm x loss, x seed when the pipeline ran several) run, in a stable arm order;
-    its metrics are those of the evaluation logged under ``prefix`` (eval: test, validation)."""
+    its metrics are those of the arm's evaluation on ``split``."""
+    from cwpo_ray.recipes.evaluate import metric_prefix
+
+    prefix = metric_prefix(split)
     children = client.search_runs([exp.experiment_id],
                                   filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}' and tags.stage = 'arm'")
     pm = parent.data.metrics
@@ -146,7 +143,7 @@ def collect_rows(client, exp, parent, prefix: str = "eval") -> list[dict]:
         annotator_acc = annotator_accuracy(seed)
         main, extra = judge_metrics(m, prefix)
         rows.append({
-            "split": "test" if prefix == "eval" else prefix,
+            "split": split,
             "arm": arm, "loss": tags.get("loss", ""), "seed": seed, "run_id": run.info.run_id,
             "start_time": run.info.start_time or 0, **main,
             # runs evaluated before the judge was tagged: "gold"
@@ -185,11 +182,13 @@ def per_prompt_wins(client, run_id: str, dst: Path, main_judge: str = "gold", sp
     under validation/); None when it is not there."""
     from mlflow.exceptions import MlflowException
 
+    from cwpo_ray.recipes.evaluate import artifact_dir
     from cwpo_ray.tables import read_table
 
     dst.mkdir(parents=True, exist_ok=True)
+    folder = artifact_dir(split)
     try:
-        path = client.download_artifacts(run_id, ("" if split == "test" else split + "/") + "responses.parquet",
+        path = client.download_artifacts(run_id, f"{folder}/responses.parquet" if folder else "responses.parquet",
                                          str(dst))
     except (MlflowException, OSError):
         return None
@@ -588,7 +587,7 @@ def prompts_column(text: str, split: str) -> str:
 def run(cfg: Config) -> int:
     client = _client()
     exp, parent = find_parent(client, cfg.experiment, cfg.parent_run_id)
-    all_rows = collect_rows(client, exp, parent, "eval" if cfg.split == "test" else cfg.split)
+    all_rows = collect_rows(client, exp, parent, cfg.split)
     if not all_rows:
         raise ValueError(f"pipeline run {parent.info.run_id} has no arm runs yet")
     if cfg.split != "test":

@@ -197,6 +197,12 @@ def metric_prefix(split: str) -> str:
     return "eval" if split == "test" else split
 
 
+def artifact_dir(split: str) -> Optional[str]:
+    """Where a split's eval.json and responses.parquet go in an arm's run: the root for the test split
+    (what `cwpo compare` pairs by default), else a folder named after the split."""
+    return None if split == "test" else split
+
+
 def log_to_mlflow(cfg: Config, metrics: dict, out: Path, judges: list[str]) -> Optional[str]:
     """The active run if there is one, else --run-id; nothing when neither. A validation evaluation's
     metrics and eval.json go under ``validation/``, a test evaluation's under ``eval/`` and the root."""
@@ -209,7 +215,7 @@ def log_to_mlflow(cfg: Config, metrics: dict, out: Path, judges: list[str]) -> O
                if isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)}
     # compare reads which judge is the main one and which are extra from these tags.
     tags = {f"{prefix}/judge": judges[0], f"{prefix}/judges": ",".join(judges)}
-    artifact_path = None if cfg.split == "test" else cfg.split
+    artifact_path = artifact_dir(cfg.split)
 
     def log():
         mlflow.log_metrics(numeric)

@@ -498,7 +498,7 @@ class ArmRuns:
         key = self.key(arm, loss, seed)
         run_id = self.state["children"][key]["run_id"]
         if responses.exists():
-            self.client.log_artifact(run_id, str(responses), None if split == "test" else split)
+            self.client.log_artifact(run_id, str(responses), evaluate_stage.artifact_dir(split))
         numeric = {k: float(v) for k, v in metrics.items()
                    if isinstance(v, (int, float)) and not isinstance(v, bool) and v == v}
         prefix = evaluate_stage.metric_prefix(split)
