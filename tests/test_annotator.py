@@ -72,11 +72,11 @@ def train_args(data, model, out, tmp, *extra) -> list[str]:
 
 @pytest.fixture(scope="module")
 def trained(ray_cluster, mlflow_server, tiny_encoder, labeled, tmp_path_factory):
-    """DDP on 2 CPU workers, with one worker killed after the first epoch's checkpoint."""
+    """DDP on 2 CPU workers. (A worker killed mid-run: the k-fold test in test_annotator_selection.py.)"""
     tmp = tmp_path_factory.mktemp("train-ddp")
     out = tmp / "annotator"
     assert main(train_args(labeled, tiny_encoder, out, tmp, "--epochs", "3", "--strategy", "ddp",
-                           "--run-name", "ddp-test", "fail_at_epoch=1")) == 0
+                           "--run-name", "ddp-test")) == 0
     return out
 
 
@@ -135,7 +135,7 @@ def test_annotate_bf16_precision_scores_like_fp32(tiny_encoder, tmp_path):
 
 # ----------------------------------------------------------------------------- training
 
-def test_ddp_training_learns_resumes_and_logs(trained, mlflow_server):
+def test_ddp_training_learns_and_logs(trained, mlflow_server):
     from mlflow.tracking import MlflowClient
 
     report = json.loads((trained / "eval.json").read_text())
@@ -153,7 +153,6 @@ def test_ddp_training_learns_resumes_and_logs(trained, mlflow_server):
     data = run.data.metrics
     for key in ("train_loss", "heldout_accuracy", "heldout_ece", "best_heldout_accuracy"):
         assert key in data, sorted(data)
-    assert "resumed_after_epoch" in data  # the worker failure was recovered from a checkpoint
     assert len(client.get_metric_history(run.info.run_id, "heldout_bt_loss")) >= 3
     top = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"reliability.png", "confidence_hist.png", "annotator"} <= top

@@ -100,6 +100,13 @@ def test_kfold_training_chooses_epochs_refits_calibrates_and_resumes(ray_cluster
     assert load_annotator(out).meta.temperature == pytest.approx(cal["temperature"])
     assert (out / "reliability_calibrated.png").stat().st_size > 1000
     assert pooled[1] and pooled[2]
+    # the worker failure was recovered from fold 0's epoch-1 checkpoint, and MLflow says so
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(mlflow_server)
+    (run,) = client.search_runs([client.get_experiment_by_name("cwpo").experiment_id],
+                                "tags.mlflow.runName = 'kfold-test'")
+    assert run.data.metrics["resumed_after_epoch"] == 1
 
 
 def test_pipeline_warns_loudly_when_the_annotator_has_not_learned(capsys):
