@@ -26,14 +26,26 @@ def init_ray(num_cpus: int | None = None, log_to_driver: bool = True):
         # meaningful on a long-lived cluster, where the dashboard runs): the hook silences that.
         dashboard = os.environ.get("CWPO_RAY_DASHBOARD", "0") == "1"
         if not dashboard:
-            runtime_env["worker_process_setup_hook"] = "cwpo_ray.ray_env.quiet_placement_group_cleaner"
+            runtime_env["worker_process_setup_hook"] = "cwpo_ray.ray_env.quiet_local_cluster_loggers"
         ray.init(_node_ip_address="127.0.0.1", include_dashboard=dashboard, dashboard_host="127.0.0.1",
                  num_cpus=num_cpus, log_to_driver=log_to_driver, runtime_env=runtime_env)
     return ray
 
 
-def quiet_placement_group_cleaner() -> None:
-    """Ray worker setup hook: Ray Train's placement-group cleaner logs errors only (see init_ray)."""
+# Loggers of Ray Train's controller that only speak to a long-lived or autoscaling cluster. On a
+# local node started here: the placement-group cleaner polls the dashboard's state API (not
+# started) and warns every second; the autoscaling-coordinator client asks for resources no
+# autoscaler will add, and when the coordinator's actor takes over 5 s to start (a busy 2-core
+# machine) it logs a full traceback per fit. Errors still come through.
+LOCAL_CLUSTER_QUIET_LOGGERS = (
+    "ray.train.v2._internal.execution.controller.placement_group_cleaner",
+    "ray.train.v2._internal.execution.scaling_policy.autoscaling_coordinator_client",
+)
+
+
+def quiet_local_cluster_loggers() -> None:
+    """Ray worker setup hook for a local cluster: LOCAL_CLUSTER_QUIET_LOGGERS log errors only (see init_ray)."""
     import logging
 
-    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
+    for name in LOCAL_CLUSTER_QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)

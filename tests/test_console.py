@@ -49,3 +49,18 @@ def test_the_terminal_gets_the_main_tables_and_the_file_keeps_every_judge(tmp_pa
     out = capsys.readouterr().out
     assert "| cw | 0.6 |" in out and "### Paired GRA differences" in out
     assert "textblob" not in out and "a definition" not in out and str(md) in out.splitlines()[-1]
+
+
+def test_the_local_cluster_hook_quiets_loggers_that_exist_in_this_ray():
+    """The worker setup hook names Ray Train's loggers by module path; if Ray moves a module, the name
+    would silence nothing and its per-fit warnings (and tracebacks) would come back: check each is the
+    module's own logger, and that the hook leaves it at errors only."""
+    import importlib
+    import logging
+
+    from cwpo_ray.ray_env import LOCAL_CLUSTER_QUIET_LOGGERS, quiet_local_cluster_loggers
+
+    for name in LOCAL_CLUSTER_QUIET_LOGGERS:
+        assert importlib.import_module(name).logger is logging.getLogger(name), name
+    quiet_local_cluster_loggers()
+    assert all(logging.getLogger(n).getEffectiveLevel() == logging.ERROR for n in LOCAL_CLUSTER_QUIET_LOGGERS)
