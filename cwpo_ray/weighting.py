@@ -11,6 +11,13 @@ from __future__ import annotations
 WEIGHTINGS = ("none", "confidence", "confidence_raw", "topk:F")
 
 
+def reads_weak_labels(arm: str) -> bool:
+    """Whether a pipeline arm trains on the annotator's labels: every arm but human* (human labels)
+    and gold (the gold judge's). The pipeline trains an annotator only if one does; compare shows
+    the annotator's accuracy only beside those."""
+    return not (arm.startswith("human") or arm == "gold")
+
+
 def parse_weighting(spec: str) -> tuple[str, float | None]:
     """``none`` | ``confidence`` | ``confidence_raw`` | ``topk:F`` with F in (0, 1] -> (kind, fraction);
     ``confidence_raw`` is of kind ``confidence`` (it only reads another column)."""

@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cwpo_ray.config import option
+from cwpo_ray.weighting import reads_weak_labels
 
 EPILOG = """examples:
   cwpo compare                                   # latest pipeline run of experiment cwpo-pipeline
@@ -150,7 +151,7 @@ def collect_rows(client, exp, parent, split: str = "test") -> list[dict]:
             "judge": tags.get(f"{prefix}/judge", "gold"), "judges": extra,
             "n": m.get(f"{prefix}/n"), "pair_accuracy": m.get(f"{prefix}/pair_accuracy"),
             # Only the weak-label arms rest on the annotator's labels.
-            "annotator_accuracy": None if arm.startswith("human") or arm == "gold" else annotator_acc,
+            "annotator_accuracy": annotator_acc if reads_weak_labels(arm) else None,
             "human_labels_used": m.get("human_labels_used"),
         })
     order = {a: i for i, a in enumerate(ARM_ORDER)}

@@ -43,6 +43,7 @@ from cwpo_ray.recipes import data as data_stage
 from cwpo_ray.recipes import evaluate as evaluate_stage
 from cwpo_ray.recipes import train_annotator as annotator_stage
 from cwpo_ray.recipes import train_policy as policy_stage
+from cwpo_ray.weighting import reads_weak_labels
 
 EPILOG = """examples:
   cwpo pipeline --config cwpo_ray/configs/quick.yaml            # the README's main command
@@ -274,11 +275,6 @@ def _evaluate_task(ecfg: evaluate_stage.Config, tracking_uri: str) -> dict:
     torch.set_num_threads(max(1, int(ecfg.num_cpus)))
     evaluate_stage.run(ecfg)
     return json.loads((Path(ecfg.out) / "eval.json").read_text())["metrics"]
-
-
-def reads_weak_labels(arm: str) -> bool:
-    """Whether an arm trains on the annotator's labels (the pipeline trains an annotator only if one does)."""
-    return not (arm.startswith("human") or arm == "gold")
 
 
 def arm_inputs(arm: str, tables: dict) -> tuple[str, str]:
