@@ -247,7 +247,8 @@ def test_a_stage_killed_midway_resumes_only_under_the_same_settings(tmp_path):
 
 def test_every_arm_trains_on_its_table_with_its_weighting():
     """What makes one arm differ from another: the table it trains on, its weighting, the human labels it
-    used (the end-to-end runs take three of the arms: tests/test_cluster.py)."""
+    used (the end-to-end runs take three of the arms: human in the two-seed test below,
+    human_labeled_only and cw in tests/test_cluster.py)."""
     from cwpo_ray.recipes.pipeline import Config, arm_inputs, human_labels_used
     from cwpo_ray.weighting import reads_weak_labels
 

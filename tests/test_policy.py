@@ -1,9 +1,9 @@
 """Policy training: tokenization and log-prob mechanics, weighted PO steps, and the Ray Train recipe.
 
-The recipe tests share one tiny preference task and run 5 short Ray Train stages in all:
-SFT + PO under DDP (learning), the same PO under DeepSpeed ZeRO-2 (same loss curve), under
-ZeRO-3 with optimizer offload and gradient accumulation and a killed worker (resumes at the
-saved step, same curve), and LoRA on one worker.
+The recipe tests share one tiny preference task and run 2 short Ray Train runs in all:
+SFT + PO under DDP (learning), and the same PO under DeepSpeed ZeRO-3 with optimizer offload,
+gradient accumulation and a killed worker (resumes at the saved step, DDP's loss curve). LoRA's
+merged save is checked in process.
 """
 
 from __future__ import annotations
