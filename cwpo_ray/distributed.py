@@ -237,6 +237,7 @@ class DeepSpeedEngine:
                  accumulation_steps: int = 1, max_grad_norm: float | None = 1.0):
         import deepspeed
 
+        skip_shm_comm_build()
         config = deepspeed_config(dist, micro_batch_size, accumulation_steps, max_grad_norm, optimizer)
         if "optimizer" in config:
             optimizer = None  # DeepSpeed builds its fused CPU Adam from the config
@@ -275,6 +276,24 @@ class DeepSpeedEngine:
         if self.zero_stage == 3:
             return self.engine._zero3_consolidated_16bit_state_dict()
         return self.module.state_dict() if world()[0] == 0 else None
+
+
+SHM_COMM_OP = "deepspeed_shm_comm"
+
+
+def skip_shm_comm_build() -> None:
+    """Keep DeepSpeed from JIT-compiling its shared-memory all-reduce op when it sets up its comm backend.
+
+    DeepSpeed builds that C++ op on every first init in a new environment (30-100 s on 2 cores, a
+    compiler and a lock in ~/.cache/torch_extensions that a worker killed mid-build leaves behind),
+    and uses it only for DeepSpeed inference's ``inference_all_reduce``, never in training. DeepSpeed
+    keeps its op-compatibility table as one module-level dict whose edits persist (its own comment in
+    ``deepspeed.ops``); an op marked incompatible there is not built and DeepSpeed falls back to the
+    process group's all-reduce.
+    """
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__[SHM_COMM_OP] = False
 
 
 def deepspeed_config(dist: DistributedConfig, micro_batch_size: int, accumulation_steps: int,

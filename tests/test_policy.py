@@ -8,9 +8,12 @@ merged save is checked in process.
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import random
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -21,6 +24,9 @@ import torch.nn.functional as F
 
 from cwpo_ray import logprobs, weighting
 from cwpo_ray.models import ModelSource, load_causal_lm, load_tokenizer
+from conftest import free_port
+
+REPO = Path(__file__).resolve().parent.parent
 
 # DDP and DeepSpeed ZeRO both run in fp32 on CPU; they differ only in reduction order.
 CURVE_RTOL = 1e-4
@@ -679,6 +685,41 @@ def test_deepspeed_config_bf16_on_gpu_fp32_on_cpu():
     assert gpu["bf16"] == {"enabled": True}
     assert gpu["optimizer"] == {"type": "AdamW", "params": {"lr": 3e-6, "weight_decay": 0.05, "betas": [0.9, 0.999],
                                                             "eps": 1e-8}}
+
+
+DEEPSPEED_ENGINE_SCRIPT = """
+import json, os, sys
+import torch, torch.distributed as dist
+import deepspeed.ops
+from cwpo_ray.distributed import SHM_COMM_OP, DistributedConfig, adamw, setup_engine
+
+would_build = deepspeed.ops.__compatible_ops__[SHM_COMM_OP]
+dist.init_process_group("gloo")  # as Ray Train's worker group does before the train loop
+model = torch.nn.Linear(4, 1)
+engine = setup_engine(model, adamw(list(model.parameters()), 0.1, 0.0), None,
+                      DistributedConfig(strategy="deepspeed", zero_stage=2), micro_batch_size=2)
+engine.backward_and_step(engine(torch.ones(2, 4)).pow(2).mean())
+print(json.dumps({"would_build": would_build, "built": sorted(os.listdir(os.environ["TORCH_EXTENSIONS_DIR"]))}))
+"""
+
+
+def test_deepspeed_engine_compiles_no_op_it_does_not_train_with(tmp_path):
+    """DeepSpeed's comm set-up JIT-compiles a shared-memory all-reduce that only its inference uses
+    (30-100 s on this machine, once per environment): the engine starts and steps without building it."""
+    import subprocess
+    import sys
+
+    extensions = tmp_path / "torch_extensions"
+    extensions.mkdir()
+    env = dict(os.environ, TORCH_EXTENSIONS_DIR=str(extensions), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
+               RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", DS_ACCELERATOR="cpu")
+    out = subprocess.run([sys.executable, "-c", DEEPSPEED_ENGINE_SCRIPT], env=env, capture_output=True, text=True,
+                         timeout=600, cwd=REPO)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    if not result["would_build"]:
+        pytest.skip("DeepSpeed cannot build its shm op here (no compiler?): nothing to skip")
+    assert result["built"] == [], result
 
 
 def test_prompts_take_the_models_chat_format(tiny):
