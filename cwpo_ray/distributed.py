@@ -232,6 +232,7 @@ class DeepSpeedEngine:
     """deepspeed.initialize called by us (not prepare_model), as DeepSpeed under Ray Train needs."""
 
     TAG = "ckpt"
+    CLIENT_KEY = "cwpo"
 
     def __init__(self, model, optimizer, make_scheduler, dist: DistributedConfig, micro_batch_size: int,
                  accumulation_steps: int = 1, max_grad_norm: float | None = 1.0):
@@ -265,11 +266,13 @@ class DeepSpeedEngine:
         return boundary
 
     def save_checkpoint(self, directory: str, client_state: dict) -> None:
-        self.engine.save_checkpoint(directory, tag=self.TAG, client_state=client_state)  # every rank
+        # Ours under one key: DeepSpeed hands its own metadata back among the loaded client state
+        # (checkpoint_parallel_dimensions, ...) and refuses those keys on the next save. Every rank saves.
+        self.engine.save_checkpoint(directory, tag=self.TAG, client_state={self.CLIENT_KEY: client_state})
 
     def load_checkpoint(self, directory: str) -> dict:
         _, client_state = self.engine.load_checkpoint(directory, tag=self.TAG)
-        return client_state or {}
+        return (client_state or {}).get(self.CLIENT_KEY, {})
 
     def full_state_dict(self) -> dict | None:
         """Collective under ZeRO-3 (every rank must call); the full weights on rank 0."""

@@ -160,18 +160,6 @@ def test_ddp_training_learns_and_logs(trained, mlflow_server):
     assert {"annotator.json", "reward_head.pt", "eval.json"} <= inside
 
 
-def test_deepspeed_zero2_trains_on_two_workers(ray_cluster, mlflow_server, tiny_decoder, tmp_path):
-    small = tmp_path / "labeled.parquet"  # DeepSpeed runs here, learning is the DDP test's job
-    write_table(pa.Table.from_pylist(synthetic_pairs(80, seed=1)), small)
-    out = tmp_path / "annotator"
-    assert main(train_args(small, tiny_decoder, out, tmp_path, "--epochs", "1", "--strategy", "deepspeed",
-                           "--zero-stage", "2", "--run-name", "ds-test")) == 0
-    ann = load_annotator(out)
-    assert ann.meta.pooling == "last"
-    rewards, _ = ann.score(["Tell me about cats."] * 2, ["cats are great.", "cats are awful."])
-    assert all(np.isfinite(rewards))
-
-
 # ----------------------------------------------------------------------------- round trip
 
 def test_saved_annotator_reloads_with_identical_scores(ray_cluster, tiny_decoder, tmp_path):

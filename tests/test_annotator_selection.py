@@ -68,8 +68,11 @@ def test_folds_hold_every_pair_out_exactly_once():
     assert chosen_epochs(oof) == 1 and chosen_epochs(oof, calibrated=True) == 2
 
 
-def test_kfold_training_chooses_epochs_refits_calibrates_and_resumes(ray_cluster, mlflow_server, tiny_encoder,
+def test_kfold_training_chooses_epochs_refits_calibrates_and_resumes(ray_cluster, mlflow_server, tiny_decoder,
                                                                      tmp_path):
+    """k-fold under DeepSpeed ZeRO-2 on two workers with a decoder backbone (last-token pooling), one
+    worker killed in fold 0: the annotator's DeepSpeed path, its restart and the epoch choice in one
+    run (the learning bar is the DDP test's, in test_annotator.py)."""
     from test_annotator import close_pairs
     from tiny_models import synthetic_pairs
 
@@ -80,10 +83,11 @@ def test_kfold_training_chooses_epochs_refits_calibrates_and_resumes(ray_cluster
     rows = [{**r, "chosen": r["rejected"], "rejected": r["chosen"]} if i % 6 == 0 else r for i, r in enumerate(rows)]
     write_table(pa.Table.from_pylist(rows), data)
     out = tmp_path / "annotator"
-    assert main(["train-annotator", "--data", str(data), "--model", str(tiny_encoder), "--out", str(out),
-                 "--lr", "2e-3", "--batch-size", "16", "--num-workers", "1", "--epochs", "2", "--folds", "3",
-                 "--storage-path", str(tmp_path / "ray"), "--no-progress", "--run-name", "kfold-test",
-                 "fail_at_epoch=1"]) == 0  # the worker dies once, in the middle of fold 0
+    assert main(["train-annotator", "--data", str(data), "--model", str(tiny_decoder), "--out", str(out),
+                 "--lr", "2e-3", "--batch-size", "16", "--num-workers", "2", "--strategy", "deepspeed",
+                 "--zero-stage", "2", "--epochs", "2", "--folds", "3", "--storage-path", str(tmp_path / "ray"),
+                 "--no-progress", "--run-name", "kfold-test",
+                 "fail_at_epoch=1"]) == 0  # a worker dies once, in the middle of fold 0
     report = json.loads((out / "eval.json").read_text())
     rounds = [(h["round"], h["epoch"]) for h in report["history"]]
     folds = [(f"fold-{f}", e) for f in range(3) for e in (1, 2)]
@@ -97,7 +101,10 @@ def test_kfold_training_chooses_epochs_refits_calibrates_and_resumes(ray_cluster
     cal = report["calibration"]
     assert cal["method"] == "temperature" and cal["temperature"] != 1.0 and cal["pairs"] == len(rows)
     assert calibration.fit_temperature(report["heldout_margins"]) == pytest.approx(cal["temperature"])
-    assert load_annotator(out).meta.temperature == pytest.approx(cal["temperature"])
+    annotator = load_annotator(out)
+    assert annotator.meta.temperature == pytest.approx(cal["temperature"]) and annotator.meta.pooling == "last"
+    rewards, _ = annotator.score(["Tell me about cats."] * 2, ["cats are great.", "cats are awful."])
+    assert all(np.isfinite(rewards))
     assert (out / "reliability_calibrated.png").stat().st_size > 1000
     assert pooled[1] and pooled[2]
     # the worker failure was recovered from fold 0's epoch-1 checkpoint, and MLflow says so
