@@ -70,9 +70,10 @@ def run_trainer(loop_fn: Callable[[dict], None], loop_config: dict, dist: Distri
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from cwpo_ray.ray_env import init_ray
+    from cwpo_ray.ray_env import before_train_on_local_node, init_ray
 
     init_ray()
+    before_train_on_local_node()
     # Ray Train's controller sees that the workers finished (or failed) on its next poll, every 2 s
     # by default: on average 1 s of every stage's wall time. Ray passes this on to the controller.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")

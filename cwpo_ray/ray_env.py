@@ -8,8 +8,12 @@ import os
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 
+_started_local_node = False  # by init_ray, in this process
+
+
 def init_ray(num_cpus: int | None = None, log_to_driver: bool = True):
     """Join ``RAY_ADDRESS`` (set by `ray job submit` and by `cluster/local.sh`) or start Ray on 127.0.0.1."""
+    global _started_local_node
     import ray
 
     if ray.is_initialized():
@@ -29,7 +33,30 @@ def init_ray(num_cpus: int | None = None, log_to_driver: bool = True):
             runtime_env["worker_process_setup_hook"] = "cwpo_ray.ray_env.quiet_local_cluster_loggers"
         ray.init(_node_ip_address="127.0.0.1", include_dashboard=dashboard, dashboard_host="127.0.0.1",
                  num_cpus=num_cpus, log_to_driver=log_to_driver, runtime_env=runtime_env)
+        _started_local_node = True
     return ray
+
+
+def before_train_on_local_node() -> None:
+    """Before a Ray Train fit on a local node that init_ray started (nothing otherwise): two things
+    Ray Train does for real clusters, which cost a one-stage command here seconds of its fixed time.
+
+    - Each worker group gets a preemption watcher, one more actor process polling for nodes being
+      drained (spot instances); a local node is not drained. Off through Ray Train's own switch
+      (the driver's value reaches the controller), unless the environment says otherwise.
+    - The controller waits (up to 5 s) on Ray Data's autoscaling-coordinator actor, which the
+      cluster's first fit creates: made here without waiting, its process starts while the
+      controller's does. Ray-internal API (no public one), so skipped if it moves.
+    """
+    if not _started_local_node:
+        return
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    try:
+        from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (
+            get_or_create_autoscaling_coordinator)
+    except ImportError:
+        return
+    get_or_create_autoscaling_coordinator()
 
 
 # Loggers of Ray Train's controller that only speak to a long-lived or autoscaling cluster. On a

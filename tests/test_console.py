@@ -64,3 +64,27 @@ def test_the_local_cluster_hook_quiets_loggers_that_exist_in_this_ray():
         assert importlib.import_module(name).logger is logging.getLogger(name), name
     quiet_local_cluster_loggers()
     assert all(logging.getLogger(n).getEffectiveLevel() == logging.ERROR for n in LOCAL_CLUSTER_QUIET_LOGGERS)
+
+
+def test_a_local_node_skips_ray_trains_cluster_only_helpers(tmp_path):
+    """On a node init_ray started itself, before a fit: Ray Train's preemption watcher is off through
+    its own switch (the name checked against this Ray: a renamed switch would leave it on) and Ray
+    Data's autoscaling coordinator, which every controller waits on, already exists. In a fresh
+    process, as a `cwpo train-policy` command starts."""
+    script = """
+import os, ray
+from cwpo_ray import ray_env
+from ray.train.v2._internal.constants import ENABLE_PREEMPTION_WATCHER_ENV_VAR
+ray_env.before_train_on_local_node()
+assert ENABLE_PREEMPTION_WATCHER_ENV_VAR not in os.environ  # not a local node of ours yet: nothing done
+ray_env.init_ray(num_cpus=1)
+ray_env.before_train_on_local_node()
+print(os.environ[ENABLE_PREEMPTION_WATCHER_ENV_VAR])
+ray.get_actor("AutoscalingCoordinator", namespace="AutoscalingCoordinator")
+print("coordinator up")
+"""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER")}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300,
+                         cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split() == ["0", "coordinator", "up"], out.stdout
