@@ -578,7 +578,7 @@ def test_zero3_offload_accumulation_resumes_after_a_killed_worker(ddp_run, mlflo
     """The DDP run's PO again under DeepSpeed ZeRO-3 with the optimizer offloaded, 2 micro-batches of 2
     instead of one batch of 4 (the same global batch, hence the same updates), and the last worker's
     process killed at step 6: the same loss curve, learning rates and final weights as DDP's. (ZeRO-2
-    goes through the same engine wrapper; the annotator's DeepSpeed test trains under it.)"""
+    goes through the same engine wrapper; the annotator's k-fold test trains and restarts under it.)"""
     from transformers import AutoModelForCausalLM
 
     root, ddp_out, ddp_run_id = ddp_run
