@@ -23,6 +23,7 @@ def init_ray(num_cpus: int | None = None, log_to_driver: bool = True):
         # Inside `ray job submit` the job's runtime_env already applies; repeating one of its
         # env_vars here makes Ray refuse the driver, so join as is.
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=log_to_driver)
+        _started_local_node = False
     else:
         # No dashboard unless CWPO_RAY_DASHBOARD=1: its ~10 processes take 1-2.5 s of each local start
         # on 2 cores (bench/RESULTS.md, fixed cost per stage). Without its state API, Ray Train's
