@@ -514,7 +514,8 @@ def ddp_run(ray_cluster, mlflow_server, tiny_decoder, tmp_path_factory):
     root = tmp_path_factory.mktemp("policy")
     _annotated_table(root / "pairs.parquet")
     out = root / "ddp"
-    run_id = _run(root / "pairs.parquet", tiny_decoder, out, strategy="ddp", fail_at_step=1, max_failures=1)
+    run_id = _run(root / "pairs.parquet", tiny_decoder, out, strategy="ddp", fail_at_step=1, max_failures=1,
+                  keep_checkpoints=True)
     return root, out, run_id
 
 
@@ -586,6 +587,7 @@ def test_zero3_offload_accumulation_resumes_after_a_killed_worker(ddp_run, mlflo
                                offload_optimizer=True, batch_size=2, grad_accumulation=2,
                                fail_at_step=5, checkpoint_every=2, max_failures=1)
     assert (out / ".failed-at-5").exists()  # the failure did happen
+    assert not (out / "ray").exists()  # the checkpoints went once the final model was saved (the default)
     curve = _curve(mlflow_server, run_id)
     print(f"reliability: train-policy ZeRO-3, worker killed at step 6, logged steps {[s for s, _ in curve]}")
     # 32 pairs / global batch 8 = 4 steps an epoch, 2 epochs. The last worker dies at the start of step

@@ -134,6 +134,9 @@ class Config(Settings):
     loss: str = option("dpo", "per-pair loss", choices=LOSS_TYPES)
     weighting: str = option("confidence", "pair weights: none, confidence, confidence_raw (uncalibrated) or topk:F")
     resume: bool = option(True, "continue from DIR's last checkpoints; --no-resume starts over")
+    keep_checkpoints: bool = option(False, "keep DIR/ray, Ray Train's checkpoints, once the run has finished "
+                                           "(by default deleted after the final save: weights and AdamW moments, "
+                                           "~3x the model, per run; a finished DIR run again then trains again)")
     reference_cache: str = option("", "folder of reference log-probs shared by runs from the same start model "
                                       "(responses scored before are not scored again)")
     seed: int = option(0, "seed of initialization, data order and LoRA")
@@ -196,7 +199,7 @@ class ReferenceSpec:
 # ----------------------------------------------------------------------------- the recipe
 
 def run(cfg: Config) -> int:
-    from cwpo_ray import stopwatch, tracking
+    from cwpo_ray import tracking
     from cwpo_ray.models import ModelSource, resolve_model
 
     stamps = {"run_start": time.time()}
@@ -231,6 +234,9 @@ def run(cfg: Config) -> int:
         jobs.append(make_job(cfg, "po", start, out / "train_pairs.parquet", out / "policy", n_pairs, *run_ids))
         result = train_phases(cfg, jobs, *run_ids)
         stamps["stages_done"] = time.time()
+    if not cfg.keep_checkpoints and not cfg.storage_path:
+        # The saved model supersedes them; kept, a pipeline's arms x seeds filled 48 GB at 135M.
+        _remove(out / "ray")
 
     manifest = {"stage": "train-policy", "config": asdict(cfg), "pairs": n_pairs, "start": str(start),
                 "sft": str(out / "sft") if cfg.sft_epochs > 0 else None, "policy": str(out / "policy"),
