@@ -690,7 +690,7 @@ def test_deepspeed_config_bf16_on_gpu_fp32_on_cpu():
 
 
 DEEPSPEED_ENGINE_SCRIPT = """
-import json, os, sys
+import json, os
 import torch, torch.distributed as dist
 import deepspeed.ops
 from cwpo_ray.distributed import SHM_COMM_OP, DistributedConfig, adamw, setup_engine
