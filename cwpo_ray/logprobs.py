@@ -206,10 +206,12 @@ def sequence_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor,
 
     ``model`` is a causal LM or anything that forwards like one (a DDP / DeepSpeed engine).
 
-    Logits are only computed from the first position that predicts a response token on
-    (``logits_to_keep``): prompt positions never need the LM head, which on a 49k-token
-    vocabulary is a large share of the compute. ``logsumexp`` instead of a full
-    log-softmax keeps one float per position instead of a vocabulary-wide tensor.
+    Logits are only computed at the positions that predict a response token (``logits_to_keep`` as
+    a boolean mask): prompt and padding positions never need the LM head, which on a 49k-token
+    vocabulary is a large share of the compute (in packed rows the later segments' prompts sit
+    between responses, so a range from the first response on would still cover them).
+    ``logsumexp`` instead of a full log-softmax keeps one float per position instead of a
+    vocabulary-wide tensor.
     """
     if "pred_positions" in batch:  # packed pairs (pair_batch): the chosen sequences, then the rejected
         return _response_logps(model, batch["input_ids"], _mask_for(model, batch["attention_mask"]),
@@ -228,18 +230,23 @@ def _response_logps(model, ids, attention, positions, seq_rows, pred, labels, la
     device = next(_innermost(model).parameters()).device
     ids, attention, seq_rows, pred, labels, label_mask = (
         t.to(device) for t in (ids, attention, seq_rows, pred, labels, label_mask))
-    start = int(pred[label_mask].min()) if label_mask.any() else 0  # logits only from here on
-    keep = ids.shape[1] - start
-    kwargs = {"logits_to_keep": keep} if _accepts(model, "logits_to_keep") else {}
-    if positions is not None:
-        kwargs["position_ids"] = positions.to(device)
-    logits = model(input_ids=ids, attention_mask=attention, use_cache=False, **kwargs).logits
-    if "logits_to_keep" not in kwargs:
-        logits = logits[:, start:]
+    rows = seq_rows.unsqueeze(1).expand_as(pred)
+    keep = torch.zeros(ids.shape, dtype=torch.bool, device=device)  # the positions whose logits are read
+    keep[rows[label_mask], pred[label_mask]] = True
+    if not keep.any():  # nothing to score: one position all the same, so the shapes stay valid
+        keep[0, -1] = True
+    kwargs = {} if positions is None else {"position_ids": positions.to(device)}
+    if _accepts(model, "logits_to_keep"):  # transformers flattens the kept positions to (kept, vocab)
+        logits = model(input_ids=ids, attention_mask=attention, use_cache=False, logits_to_keep=keep,
+                       **kwargs).logits
+    else:
+        logits = model(input_ids=ids, attention_mask=attention, use_cache=False, **kwargs).logits[keep]
+    if logits.ndim != 2 or logits.shape[0] != int(keep.sum()):
+        raise ValueError(f"{type(_innermost(model)).__name__} did not return one row of logits per kept "
+                         f"position (logits_to_keep as a boolean mask); got shape {tuple(logits.shape)}")
     logits = logits.float()
-    rows = seq_rows.unsqueeze(1)
-    at = (pred - start).clamp(min=0)
-    token_logps = logits[rows, at, labels] - torch.logsumexp(logits, dim=-1)[rows, at]
+    at = (keep.flatten().cumsum(0) - 1).view_as(keep)[rows, pred].clamp(min=0)  # row of each read in `logits`
+    token_logps = logits[at, labels] - torch.logsumexp(logits, dim=-1)[at]
     token_logps = torch.where(label_mask, token_logps, torch.zeros_like(token_logps))
     return token_logps.sum(-1), label_mask.sum(-1)
 

@@ -87,6 +87,36 @@ def test_sequence_logps_sum_response_tokens_only(tiny):
                for i in range(3))
 
 
+def test_lm_head_runs_only_where_a_response_token_is_predicted(tiny):
+    """Packed rows put later segments' prompts between responses: the LM head (a vocabulary-wide
+    matmul) sees only the positions that predict a response token, and a model without
+    ``logits_to_keep`` gives the same log-probs."""
+    from tiny_models import synthetic_pairs
+
+    tokenizer, source = tiny
+    model = fresh_model(source)
+    batch = batch_of(tokenizer, synthetic_pairs(6, seed=2))
+    reads = {(int(batch["seq_rows"][s]), int(p)) for s in range(batch["labels"].shape[0])
+             for p, real in zip(batch["pred_positions"][s], batch["label_mask"][s]) if real}
+    seen = []
+    model.get_output_embeddings().register_forward_hook(lambda m, args, out: seen.append(args[0].shape[:-1].numel()))
+    logps, counts = logprobs.sequence_logps(model, batch)
+    assert seen == [len(reads)] and len(reads) < batch["input_ids"].numel()
+
+    class NoLogitsToKeep(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner, self.config = inner, inner.config
+
+        def forward(self, input_ids, attention_mask, position_ids=None, use_cache=False):
+            return self.inner(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+
+    plain, plain_counts = logprobs.sequence_logps(NoLogitsToKeep(model), batch)
+    assert seen[-1] == batch["input_ids"].numel()  # every position: the fallback slices afterwards
+    torch.testing.assert_close(plain, logps)
+    assert torch.equal(plain_counts, counts)
+
+
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
 @pytest.mark.parametrize("pack", [True, False])
 def test_packed_pair_scores_each_response_as_its_own_sequence(tiny, attention, pack):
