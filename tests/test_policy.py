@@ -565,6 +565,40 @@ def test_sft_and_po_share_one_ray_train_run_and_resume_by_phase(ddp_run, mlflow_
     assert curve[0][1] == pytest.approx(curve[1][1], rel=1e-6)
 
 
+def _refaults_of_a_freed_block(config: dict) -> None:
+    """Ray Train loop: minor page faults when a freed 64 MB tensor is allocated and written again."""
+    import resource
+
+    def faults() -> int:
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        torch.ones(16 * 2**20)  # 64 MB, written, freed
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+    first = faults()
+    Path(config["out"]).write_text(json.dumps({"first": first, "again": faults()}))
+
+
+def test_cpu_workers_reuse_freed_memory_instead_of_faulting_it_in_again(ray_cluster, tmp_path):
+    """A training step frees and reallocates the same activations and gradients: in a CPU worker
+    the second time costs no page faults (glibc's default unmaps a 64 MB block and faults its 16k
+    pages in again), and a value set in the driver's environment wins over ours."""
+    from cwpo_ray.distributed import DistributedConfig, run_trainer
+
+    def faults(name: str) -> dict:
+        run_trainer(_refaults_of_a_freed_block, {"out": str(tmp_path / f"{name}.json")}, DistributedConfig(max_failures=0),
+                    name, str(tmp_path))
+        return json.loads((tmp_path / f"{name}.json").read_text())
+
+    ours = faults("ours")
+    assert ours["first"] > 10_000 and ours["again"] < 1_000, ours
+    os.environ["MALLOC_MMAP_MAX_"] = "65536"  # glibc's default: large blocks mapped, and unmapped when freed
+    try:
+        default = faults("default")
+    finally:
+        del os.environ["MALLOC_MMAP_MAX_"]
+    assert default["again"] > 10_000, default
+
+
 def test_sft_then_cw_dpo_learns_the_preference(ddp_run, mlflow_server):
     from transformers import AutoModelForCausalLM
 
