@@ -575,7 +575,8 @@ def _refaults_of_a_freed_block(config: dict) -> None:
         return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 
     first = faults()
-    Path(config["out"]).write_text(json.dumps({"first": first, "again": faults()}))
+    Path(config["out"]).write_text(json.dumps({"first": first, "again": faults(), "pid": os.getpid(),
+                                               "env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC")}}))
 
 
 def test_cpu_workers_reuse_freed_memory_instead_of_faulting_it_in_again(ray_cluster, tmp_path):
