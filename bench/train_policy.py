@@ -17,6 +17,7 @@ checkpoints) plus the logged time of the one reference pass; "ours wall" is
 the whole `run(cfg)`, Ray start-up and model loading included. "TRL epoch" is
 `trainer.train()`'s train_runtime (it computes the reference forward inside each step);
 "TRL wall" adds trainer construction (tokenization, model copy for the reference).
+Repeat r starts with side r (mod the number of sides), so no side always runs first.
 """
 
 from __future__ import annotations
@@ -168,13 +169,18 @@ def bench_model(name: str, n_pairs: int, words: int, args, work: Path) -> list[d
             ours = run_ours(spec, pairs_path, work / f"ours-{name}-{rep}", args, args.batch_size, n_pairs)
             results.append({"model": name, "who": "cwpo train-policy", "repeat": rep, **ours})
             continue
-        trl_default = run_trl(source, rows, work / f"trl-{name}-{rep}", args, args.batch_size, precompute=False)
-        results.append({"model": name, "who": "TRL DPOTrainer", "repeat": rep, **trl_default})
+        sides = [("TRL DPOTrainer", lambda: run_trl(source, rows, work / f"trl-{name}-{rep}", args, args.batch_size,
+                                                     precompute=False))]
         if args.trl_precompute:
-            trl_pre = run_trl(source, rows, work / f"trlpre-{name}-{rep}", args, args.batch_size, precompute=True)
-            results.append({"model": name, "who": "TRL, precompute_ref_log_probs", "repeat": rep, **trl_pre})
-        ours = run_ours(spec, pairs_path, work / f"ours-{name}-{rep}", args, args.batch_size, n_pairs)
-        results.append({"model": name, "who": "cwpo train-policy", "repeat": rep, **ours})
+            sides.append(("TRL, precompute_ref_log_probs", lambda: run_trl(
+                source, rows, work / f"trlpre-{name}-{rep}", args, args.batch_size, precompute=True)))
+        sides.append(("cwpo train-policy", lambda: run_ours(spec, pairs_path, work / f"ours-{name}-{rep}", args,
+                                                            args.batch_size, n_pairs)))
+        # Each repeat starts with another side: what runs first in a fresh process finds the
+        # machine's memory in another state than what runs after (bench/RESULTS.md, run 6).
+        turn = rep % len(sides)
+        for who, side in sides[turn:] + sides[:turn]:
+            results.append({"model": name, "who": who, "repeat": rep, **side()})
     return results
 
 
