@@ -70,6 +70,21 @@ def storage_uri(path: str) -> str:
     return path if "://" in path else str(Path(path).resolve())
 
 
+def prepare_train_driver(experiment: str) -> None:
+    """What a training stage's driver needs once Ray is up, done while it starts (``init_ray``'s
+    meanwhile): the MLflow store (created and migrated on a first run, ~2 s here), then Ray Train's
+    modules (2-3 s). Ray's own start imports Ray modules too; should the two threads' imports ever
+    collide (Python then hands one a half-initialized module), the error is dropped here and
+    ``run_trainer``'s own import, on the main thread, is the one that counts."""
+    from cwpo_ray import tracking
+
+    tracking.set_experiment(experiment)
+    try:
+        import ray.train.torch  # noqa: F401
+    except (ImportError, AttributeError):
+        pass
+
+
 def run_trainer(loop_fn: Callable[[dict], None], loop_config: dict, dist: DistributedConfig, name: str,
                 default_storage: str):
     """Run ``loop_fn`` on ``dist.num_workers`` Ray Train workers; raise if training failed for good.

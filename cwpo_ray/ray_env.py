@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
 
 # Without this Ray binds the machine's external interface.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -11,31 +13,50 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 _started_local_node = False  # by init_ray, in this process
 
 
-def init_ray(num_cpus: int | None = None, log_to_driver: bool = True):
-    """Join ``RAY_ADDRESS`` (set by `ray job submit` and by `cluster/local.sh`) or start Ray on 127.0.0.1."""
-    global _started_local_node
+def init_ray(num_cpus: int | None = None, log_to_driver: bool = True, meanwhile: Callable[[], object] | None = None):
+    """Join ``RAY_ADDRESS`` (set by `ray job submit` and by `cluster/local.sh`) or start Ray on 127.0.0.1.
+
+    ``meanwhile``: what the caller does next that needs no Ray (imports, opening the MLflow store),
+    run on a thread while Ray starts: a local start is mostly waiting on its processes coming up,
+    with the CPU partly idle (bench/RESULTS.md, fixed cost per stage). Its exception is raised here.
+    """
     import ray
 
     if ray.is_initialized():
+        if meanwhile is not None:
+            meanwhile()
         return ray
+    with ThreadPoolExecutor(1, thread_name_prefix="cwpo-meanwhile") as pool:
+        pending = pool.submit(meanwhile) if meanwhile is not None else None
+        _init(ray, num_cpus, log_to_driver)
+        if pending is not None:
+            pending.result()
+    return ray
+
+
+def _init(ray, num_cpus, log_to_driver) -> None:
+    global _started_local_node
     runtime_env = {"env_vars": {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "TOKENIZERS_PARALLELISM": "false"}}
     if os.environ.get("RAY_ADDRESS"):
         # Inside `ray job submit` the job's runtime_env already applies; repeating one of its
         # env_vars here makes Ray refuse the driver, so join as is.
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=log_to_driver)
         _started_local_node = False
-    else:
-        # No dashboard unless CWPO_RAY_DASHBOARD=1: its ~10 processes take 1-2.5 s of each local start
-        # on 2 cores (bench/RESULTS.md, fixed cost per stage). Without its state API, Ray Train's
-        # placement-group cleaner warns every second that it cannot query the controller (only
-        # meaningful on a long-lived cluster, where the dashboard runs): the hook silences that.
-        dashboard = os.environ.get("CWPO_RAY_DASHBOARD", "0") == "1"
-        if not dashboard:
-            runtime_env["worker_process_setup_hook"] = "cwpo_ray.ray_env.quiet_local_cluster_loggers"
-        ray.init(_node_ip_address="127.0.0.1", include_dashboard=dashboard, dashboard_host="127.0.0.1",
-                 num_cpus=num_cpus, log_to_driver=log_to_driver, runtime_env=runtime_env)
-        _started_local_node = True
-    return ray
+        return
+    # No dashboard unless CWPO_RAY_DASHBOARD=1: its ~10 processes take 1-2.5 s of each local start
+    # on 2 cores (bench/RESULTS.md, fixed cost per stage). Without its state API, Ray Train's
+    # placement-group cleaner warns every second that it cannot query the controller (only
+    # meaningful on a long-lived cluster, where the dashboard runs): the hook silences that.
+    dashboard = os.environ.get("CWPO_RAY_DASHBOARD", "0") == "1"
+    if not dashboard:
+        runtime_env["worker_process_setup_hook"] = "cwpo_ray.ray_env.quiet_local_cluster_loggers"
+    # Ray starts one idle worker per CPU for the first driver, with no runtime env: every worker
+    # of ours has one (the env_vars above), so none is ever used, and they import Ray on both
+    # cores just as Ray Train's actors start. The raylet reads this from its environment.
+    os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
+    ray.init(_node_ip_address="127.0.0.1", include_dashboard=dashboard, dashboard_host="127.0.0.1",
+             num_cpus=num_cpus, log_to_driver=log_to_driver, runtime_env=runtime_env)
+    _started_local_node = True
 
 
 def before_train_on_local_node() -> None:

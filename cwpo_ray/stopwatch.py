@@ -11,18 +11,19 @@ from __future__ import annotations
 
 
 # key -> (what it is, from stamp, to stamp), in the order they happen. Stamps: driver run_start ..
-# mlflow_started, per phase stage_start, ray_ready (first phase), [worker rank 0: import_start (the worker
+# ray_ready .. mlflow_started, per phase stage_start (first phase), [worker rank 0: import_start (the worker
 # begins importing the recipe's module; first phase) .. saved], fit_done (last phase); then driver
 # stages_done, run_end.
 RUN_ITEMS = {
     "train_pairs": ("write train_pairs.parquet", "run_start", "pairs_written"),
-    "mlflow_start": ("MLflow run start + params", "pairs_written", "mlflow_started"),
+    "ray_start": ("ray.init, with the MLflow store and Ray Train's imports meanwhile (driver)", "pairs_written",
+                  "ray_ready"),
+    "mlflow_start": ("MLflow run start + params", "ray_ready", "mlflow_started"),
     "mlflow_end": ("MLflow run end + manifest", "stages_done", "run_end"),
 }
 STAGE_ITEMS = {
-    "ray_init": ("ray.init (driver)", "stage_start", "ray_ready"),
-    "train_start": ("Ray Train controller + worker group + process group", "ray_ready", "import_start"),
-    "recipe_import": ("worker: import the recipe (torch, transformers)", "import_start", "loop_entered"),
+    "train_start": ("Ray Train controller + worker group + process group", "stage_start", "import_start"),
+    "recipe_import": ("worker: import the recipe (torch)", "import_start", "loop_entered"),
     "loop_imports": ("worker: train_loop's imports", "loop_entered", "imports_done"),
     "tokenizer": ("tokenizer load", "imports_done", "tokenizer_loaded"),
     "model_load": ("model load", "tokenizer_loaded", "model_loaded"),

@@ -69,22 +69,37 @@ def test_the_local_cluster_hook_quiets_loggers_that_exist_in_this_ray():
 def test_a_local_node_skips_ray_trains_cluster_only_helpers(tmp_path):
     """On a node init_ray started itself, before a fit: Ray Train's preemption watcher is off through
     its own switch (the name checked against this Ray: a renamed switch would leave it on) and Ray
-    Data's autoscaling coordinator, which every controller waits on, already exists. In a fresh
-    process, as a `cwpo train-policy` command starts."""
+    Data's autoscaling coordinator, which every controller waits on, already exists. No idle worker
+    processes are started for the driver (none could serve our runtime env). What the caller does
+    meanwhile runs on another thread while Ray starts, and its error is raised once Ray is up. In a
+    fresh process, as a `cwpo train-policy` command starts."""
     script = """
-import os, ray
+import os, threading, time, psutil, ray
 from cwpo_ray import ray_env
 from ray.train.v2._internal.constants import ENABLE_PREEMPTION_WATCHER_ENV_VAR
 ray_env.before_train_on_local_node()
 assert ENABLE_PREEMPTION_WATCHER_ENV_VAR not in os.environ  # not a local node of ours yet: nothing done
-ray_env.init_ray(num_cpus=1)
+seen = {}
+def meanwhile():
+    seen["thread"] = threading.current_thread() is not threading.main_thread()
+    seen["ray_up_yet"] = ray.is_initialized()
+    raise KeyError("from meanwhile")
+try:
+    ray_env.init_ray(num_cpus=1, meanwhile=meanwhile)
+except KeyError as e:
+    print(e.args[0].replace(" ", "_"), ray.is_initialized(), seen["thread"], seen["ray_up_yet"])
+time.sleep(3)  # Ray's prestart happens right after the driver connects
+workers = [p for p in psutil.Process().children(recursive=True) if p.cmdline()[:1] == ["ray::IDLE"]]
+print("idle_workers", len(workers))
 ray_env.before_train_on_local_node()
 print(os.environ[ENABLE_PREEMPTION_WATCHER_ENV_VAR])
 ray.get_actor("AutoscalingCoordinator", namespace="AutoscalingCoordinator")
 print("coordinator up")
 """
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER")}
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RAY_ADDRESS", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "RAY_prestart_worker_first_driver")}
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300,
                          cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.split() == ["0", "coordinator", "up"], out.stdout
+    assert out.stdout.split() == ["from_meanwhile", "True", "True", "False", "idle_workers", "0",
+                                  "0", "coordinator", "up"], out.stdout

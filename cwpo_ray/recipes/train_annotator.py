@@ -21,6 +21,7 @@ and logs metrics, plots and the folder to MLflow.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import shutil
@@ -454,7 +455,7 @@ def run(cfg: Config) -> int:
     import ray
 
     from cwpo_ray import tracking
-    from cwpo_ray.distributed import run_trainer
+    from cwpo_ray.distributed import prepare_train_driver, run_trainer
     from cwpo_ray.ray_env import init_ray
     from cwpo_ray.tables import atomic_path
 
@@ -468,7 +469,7 @@ def run(cfg: Config) -> int:
               f"cross-validation, then trained on all; {cfg.num_workers} {cfg.strategy} workers")
     out = Path(cfg.out).resolve()
     staging = out.parent / f".{out.name}.staging-{uuid.uuid4().hex[:8]}"
-    init_ray()
+    init_ray(meanwhile=functools.partial(prepare_train_driver, cfg.experiment))
     with tracking.start_run(cfg.experiment, cfg.run_name, parent_run_id=cfg.parent_run_id or None,
                             tags={"stage": "train-annotator"}) as run_:
         tracking.log_config(cfg)

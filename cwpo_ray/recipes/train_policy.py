@@ -200,7 +200,9 @@ class ReferenceSpec:
 
 def run(cfg: Config) -> int:
     from cwpo_ray import tracking
+    from cwpo_ray.distributed import prepare_train_driver
     from cwpo_ray.models import ModelSource, resolve_model
+    from cwpo_ray.ray_env import init_ray
 
     stamps = {"run_start": time.time()}
     out = Path(cfg.out).resolve()
@@ -211,6 +213,8 @@ def run(cfg: Config) -> int:
     start = resolve_model(cfg.model, cfg.gguf_file)
     n_pairs = write_train_pairs(cfg, out / "train_pairs.parquet")
     stamps["pairs_written"] = time.time()
+    init_ray(meanwhile=functools.partial(prepare_train_driver, cfg.experiment))
+    stamps["ray_ready"] = time.time()
 
     # A rerun into the same DIR continues the same MLflow run, as a restarted worker does.
     run_id_file = out / "mlflow_run_id"
@@ -594,7 +598,6 @@ def train_phases(cfg: Config, jobs: list[Job], run_id: str, tracking_uri: str):
     actors) and each worker ~10 s of imports (bench/RESULTS.md, fixed cost per stage), paid once.
     """
     from cwpo_ray.distributed import run_trainer
-    from cwpo_ray.ray_env import init_ray
 
     stamps = {"stage_start": time.time()}
     out = Path(cfg.out).resolve()
@@ -602,8 +605,6 @@ def train_phases(cfg: Config, jobs: list[Job], run_id: str, tracking_uri: str):
     # Ray Train keys a run's checkpoints by name under the storage path: one name per output folder,
     # so stages sharing a storage_path (the pipeline's arms on s3://) never resume each other's.
     name = modes if not cfg.storage_path else f"{out.name}-{hashlib.sha256(str(out).encode()).hexdigest()[:8]}-{modes}"
-    init_ray()  # run_trainer's own call then finds Ray up; timed apart from Ray Train's start
-    stamps["ray_ready"] = time.time()
     result = run_trainer(train_loop, {"jobs": jobs}, cfg, name=name, default_storage=str(out / "ray"))
     # The start of the run is the first phase's fixed cost, its end the last's (cwpo_ray.stopwatch).
     _log_stamps(run_id, tracking_uri, jobs[0].mode, stamps)
