@@ -567,46 +567,42 @@ def test_sft_and_po_share_one_ray_train_run_and_resume_by_phase(ddp_run, mlflow_
     assert curve[0][1] == pytest.approx(curve[1][1], rel=1e-6)
 
 
-_FREED_MEMORY_PROBE = """
-import ctypes, json, sys
-import torch
-from cwpo_ray.distributed import DistributedConfig, run_trainer
+def _freed_memory_probe(config):
+    """In a Ray Train worker: glibc's own account of the heap (mallinfo2, glibc >= 2.33) around a 64 MB
+    block, as a step's activations, allocated and freed four times; and the MALLOC_* variables the
+    process started with (what glibc read)."""
+    import ctypes
 
-def probe(config):
-    class Mallinfo2(ctypes.Structure):  # glibc's own account of the heap (glibc >= 2.33)
+    class Mallinfo2(ctypes.Structure):
         _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd",
                                                           "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
     libc = ctypes.CDLL("libc.so.6")
     libc.mallinfo2.restype = Mallinfo2
     seq = []
-    for _ in range(4):  # a 64 MB block, as a step's activations, allocated and freed
+    for _ in range(4):
         block = torch.ones(16 * 2**20)
         during = libc.mallinfo2()
         del block
         after = libc.mallinfo2()
         seq.append({"mapped_apart": during.hblkhd, "heap_during": during.arena, "heap_after": after.arena})
-    started_with = sorted(v.decode() for v in open("/proc/self/environ", "rb").read().split(b"\\0")
-                          if v.startswith(b"MALLOC_"))  # what glibc read when the process started
-    with open(config["out"], "w") as f:
-        json.dump({"seq": seq, "started_with": started_with}, f)
-
-out = sys.argv[1]
-run_trainer(probe, {"out": out + "/probe.json"}, DistributedConfig(max_failures=0), "probe", out)
-"""
+    started_with = sorted(v.decode() for v in open("/proc/self/environ", "rb").read().split(b"\0")
+                          if v.startswith(b"MALLOC_"))
+    Path(config["out"]).write_text(json.dumps({"seq": seq, "started_with": started_with}))
 
 
-def test_cpu_workers_keep_freed_memory_instead_of_handing_it_back(tmp_path):
+def test_cpu_workers_keep_freed_memory_instead_of_handing_it_back(ray_cluster, tmp_path):
     """A training step frees and reallocates the same activations and gradients: in a CPU worker a
     freed block stays in the process for the next step, instead of going back to the kernel to be
     faulted in again page by page. With glibc's defaults a 64 MB block is mapped apart and unmapped
-    when freed (``mapped_apart`` 64 MB); here it comes from the heap, which freeing does not shrink.
-    (Whether the next step's block lands in the freed space depends on what other threads allocated
-    meanwhile, so page faults are not what is checked.) In a fresh process with its own local node,
-    as a `cwpo train-policy` command runs."""
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS" and not k.startswith("MALLOC_")}
-    run = subprocess.run([sys.executable, "-c", _FREED_MEMORY_PROBE, str(tmp_path)], env=env, capture_output=True,
-                         text=True, timeout=300, cwd=tmp_path)
-    assert run.returncode == 0, run.stderr[-3000:]
+    when freed (``mapped_apart`` 64 MB and more); here it comes from the heap, which freeing does not
+    shrink. (Whether the next step's block lands in the freed space depends on what other threads
+    allocated meanwhile, so page faults are not what is checked.)"""
+    from cwpo_ray.distributed import DistributedConfig, run_trainer
+
+    assert not any(k.startswith("MALLOC_") for k in os.environ)  # the driver's own values would win
+    run_trainer(_freed_memory_probe, {"out": str(tmp_path / "probe.json")}, DistributedConfig(max_failures=0),
+                "freed-memory-probe", str(tmp_path))
     probe = json.loads((tmp_path / "probe.json").read_text())
     assert probe["started_with"] == ["MALLOC_ARENA_MAX=1", "MALLOC_MMAP_MAX_=0", f"MALLOC_TRIM_THRESHOLD_={2**34}"]
     for step in probe["seq"]:
