@@ -13,8 +13,12 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 _started_local_node = False  # by init_ray, in this process
 
 
-def init_ray(num_cpus: int | None = None, log_to_driver: bool = True, meanwhile: Callable[[], object] | None = None):
+def init_ray(num_cpus: int | None = None, log_to_driver: bool = True, meanwhile: Callable[[], object] | None = None,
+             env_vars: dict[str, str] | None = None):
     """Join ``RAY_ADDRESS`` (set by `ray job submit` and by `cluster/local.sh`) or start Ray on 127.0.0.1.
+
+    ``env_vars``: more environment for every worker of a local node started here (the tests' PYTHONPATH);
+    a cluster's job sets its own.
 
     ``meanwhile``: what the caller does next that needs no Ray (imports, opening the MLflow store),
     run on a thread while Ray starts: a local start is mostly waiting on its processes coming up,
@@ -28,15 +32,15 @@ def init_ray(num_cpus: int | None = None, log_to_driver: bool = True, meanwhile:
         return ray
     with ThreadPoolExecutor(1, thread_name_prefix="cwpo-meanwhile") as pool:
         pending = pool.submit(meanwhile) if meanwhile is not None else None
-        _init(ray, num_cpus, log_to_driver)
+        _init(ray, num_cpus, log_to_driver, env_vars or {})
         if pending is not None:
             pending.result()
     return ray
 
 
-def _init(ray, num_cpus, log_to_driver) -> None:
+def _init(ray, num_cpus, log_to_driver, env_vars: dict[str, str]) -> None:
     global _started_local_node
-    runtime_env = {"env_vars": {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "TOKENIZERS_PARALLELISM": "false"}}
+    runtime_env = {"env_vars": {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "TOKENIZERS_PARALLELISM": "false", **env_vars}}
     if os.environ.get("RAY_ADDRESS"):
         # Inside `ray job submit` the job's runtime_env already applies; repeating one of its
         # env_vars here makes Ray refuse the driver, so join as is.

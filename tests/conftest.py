@@ -59,13 +59,12 @@ def wait_for_mlflow(uri: str, proc: subprocess.Popen, log: Path, timeout_s: floa
 
 @pytest.fixture(scope="session")
 def ray_cluster():
-    """A real local Ray cluster, started once, bound to 127.0.0.1."""
-    import ray
+    """A real local Ray cluster, started once, bound to 127.0.0.1, as a `cwpo` command starts one
+    (``init_ray``: so Ray Train runs here as it does for a user's local command)."""
+    from cwpo_ray.ray_env import init_ray
 
-    ray.init(num_cpus=2, _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=True,
-             runtime_env={"env_vars": {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "TOKENIZERS_PARALLELISM": "false",
-                                       "HF_HUB_OFFLINE": "1", "DS_ACCELERATOR": "cpu",
-                                       "PYTHONPATH": str(REPO) + os.pathsep + str(Path(__file__).parent)}})
+    ray = init_ray(num_cpus=2, env_vars={"HF_HUB_OFFLINE": "1", "DS_ACCELERATOR": "cpu",
+                                         "PYTHONPATH": str(REPO) + os.pathsep + str(Path(__file__).parent)})
     yield ray
     ray.shutdown()
 
