@@ -207,18 +207,31 @@ cmd_status() {
   "$RAY" status --address="$CWPO_RAY_GCS_ADDRESS"
 }
 
+# The cluster's processes of one kind: raylet, gcs_server, or every other one.
+pids_of() {
+  local p c
+  for p in $(cluster_pids); do
+    c="$(cat "/proc/$p/comm" 2>/dev/null)" || continue
+    case "$1:$c" in raylet:raylet | gcs:gcs_server) echo "$p" ;; rest:raylet | rest:gcs_server | raylet:* | gcs:*) ;; rest:*) echo "$p" ;; esac
+  done
+}
+
 cmd_down() {
   [ -d "$DIR" ] || { echo "no local cluster in $DIR"; return 0; }
-  local pids; pids="$(cluster_pids)"
-  if [ -n "$pids" ]; then
+  # In `ray stop`'s order: raylets first, the GCS last. Stopped all at once, the GCS waits for
+  # agents that are already gone and outlives any grace period (15 s here every time, then killed).
+  local kind pids deadline
+  for kind in raylet rest gcs; do
+    pids="$(pids_of "$kind")"
+    [ -n "$pids" ] || continue
     # shellcheck disable=SC2086
     kill -TERM $pids 2>/dev/null || true
-    local deadline=$((SECONDS + 15))
-    while [ -n "$(cluster_pids)" ] && [ $SECONDS -lt $deadline ]; do sleep 0.5; done
-    pids="$(cluster_pids)"
-    # shellcheck disable=SC2086
-    [ -z "$pids" ] || kill -KILL $pids 2>/dev/null || true
-  fi
+    deadline=$((SECONDS + 10))
+    while [ -n "$(pids_of "$kind")" ] && [ $SECONDS -lt $deadline ]; do sleep 0.2; done
+  done
+  pids="$(cluster_pids)"
+  # shellcheck disable=SC2086
+  [ -z "$pids" ] || kill -KILL $pids 2>/dev/null || true
   rm -rf "$DIR"
   echo "local Ray cluster stopped"
 }
