@@ -1,15 +1,19 @@
 """MLflow: where runs go, and what every run carries (params, config file, git commit).
 
 Every command logs to ``MLFLOW_TRACKING_URI`` when set, else to a local SQLite store
-under ``./mlflow/store`` (git-ignored). Ray Train workers log from rank 0 with the
-tracking URI and run id handed to them, since Ray Train V2 has no MLflow callback.
+under ``./mlflow/store`` (git-ignored). Ray Train's rank 0 appends its metrics to a file in the
+stage's folder and the driver relays them to its run while training runs (``relay_metrics``):
+Ray Train V2 has no MLflow callback, and a worker with no MLflow client starts ~2.8 s sooner.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import subprocess
+import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -81,3 +85,87 @@ def log_config(cfg: Any, name: str = "config.yaml") -> None:
     d = to_dict(cfg)
     mlflow.log_params({k: str(v)[:500] for k, v in flatten(d).items()})
     mlflow.log_dict(d, name)
+
+
+@contextlib.contextmanager
+def relay_metrics(path: str | Path, run_id: str, interval_s: float = 1.0):
+    """While the body runs (a Ray Train fit), log to MLflow run ``run_id`` what rank 0 appends to
+    ``path`` (``distributed.RankZeroLogger``: one JSON line per call), every ``interval_s`` from a
+    thread, and what is left when the body ends.
+
+    How far it got is kept next to the file (``<path>.relayed``, a byte offset), so a rerun into the
+    same folder continues there and each line is logged once, barring an MLflow error between two
+    batches of one read (then those are logged again). A line that does not parse (a worker killed
+    mid-write, on storage without atomic appends) is skipped with a message on stderr.
+    """
+    relay = MetricsRelay(Path(path), run_id)
+    stop = threading.Event()
+
+    def tick():
+        while not stop.wait(interval_s):
+            try:
+                relay.drain()
+            except Exception as e:  # noqa: BLE001 - the tracking server may be back at the next tick
+                print(f"metrics relay: {type(e).__name__}: {e} (retrying)", file=sys.stderr)
+
+    thread = threading.Thread(target=tick, name="cwpo-metrics-relay", daemon=True)
+    thread.start()
+    failed = True
+    try:
+        yield relay
+        failed = False
+    finally:
+        stop.set()
+        thread.join()
+        try:
+            relay.drain()
+        except Exception as e:  # noqa: BLE001
+            if not failed:
+                raise
+            print(f"metrics relay: the last metrics were not logged: {type(e).__name__}: {e}", file=sys.stderr)
+
+
+class MetricsRelay:
+    """The JSON lines of ``path`` from the last relayed offset on, logged to MLflow run ``run_id``."""
+
+    MAX_PER_BATCH = 1000  # MLflow's limit of metrics per log_batch
+
+    def __init__(self, path: Path, run_id: str):
+        from mlflow.tracking import MlflowClient
+
+        self.path, self.run_id = path, run_id
+        self.mark = path.with_name(path.name + ".relayed")
+        self.offset = int(self.mark.read_text() or 0) if self.mark.exists() else 0
+        self.client = MlflowClient(tracking_uri())
+        self.lines = self.skipped = 0
+
+    def drain(self) -> int:
+        """Log the complete lines written since the last call; the number of metrics logged."""
+        from mlflow.entities import Metric
+
+        try:
+            with open(self.path, "rb") as f:
+                if f.seek(0, os.SEEK_END) < self.offset:
+                    self.offset = 0  # a new file in place of the one the mark was for
+                f.seek(self.offset)
+                data = f.read()
+        except FileNotFoundError:
+            return 0
+        end = data.rfind(b"\n") + 1  # a line still being written waits for the next call
+        metrics = []
+        for line in data[:end].splitlines():
+            try:
+                row = json.loads(line)
+                metrics += [Metric(k, float(v), int(row["timestamp"]), int(row["step"]))
+                            for k, v in row["metrics"].items()]
+                self.lines += 1
+            except (ValueError, KeyError, TypeError, AttributeError):
+                self.skipped += 1
+                print(f"metrics relay: skipped a line of {self.path} that does not parse: {line[:200]!r}",
+                      file=sys.stderr)
+        for i in range(0, len(metrics), self.MAX_PER_BATCH):
+            self.client.log_batch(self.run_id, metrics=metrics[i:i + self.MAX_PER_BATCH])
+        if end:
+            self.offset += end
+            self.mark.write_text(str(self.offset))
+        return len(metrics)

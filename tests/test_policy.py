@@ -539,6 +539,49 @@ def _curve(uri, run_id, key="loss"):
     return [(m.step, m.value) for m in sorted(history, key=lambda m: (m.step, m.timestamp))]
 
 
+def test_rank_zeros_metrics_reach_mlflow_while_training_runs_once_each_across_reruns(mlflow_server, tmp_path,
+                                                                                   capsys):
+    """What rank 0 logs (``RankZeroLogger``, a JSON line per call) the driver relays to MLflow while the
+    fit runs, with the worker's step and time; a rerun into the same folder does not log a line again;
+    a line that does not parse is skipped and said, not fatal; a line still being written waits."""
+    import time
+
+    from mlflow.tracking import MlflowClient
+
+    from cwpo_ray import tracking
+    from cwpo_ray.distributed import RankZeroLogger
+
+    client = MlflowClient(mlflow_server)
+    experiment = client.get_experiment_by_name("test-relay") or client.get_experiment(
+        client.create_experiment("test-relay"))
+    run_id = client.create_run(experiment.experiment_id).info.run_id
+    path = tmp_path / "metrics.jsonl"
+    rank0 = RankZeroLogger(str(path))
+    with tracking.relay_metrics(path, run_id, interval_s=0.2) as relay:
+        rank0.log_metrics({"loss": 0.5, "lr": 1e-3}, step=1)
+        deadline = time.monotonic() + 30
+        while not client.get_metric_history(run_id, "loss") and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _curve(mlflow_server, run_id) == [(1, 0.5)]  # logged while the body still runs
+        rank0.log_metrics({"loss": 0.25}, step=2)
+        with open(path, "a") as f:
+            f.write('{"step": 3, "timest\n')  # a worker killed mid-line, then restarted
+    assert _curve(mlflow_server, run_id) == [(1, 0.5), (2, 0.25)]  # the rest at the end
+    assert relay.lines == 2 and relay.skipped == 1 and "does not parse" in capsys.readouterr().err
+    written = json.loads(path.read_text().splitlines()[0])
+    (logged,) = [m for m in client.get_metric_history(run_id, "lr")]
+    assert logged.timestamp == written["timestamp"] and logged.step == 1
+
+    with open(path, "a") as f:
+        f.write('{"step": 4, "timestamp": 1, "metrics": {"loss": 0.1}}\n{"step": 5, "timesta')  # 5 unfinished
+    with tracking.relay_metrics(path, run_id, interval_s=60) as rerun:  # a rerun of the driver
+        pass
+    assert _curve(mlflow_server, run_id) == [(1, 0.5), (2, 0.25), (4, 0.1)]
+    assert (rerun.lines, rerun.skipped) == (1, 0)
+
+    assert RankZeroLogger("").path is None  # no file: logs nothing (as on ranks other than 0)
+
+
 @pytest.fixture(scope="module")
 def ddp_run(ray_cluster, mlflow_server, tiny_decoder, tmp_path_factory):
     """SFT then PO in one Ray Train run; the last worker is killed at PO's second step, when the
@@ -706,6 +749,31 @@ def test_cosine_schedule_gives_transformers_learning_rates(warmup, total):
     assert max(ours) > 0
 
 
+SAVE_IN_A_FRESH_PROCESS = """
+import sys
+import torch
+from accelerate.utils import other
+from transformers import AutoModelForCausalLM
+from cwpo_ray.models import save_pretrained
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1])
+probe = other.is_deepspeed_available
+save_pretrained(model, sys.argv[2])
+assert "deepspeed" not in sys.modules, "saving imported DeepSpeed"
+assert other.is_deepspeed_available is probe and probe()  # put back; DeepSpeed is installed
+saved = AutoModelForCausalLM.from_pretrained(sys.argv[2]).state_dict()
+assert all(torch.equal(saved[k], v) for k, v in model.state_dict().items())
+print("ok")
+"""
+
+
+def test_a_ddp_save_does_not_import_deepspeed(tiny_decoder, tmp_path):
+    """transformers' save_pretrained has accelerate test for a DeepSpeed engine, importing DeepSpeed
+    (2 s) in a process that never used it; models.save_pretrained skips that and saves the same folder."""
+    out = subprocess.run([sys.executable, "-c", SAVE_IN_A_FRESH_PROCESS, str(tiny_decoder), str(tmp_path / "saved")],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
+
+
 @pytest.mark.parametrize("lora", [False, True])
 def test_final_model_is_the_trained_module_and_loads_with_from_pretrained(tiny, tmp_path, lora):
     """The final save writes rank 0's trained module itself (LoRA merged in), not the start model
@@ -724,8 +792,8 @@ def test_final_model_is_the_trained_module_and_loads_with_from_pretrained(tiny, 
     cfg = load_config(train_policy.Config, flags=dict(data=str(tmp_path), model=source.path, out=str(tmp_path),
                                                        lora=lora, lora_r=4))
     job = train_policy.Job(cfg=cfg, mode="po", model_path=source.path, gguf_file=None, table="",
-                           save_to=str(tmp_path / "policy"), lr=0.1, warmup_steps=0, plan=None, run_id="",
-                           tracking_uri="", reference_table="")
+                           save_to=str(tmp_path / "policy"), lr=0.1, warmup_steps=0, plan=None,
+                           metrics_file="", reference_table="")
     model = train_policy._with_lora(fresh_model(source), cfg)
     engine = setup_engine(model, adamw([p for p in model.parameters() if p.requires_grad], 0.1, 0.0), None,
                           DistributedConfig(), micro_batch_size=1)

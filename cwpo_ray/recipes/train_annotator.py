@@ -281,7 +281,7 @@ def train_loop(config: dict) -> None:
     resumed = D.resume(engine)
     state = resumed or {"round": 0, "epoch": -1, "step": 0, "best_loss": float("inf"), "best_epoch": None,
                         "history": [], "oof": {}}
-    logger = D.RankZeroLogger(config["tracking_uri"], config["run_id"])
+    logger = D.RankZeroLogger(config["metrics_file"])
     if resumed:  # recorded, so a restart after a worker failure is visible in the run
         logger.log_metrics({"resumed_after_epoch": state["epoch"] + 1}, step=state["step"])
     total_epochs = sum(r.epochs for r in rounds) + (cfg.epochs if cfg.folds > 1 else 0)  # the refit at most
@@ -476,17 +476,19 @@ def run(cfg: Config) -> int:
         loop_config = {
             "cfg": cfg, "fingerprint": fingerprint(rows), "staging": str(staging),
             "rows_ref": ray.put(rows),
-            "tracking_uri": tracking.tracking_uri(), "run_id": run_.info.run_id,
+            # Rank 0's metrics, relayed to this run while training runs (tracking.relay_metrics).
+            "metrics_file": str(staging.with_name(staging.name + ".metrics.jsonl")),
         }
         try:
-            run_trainer(train_loop, loop_config, cfg, name=f"train-annotator-{uuid.uuid4().hex[:8]}",
-                        default_storage=str(out.parent / "ray"))
+            with tracking.relay_metrics(loop_config["metrics_file"], run_.info.run_id):
+                run_trainer(train_loop, loop_config, cfg, name=f"train-annotator-{uuid.uuid4().hex[:8]}",
+                            default_storage=str(out.parent / "ray"))
             report = calibrate(staging, cfg)
             with atomic_path(out) as tmp:
                 staging.rename(tmp)
         finally:
-            for leftover in (staging, staging.with_name(staging.name + ".tmp"),
-                             staging.with_name(staging.name + ".failed-once")):
+            for leftover in (staging, *(staging.with_name(staging.name + suffix) for suffix in (
+                    ".tmp", ".failed-once", ".metrics.jsonl", ".metrics.jsonl.relayed"))):
                 shutil.rmtree(leftover, ignore_errors=True) if leftover.is_dir() else leftover.unlink(missing_ok=True)
         log_results(out, report)
     best, cal = report["best"], report["calibration"]

@@ -15,6 +15,8 @@ Steps, all under --out DIR:
      (DIR/reference.parquet), so PO never holds a second model in memory; with
      --reference-cache, responses an earlier run scored from the same start are reused.
      -> DIR/policy (merged LoRA if --lora), loadable with AutoModelForCausalLM as is.
+  Per-step metrics: DIR/metrics.jsonl (rank 0, one JSON object a line), logged to the MLflow run
+     by the driver as they come.
   2 and 3 are one Ray Train run (one worker group, started once); a restarted group skips SFT
   once DIR/sft is saved, and each phase resumes only from its own checkpoints.
 
@@ -69,6 +71,8 @@ _IMPORT_START = time.time()
 from cwpo_ray.config import option  # noqa: E402
 from cwpo_ray.distributed import DistributedConfig  # noqa: E402
 from cwpo_ray.losses import LOSS_TYPES  # noqa: E402
+
+METRICS_FILE = "metrics.jsonl"  # rank 0's per-step metrics (one JSON object a line), relayed to MLflow
 
 EPILOG = """examples:
   cwpo train-policy --data runs/annotated.parquet --model smollm2-135m --out runs/cw-dpo
@@ -166,8 +170,7 @@ class Job:
     lr: float
     warmup_steps: int
     plan: "StepPlan"
-    run_id: str
-    tracking_uri: str
+    metrics_file: str         # rank 0's metrics, relayed to MLflow by the driver
     reference_table: str
 
     @property
@@ -208,7 +211,8 @@ def run(cfg: Config) -> int:
     out = Path(cfg.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     if not cfg.resume:
-        for stale in ("ray", "sft", "policy", "reference.parquet", "reference", "mlflow_run_id"):
+        for stale in ("ray", "sft", "policy", "reference.parquet", "reference", "mlflow_run_id", METRICS_FILE,
+                      METRICS_FILE + ".relayed"):
             _remove(out / stale)
     start = resolve_model(cfg.model, cfg.gguf_file)
     n_pairs = write_train_pairs(cfg, out / "train_pairs.parquet")
@@ -233,9 +237,9 @@ def run(cfg: Config) -> int:
         # holds a second model. Both phases run in one Ray Train run, on one worker group.
         jobs = []
         if cfg.sft_epochs > 0:
-            jobs.append(make_job(cfg, "sft", start, out / "train_pairs.parquet", out / "sft", n_pairs, *run_ids))
+            jobs.append(make_job(cfg, "sft", start, out / "train_pairs.parquet", out / "sft", n_pairs))
             start = ModelSource(str(out / "sft"))
-        jobs.append(make_job(cfg, "po", start, out / "train_pairs.parquet", out / "policy", n_pairs, *run_ids))
+        jobs.append(make_job(cfg, "po", start, out / "train_pairs.parquet", out / "policy", n_pairs))
         result = train_phases(cfg, jobs, *run_ids)
         stamps["stages_done"] = time.time()
     if not cfg.keep_checkpoints and not cfg.storage_path:
@@ -576,8 +580,7 @@ def reference_key(source, cfg: Settings) -> str:
 
 # ----------------------------------------------------------------------------- Ray Train
 
-def make_job(cfg: Config, mode: str, source, table: Path, save_to: Path, n_pairs: int, run_id: str,
-             tracking_uri: str) -> Job:
+def make_job(cfg: Config, mode: str, source, table: Path, save_to: Path, n_pairs: int) -> Job:
     """One phase (SFT or PO): its step plan and learning rate; the model is saved to ``save_to``."""
     epochs, lr = (cfg.sft_epochs, cfg.sft_lr) if mode == "sft" else (cfg.epochs, cfg.lr)
     plan = StepPlan(n_pairs, cfg.batch_size, cfg.num_workers, epochs, cfg.seed, cfg.max_steps, cfg.grad_accumulation)
@@ -587,7 +590,8 @@ def make_job(cfg: Config, mode: str, source, table: Path, save_to: Path, n_pairs
     if cfg.reference_cache:
         cfg = replace(cfg, reference_cache=str(Path(cfg.reference_cache).resolve()))  # workers may have another cwd
     return Job(cfg=cfg, mode=mode, model_path=source.path, gguf_file=source.gguf_file, table=str(table),
-               save_to=str(save_to), lr=lr, warmup_steps=warmup, plan=plan, run_id=run_id, tracking_uri=tracking_uri,
+               save_to=str(save_to), lr=lr, warmup_steps=warmup, plan=plan,
+               metrics_file=str(Path(cfg.out).resolve() / METRICS_FILE),
                reference_table=str(Path(cfg.out).resolve() / "reference.parquet"))
 
 
@@ -597,6 +601,7 @@ def train_phases(cfg: Config, jobs: list[Job], run_id: str, tracking_uri: str):
     One run rather than one per phase: a Ray Train run costs ~15 s to start here (controller, worker
     actors) and each worker ~10 s of imports (bench/RESULTS.md, fixed cost per stage), paid once.
     """
+    from cwpo_ray import tracking
     from cwpo_ray.distributed import run_trainer
 
     stamps = {"stage_start": time.time()}
@@ -605,7 +610,8 @@ def train_phases(cfg: Config, jobs: list[Job], run_id: str, tracking_uri: str):
     # Ray Train keys a run's checkpoints by name under the storage path: one name per output folder,
     # so stages sharing a storage_path (the pipeline's arms on s3://) never resume each other's.
     name = modes if not cfg.storage_path else f"{out.name}-{hashlib.sha256(str(out).encode()).hexdigest()[:8]}-{modes}"
-    result = run_trainer(train_loop, {"jobs": jobs}, cfg, name=name, default_storage=str(out / "ray"))
+    with tracking.relay_metrics(jobs[0].metrics_file, run_id):
+        result = run_trainer(train_loop, {"jobs": jobs}, cfg, name=name, default_storage=str(out / "ray"))
     # The start of the run is the first phase's fixed cost, its end the last's (cwpo_ray.stopwatch).
     _log_stamps(run_id, tracking_uri, jobs[0].mode, stamps)
     _log_stamps(run_id, tracking_uri, jobs[-1].mode, {"fit_done": time.time()})
@@ -746,7 +752,7 @@ def train_phase(job: Job, dist, stamps: dict) -> None:
         accumulation_steps=plan.accumulation)
     stamps["engine_ready"] = time.time()
     start = (resume(engine, job.mode) or {}).get("step", 0)
-    logger = RankZeroLogger(job.tracking_uri, job.run_id)
+    logger = RankZeroLogger(job.metrics_file)
     stamps["resumed"] = time.time()
     if job.mode == "po":
         t0 = time.perf_counter()
@@ -826,6 +832,7 @@ def save_final_model(engine, tokenizer, source, job: Job, rank: int) -> None:
     it in place (training is over), without loading the start model again. Under ZeRO-3 the
     module's weights are shards, so the gathered weights go into a fresh copy of the start model.
     """
+    from cwpo_ray.models import save_pretrained
     from cwpo_ray.tables import atomic_path
 
     if getattr(engine, "zero_stage", None) == 3:
@@ -840,7 +847,7 @@ def save_final_model(engine, tokenizer, source, job: Job, rank: int) -> None:
     if job.cfg.lora:
         model = model.merge_and_unload()
     with atomic_path(job.save_to) as tmp:
-        model.save_pretrained(tmp)
+        save_pretrained(model, tmp)
         tokenizer.save_pretrained(tmp)
 
 
