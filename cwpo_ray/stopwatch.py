@@ -28,7 +28,7 @@ STAGE_ITEMS = {
     "tokenizer": ("tokenizer load", "imports_done", "tokenizer_loaded"),
     "model_load": ("model load", "tokenizer_loaded", "model_loaded"),
     "engine": ("engine + optimizer setup", "model_loaded", "engine_ready"),
-    "resume": ("checkpoint lookup + MLflow client", "engine_ready", "resumed"),
+    "resume": ("checkpoint lookup", "engine_ready", "resumed"),
     "reference": ("reference pass (epoch)", "resumed", "reference_done"),
     "loop": ("training loop (epoch)", "reference_done", "loop_done"),
     "save": ("final save", "loop_done", "saved"),
