@@ -194,6 +194,16 @@ def local_cluster(local_cluster_starting, mlflow_script_server):
         yield env
     finally:
         subprocess.run(["bash", LOCAL_SH, "down"], env=env, capture_output=True, timeout=120)
+        # `down` stops every process of the cluster (raylets, agents, workers, the GCS) and nothing else.
+        left = [p for p in os.listdir("/proc") if p.isdigit() and _cmdline_names(p, state_dir)]
+        assert not left, f"processes of the cluster left after `local.sh down`: {left}"
+
+
+def _cmdline_names(pid: str, folder: str) -> bool:
+    try:
+        return folder.encode() in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:  # gone meanwhile
+        return False
 
 
 def _runtime_env(tmp_path: Path, mlflow_uri: str) -> Path:
