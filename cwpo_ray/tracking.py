@@ -102,11 +102,16 @@ def relay_metrics(path: str | Path, run_id: str, interval_s: float = 1.0):
     stop = threading.Event()
 
     def tick():
+        said = None
         while not stop.wait(interval_s):
             try:
                 relay.drain()
+                said = None
             except Exception as e:  # noqa: BLE001 - the tracking server may be back at the next tick
-                print(f"metrics relay: {type(e).__name__}: {e} (retrying)", file=sys.stderr)
+                message = f"metrics relay: {type(e).__name__}: {e} (retrying every {interval_s:g} s)"
+                if message != said:  # once per outage, not every second
+                    print(message, file=sys.stderr)
+                said = message
 
     thread = threading.Thread(target=tick, name="cwpo-metrics-relay", daemon=True)
     thread.start()

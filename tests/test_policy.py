@@ -582,6 +582,32 @@ def test_rank_zeros_metrics_reach_mlflow_while_training_runs_once_each_across_re
     assert RankZeroLogger("").path is None  # no file: logs nothing (as on ranks other than 0)
 
 
+def test_the_metrics_relay_waits_out_a_tracking_error_and_says_so_once(mlflow_server, tmp_path, capsys):
+    """The run refuses metrics for a while (deleted, then restored: an error from the real server at
+    every tick meanwhile): the relay says so once, training is not stopped, and once the run takes
+    metrics again every line is logged, once."""
+    import time
+
+    from mlflow.tracking import MlflowClient
+
+    from cwpo_ray import tracking
+    from cwpo_ray.distributed import RankZeroLogger
+
+    client = MlflowClient(mlflow_server)
+    experiment = client.get_experiment_by_name("test-relay") or client.get_experiment(
+        client.create_experiment("test-relay"))
+    run_id = client.create_run(experiment.experiment_id).info.run_id
+    path = tmp_path / "metrics.jsonl"
+    client.delete_run(run_id)
+    with tracking.relay_metrics(path, run_id, interval_s=0.2):
+        for step in (1, 2, 3):
+            RankZeroLogger(str(path)).log_metrics({"loss": 1.0 / step}, step=step)
+            time.sleep(0.5)  # two or three ticks each, all refused
+        assert capsys.readouterr().err.count("metrics relay:") == 1
+        client.restore_run(run_id)
+    assert _curve(mlflow_server, run_id) == [(1, 1.0), (2, 0.5), (3, 1.0 / 3)]
+
+
 @pytest.fixture(scope="module")
 def ddp_run(ray_cluster, mlflow_server, tiny_decoder, tmp_path_factory):
     """SFT then PO in one Ray Train run; the last worker is killed at PO's second step, when the
