@@ -157,20 +157,22 @@ class MetricsRelay:
         except FileNotFoundError:
             return 0
         end = data.rfind(b"\n") + 1  # a line still being written waits for the next call
-        metrics = []
+        metrics, bad = [], []
         for line in data[:end].splitlines():
             try:
                 row = json.loads(line)
                 metrics += [Metric(k, float(v), int(row["timestamp"]), int(row["step"]))
                             for k, v in row["metrics"].items()]
-                self.lines += 1
             except (ValueError, KeyError, TypeError, AttributeError):
-                self.skipped += 1
-                print(f"metrics relay: skipped a line of {self.path} that does not parse: {line[:200]!r}",
-                      file=sys.stderr)
+                bad.append(line)
         for i in range(0, len(metrics), self.MAX_PER_BATCH):
             self.client.log_batch(self.run_id, metrics=metrics[i:i + self.MAX_PER_BATCH])
+        for line in bad:  # said once: after a failed log_batch the same lines are read again
+            print(f"metrics relay: skipped a line of {self.path} that does not parse: {line[:200]!r}",
+                  file=sys.stderr)
         if end:
             self.offset += end
             self.mark.write_text(str(self.offset))
+        self.skipped += len(bad)
+        self.lines += data[:end].count(b"\n") - len(bad)
         return len(metrics)
