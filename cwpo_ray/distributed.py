@@ -105,7 +105,8 @@ def run_trainer(loop_fn: Callable[[dict], None], loop_config: dict, dist: Distri
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     env = {"DS_ACCELERATOR": "cuda" if dist.use_gpu else "cpu", "TOKENIZERS_PARALLELISM": "false",
            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
-    for key in ("MLFLOW_TRACKING_URI", "HF_HUB_OFFLINE", "PYTHONPATH", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"):
+    # No MLFLOW_TRACKING_URI: workers leave MLflow to the driver (RankZeroLogger).
+    for key in ("HF_HUB_OFFLINE", "PYTHONPATH", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"):
         if os.environ.get(key):
             env[key] = os.environ[key]
     if not dist.use_gpu:

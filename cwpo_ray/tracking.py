@@ -130,6 +130,12 @@ def relay_metrics(path: str | Path, run_id: str, interval_s: float = 1.0):
             print(f"metrics relay: the last metrics were not logged: {type(e).__name__}: {e}", file=sys.stderr)
 
 
+def relay_mark(path: str | Path) -> Path:
+    """Where ``relay_metrics`` keeps how far into ``path`` it has logged (a byte offset)."""
+    path = Path(path)
+    return path.with_name(path.name + ".relayed")
+
+
 class MetricsRelay:
     """The JSON lines of ``path`` from the last relayed offset on, logged to MLflow run ``run_id``."""
 
@@ -139,7 +145,7 @@ class MetricsRelay:
         from mlflow.tracking import MlflowClient
 
         self.path, self.run_id = path, run_id
-        self.mark = path.with_name(path.name + ".relayed")
+        self.mark = relay_mark(path)
         self.offset = int(self.mark.read_text() or 0) if self.mark.exists() else 0
         self.client = MlflowClient(tracking_uri())
         self.lines = self.skipped = 0

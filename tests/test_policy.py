@@ -539,6 +539,13 @@ def _curve(uri, run_id, key="loss"):
     return [(m.step, m.value) for m in sorted(history, key=lambda m: (m.step, m.timestamp))]
 
 
+def _new_run(client) -> str:
+    """A new run in the relay tests' experiment on the tests' MLflow server; its id."""
+    experiment = client.get_experiment_by_name("test-relay") or client.get_experiment(
+        client.create_experiment("test-relay"))
+    return client.create_run(experiment.experiment_id).info.run_id
+
+
 def test_rank_zeros_metrics_reach_mlflow_while_training_runs_once_each_across_reruns(mlflow_server, tmp_path,
                                                                                    capsys):
     """What rank 0 logs (``RankZeroLogger``, a JSON line per call) the driver relays to MLflow while the
@@ -552,9 +559,7 @@ def test_rank_zeros_metrics_reach_mlflow_while_training_runs_once_each_across_re
     from cwpo_ray.distributed import RankZeroLogger
 
     client = MlflowClient(mlflow_server)
-    experiment = client.get_experiment_by_name("test-relay") or client.get_experiment(
-        client.create_experiment("test-relay"))
-    run_id = client.create_run(experiment.experiment_id).info.run_id
+    run_id = _new_run(client)
     path = tmp_path / "metrics.jsonl"
     rank0 = RankZeroLogger(str(path))
     with tracking.relay_metrics(path, run_id, interval_s=0.2) as relay:
@@ -594,9 +599,7 @@ def test_the_metrics_relay_waits_out_a_tracking_error_and_says_so_once(mlflow_se
     from cwpo_ray.distributed import RankZeroLogger
 
     client = MlflowClient(mlflow_server)
-    experiment = client.get_experiment_by_name("test-relay") or client.get_experiment(
-        client.create_experiment("test-relay"))
-    run_id = client.create_run(experiment.experiment_id).info.run_id
+    run_id = _new_run(client)
     path = tmp_path / "metrics.jsonl"
     client.delete_run(run_id)
     with tracking.relay_metrics(path, run_id, interval_s=0.2):

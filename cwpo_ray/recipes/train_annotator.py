@@ -469,6 +469,7 @@ def run(cfg: Config) -> int:
               f"cross-validation, then trained on all; {cfg.num_workers} {cfg.strategy} workers")
     out = Path(cfg.out).resolve()
     staging = out.parent / f".{out.name}.staging-{uuid.uuid4().hex[:8]}"
+    metrics_file = staging.with_name(staging.name + ".metrics.jsonl")  # rank 0's, relayed to the run
     init_ray(meanwhile=functools.partial(prepare_train_driver, cfg.experiment))
     with tracking.start_run(cfg.experiment, cfg.run_name, parent_run_id=cfg.parent_run_id or None,
                             tags={"stage": "train-annotator"}) as run_:
@@ -476,19 +477,19 @@ def run(cfg: Config) -> int:
         loop_config = {
             "cfg": cfg, "fingerprint": fingerprint(rows), "staging": str(staging),
             "rows_ref": ray.put(rows),
-            # Rank 0's metrics, relayed to this run while training runs (tracking.relay_metrics).
-            "metrics_file": str(staging.with_name(staging.name + ".metrics.jsonl")),
+            "metrics_file": str(metrics_file),
         }
         try:
-            with tracking.relay_metrics(loop_config["metrics_file"], run_.info.run_id):
+            with tracking.relay_metrics(metrics_file, run_.info.run_id):
                 run_trainer(train_loop, loop_config, cfg, name=f"train-annotator-{uuid.uuid4().hex[:8]}",
                             default_storage=str(out.parent / "ray"))
             report = calibrate(staging, cfg)
             with atomic_path(out) as tmp:
                 staging.rename(tmp)
         finally:
-            for leftover in (staging, *(staging.with_name(staging.name + suffix) for suffix in (
-                    ".tmp", ".failed-once", ".metrics.jsonl", ".metrics.jsonl.relayed"))):
+            for leftover in (staging, staging.with_name(staging.name + ".tmp"),
+                             staging.with_name(staging.name + ".failed-once"), metrics_file,
+                             tracking.relay_mark(metrics_file)):
                 shutil.rmtree(leftover, ignore_errors=True) if leftover.is_dir() else leftover.unlink(missing_ok=True)
         log_results(out, report)
     best, cal = report["best"], report["calibration"]

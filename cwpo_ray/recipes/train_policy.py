@@ -211,9 +211,9 @@ def run(cfg: Config) -> int:
     out = Path(cfg.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     if not cfg.resume:
-        for stale in ("ray", "sft", "policy", "reference.parquet", "reference", "mlflow_run_id", METRICS_FILE,
-                      METRICS_FILE + ".relayed"):
+        for stale in ("ray", "sft", "policy", "reference.parquet", "reference", "mlflow_run_id", METRICS_FILE):
             _remove(out / stale)
+        _remove(tracking.relay_mark(out / METRICS_FILE))
     start = resolve_model(cfg.model, cfg.gguf_file)
     n_pairs = write_train_pairs(cfg, out / "train_pairs.parquet")
     stamps["pairs_written"] = time.time()
