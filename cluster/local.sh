@@ -131,16 +131,19 @@ cmd_up() {
   export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH="$DIR/auth_token"
   unset RAY_AUTH_TOKEN RAY_ADDRESS
 
-  read -r gcs dash client <<<"$(free_ports 3)"
+  # Every port of every node from one call: ports probed in separate calls are free when probed and
+  # may come back twice (the head's dashboard port was once handed to a node's agent too).
+  local ports; read -r -a ports <<<"$(free_ports $((3 + 4 * (workers + 1))))"
+  local gcs=${ports[0]} dash=${ports[1]} client=${ports[2]}
   local common=(--node-ip-address=127.0.0.1 --num-cpus="$cpus" --num-gpus=0
                 --object-store-memory="$store" --disable-usage-stats)
   # Per-node agent ports: the defaults (52365, ...) would collide between nodes on one machine.
-  node_ports() { read -r a g r m <<<"$(free_ports 4)"
+  node_ports() { local k=$((3 + 4 * $1)); local a=${ports[k]} g=${ports[k + 1]} r=${ports[k + 2]} m=${ports[k + 3]}
     echo "--dashboard-agent-listen-port=$a --dashboard-agent-grpc-port=$g --runtime-env-agent-port=$r --metrics-export-port=$m"; }
 
   # shellcheck disable=SC2046
   start_node "$DIR/head.log" --head --port="$gcs" --include-dashboard=true --dashboard-host=127.0.0.1 \
-    --dashboard-port="$dash" --ray-client-server-port="$client" --temp-dir="$DIR/ray" "${common[@]}" $(node_ports) \
+    --dashboard-port="$dash" --ray-client-server-port="$client" --temp-dir="$DIR/ray" "${common[@]}" $(node_ports 0) \
     2>/dev/null || grep -q "timed out during startup" "$DIR/head.log" \
     || { cat "$DIR/head.log" >&2; cmd_down >/dev/null 2>&1 || true; die "the head node did not start (log above)"; }
   # `ray start` gives a raylet 30 s to register with the GCS and then reports failure, but leaves
@@ -153,7 +156,7 @@ cmd_up() {
     # runtime_resources/, and a node's agent deleting its unused copy of a job's working_dir
     # would pull it from under a driver still running in it on the other node.
     start_worker "$DIR/worker-$i.log" --address="127.0.0.1:$gcs" --temp-dir="$DIR/ray-w$i" "${common[@]}" \
-      $(node_ports) 2>/dev/null \
+      $(node_ports "$i") 2>/dev/null \
       || grep -q "timed out during startup" "$DIR/worker-$i.log" \
       || { cat "$DIR/worker-$i.log" >&2; cmd_down >/dev/null 2>&1 || true; die "worker node $i did not start (log above)"; }
   done
@@ -184,6 +187,15 @@ print(alive)
 PYEOF
 )"
   alive="${alive##*$'\n'}"
+  # ...and until `ray status` shows them: it prints what Ray's autoscaler monitor last wrote, which
+  # lists a node some seconds after the node registered (the monitor's update period).
+  local shown=0 t0=$SECONDS
+  while [ "$alive" = "$((workers + 1))" ] && [ $((SECONDS - t0)) -lt 60 ]; do
+    shown="$("$RAY" status --address="127.0.0.1:$gcs" 2>/dev/null | grep -oE '\bnode_[0-9a-f]+' | sort -u | wc -l)"
+    [ "$shown" -ge "$alive" ] && break
+    sleep 1
+  done
+  [ "$alive" != "$((workers + 1))" ] || [ "$shown" -ge "$alive" ] || alive="$shown (in \`ray status\`)"
   if [ "$alive" != "$((workers + 1))" ]; then
     for ((i = 1; i <= workers; i++)); do tail -n 5 "$DIR/worker-$i.log" >&2 || true; done
     cmd_down >/dev/null 2>&1 || true
