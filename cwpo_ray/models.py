@@ -80,6 +80,27 @@ def load_causal_lm(source: ModelSource, dtype=None):
     return plain_weights(model)
 
 
+def stored_parameter_count(source: ModelSource) -> int:
+    """Parameters in a local model's weight files, from their headers alone (no weights read, no
+    transformers import): safetensors' JSON header or GGUF's tensor table. 0 for a hub id or other formats."""
+    import json
+    import math
+
+    folder = Path(source.path)
+    if source.gguf_file:
+        if not (folder / source.gguf_file).is_file():
+            return 0
+        from gguf import GGUFReader
+
+        return sum(int(t.n_elements) for t in GGUFReader(folder / source.gguf_file).tensors)
+    total = 0
+    for file in folder.glob("*.safetensors") if folder.is_dir() else []:
+        with open(file, "rb") as f:
+            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+        total += sum(math.prod(t["shape"]) for k, t in header.items() if k != "__metadata__")
+    return total
+
+
 def load_backbone(source: ModelSource, dtype=None):
     """The bare transformer (no LM head): hidden states for a reward head to read."""
     import torch

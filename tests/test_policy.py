@@ -923,3 +923,47 @@ def test_own_trainable_weights_copies_trainable_tensors_with_equal_values(tiny_d
         ptr, value = before[n]
         assert torch.equal(p.detach(), value), n
         assert (p.data_ptr() != ptr) == p.requires_grad, n  # frozen weights stay where they are
+
+
+_PREFAULT_PROBE = """
+import resource, torch
+from cwpo_ray.distributed import prefault_heap
+thread = prefault_heap(lambda: 256 * 2**20)
+if thread is not None:
+    thread.join()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+block = torch.ones(200 * 2**20, dtype=torch.uint8)  # a first step's new tensors
+print(thread is not None, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.parametrize("keeps_freed_memory", [True, False])
+def test_prefaulted_heap_takes_the_first_steps_tensors_without_page_faults(keeps_freed_memory):
+    """Under the CPU workers' glibc settings the prefault's freed block stays in the heap and the next
+    200 MB land on its pages (few faults instead of one per 4 KB page); with glibc's defaults
+    nothing is prefaulted (it would go straight back to the kernel)."""
+    from cwpo_ray.distributed import CPU_WORKER_MALLOC
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    if keeps_freed_memory:
+        env.update(CPU_WORKER_MALLOC)
+    out = subprocess.run([sys.executable, "-c", _PREFAULT_PROBE], env={**env, "PYTHONPATH": str(REPO)},
+                         capture_output=True, text=True, check=True).stdout.split()
+    prefaulted, faults = out[0] == "True", int(out[1])
+    pages = 200 * 2**20 // 4096
+    assert prefaulted == keeps_freed_memory
+    assert (faults < pages // 20) if keeps_freed_memory else (faults > pages // 2), faults
+
+
+def test_stored_parameter_count_reads_file_headers_only(tiny_decoder):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from cwpo_ray.models import resolve_model, stored_parameter_count
+
+    loaded = load_causal_lm(ModelSource(str(tiny_decoder)))
+    assert stored_parameter_count(ModelSource(str(tiny_decoder))) == sum(p.numel() for p in loaded.parameters())
+    gguf = resolve_model("smollm2-135m")  # quantized blocks: counted as weights, not bytes
+    with torch.device("meta"):
+        meta = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(gguf.path, **gguf.kwargs()))
+    assert stored_parameter_count(gguf) == sum(p.numel() for p in meta.parameters())
+    assert stored_parameter_count(ModelSource("some-org/some-hub-model")) == 0
