@@ -74,12 +74,12 @@ def prefault_heap(nbytes: Callable[[], int], workers: int = 1) -> threading.Thre
     A fresh CPU worker's first steps fault in their gradients, AdamW state and activations page by
     page (~2.2 GB, 560k faults, for SmolLM2-135M), and on a VM whose host takes freed guest memory
     back each fault costs several times a warm one: there a SmolLM2-135M epoch (reference pass and 8
-    steps) took 18.7 s instead of 15.0 s, and the command 1.1 s longer (bench/RESULTS.md). Under ``CPU_WORKER_MALLOC`` (in this process's environment,
-    as run_trainer sets it for CPU workers) glibc keeps the freed block, and those tensors later land
-    on pages already there. The caller runs this beside its start-up (the tokenizer and model
-    loads), which leaves a core idle. ``nbytes`` is computed on the thread too (it may read file
-    headers); at most half the available memory, shared by ``workers`` (those that may run here
-    at once) is touched.
+    steps) took 18.7 s instead of 15.0 s, and the command 1.1 s longer (bench/RESULTS.md). Under
+    ``CPU_WORKER_MALLOC`` (in this process's environment, as run_trainer sets it for CPU workers)
+    glibc keeps the freed block, and those tensors later land on pages already there. The caller
+    runs this beside its start-up (the tokenizer and model loads), which leaves a core idle.
+    ``nbytes`` is computed on the thread too (it may read file headers); at most half the available
+    memory, shared by ``workers`` (those that may run here at once), is touched.
     """
     if os.environ.get("MALLOC_MMAP_MAX_") != "0" or int(os.environ.get("MALLOC_TRIM_THRESHOLD_") or 0) < 2**30:
         return None
