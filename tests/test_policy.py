@@ -89,6 +89,51 @@ def test_sequence_logps_sum_response_tokens_only(tiny):
                for i in range(3))
 
 
+def test_label_logps_equal_log_softmax_in_value_and_gradient():
+    """The written-out backward against autograd's log_softmax, with rows read twice (a prompt's last
+    token predicts the first token of both responses) and rows not read at all."""
+    torch.manual_seed(0)
+    logits = (4 * torch.randn(6, 50, dtype=torch.float64)).requires_grad_()
+    rows, labels = torch.tensor([0, 2, 2, 3, 5, 0]), torch.tensor([7, 1, 49, 1, 0, 7])
+    weights = torch.linspace(-1.0, 2.0, 6, dtype=torch.float64)
+    got = logprobs.label_logps(logits, rows, labels)
+    (got * weights).sum().backward()
+    grad, logits.grad = logits.grad, None
+    expected = logits.log_softmax(-1)[rows, labels]
+    (expected * weights).sum().backward()
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
+    torch.testing.assert_close(grad, logits.grad, rtol=0, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda x: logprobs.label_logps(x, rows, labels), (logits.detach().requires_grad_(),))
+
+
+def test_clipping_inside_a_fused_step_equals_clip_grad_norm_then_step():
+    """step_with_clipping hands the clip coefficient to the fused AdamW kernel (its grad_scale):
+    the same parameters as clip_grad_norm_ + step, clipped or not, and the optimizer left as it was."""
+    import copy
+
+    from cwpo_ray.distributed import adamw, step_with_clipping
+
+    torch.manual_seed(0)
+    for max_norm, fused in ((0.05, True), (100.0, True), (0.05, False)):
+        plain = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4))
+        ours = copy.deepcopy(plain)
+        make = adamw if fused else (lambda params, lr, wd: torch.optim.AdamW(params, lr=lr, weight_decay=wd))
+        opt_plain, opt_ours = make(list(plain.parameters()), 1e-2, 0.05), make(list(ours.parameters()), 1e-2, 0.05)
+        norms = []
+        for _ in range(4):
+            x = torch.randn(8, 16)
+            for model in (plain, ours):
+                model(x).pow(2).sum().backward()
+            norms.append(float(torch.nn.utils.clip_grad_norm_(plain.parameters(), max_norm)))
+            opt_plain.step()
+            step_with_clipping(opt_ours, ours.parameters(), max_norm)
+            opt_plain.zero_grad(), opt_ours.zero_grad()
+        assert (min(norms) > max_norm) if max_norm < 1 else (max(norms) < max_norm)  # clipped every step, or never
+        for a, b in zip(plain.parameters(), ours.parameters()):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+        assert not hasattr(opt_ours, "grad_scale")
+
+
 def test_lm_head_runs_only_where_a_response_token_is_predicted(tiny):
     """Packed rows put later segments' prompts between responses: the LM head (a vocabulary-wide
     matmul) sees only the positions that predict a response token, and a model without
