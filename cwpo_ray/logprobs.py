@@ -245,10 +245,39 @@ def _response_logps(model, ids, attention, positions, seq_rows, pred, labels, la
         raise ValueError(f"{type(_innermost(model)).__name__} did not return one row of logits per kept "
                          f"position (logits_to_keep as a boolean mask); got shape {tuple(logits.shape)}")
     logits = logits.float()
-    at = (keep.flatten().cumsum(0) - 1).view_as(keep)[rows, pred].clamp(min=0)  # row of each read in `logits`
-    token_logps = logits[at, labels] - torch.logsumexp(logits, dim=-1)[at]
-    token_logps = torch.where(label_mask, token_logps, torch.zeros_like(token_logps))
-    return token_logps.sum(-1), label_mask.sum(-1)
+    at = (keep.flatten().cumsum(0) - 1).view_as(keep)[rows, pred]  # row of each read in `logits`
+    # One value per read; a row can be read twice (the last token of a prompt shared by the chosen
+    # and the rejected response predicts the first token of each).
+    reads = label_logps(logits, at[label_mask], labels[label_mask])
+    sequence = torch.arange(labels.shape[0], device=device).unsqueeze(1).expand_as(labels)[label_mask]
+    logps = torch.zeros(labels.shape[0], dtype=reads.dtype, device=device).index_add(0, sequence, reads)
+    return logps, label_mask.sum(-1)
+
+
+class _LabelLogps(torch.autograd.Function):
+    """log_softmax(logits)[rows, labels] with a backward written out: autograd's own (logsumexp's,
+    then the index's) allocates four vocabulary-wide tensors and adds two of them; this one
+    allocates one (softmax, scaled in place): 36 instead of 65 ms per SmolLM2 step on 2 CPU cores."""
+
+    @staticmethod
+    def forward(ctx, logits, rows, labels):
+        lse = torch.logsumexp(logits, dim=-1)
+        ctx.save_for_backward(logits, rows, labels)
+        return logits[rows, labels] - lse[rows]
+
+    @staticmethod
+    def backward(ctx, grad):
+        logits, rows, labels = ctx.saved_tensors
+        per_row = torch.zeros(logits.shape[0], dtype=grad.dtype, device=grad.device).index_add_(0, rows, grad)
+        grad_logits = torch.softmax(logits, dim=-1).mul_(-per_row.unsqueeze(1))  # d(-logsumexp)
+        grad_logits.index_put_((rows, labels), grad, accumulate=True)  # d(the label's logit)
+        return grad_logits, None, None
+
+
+def label_logps(logits: torch.Tensor, rows: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``log_softmax(logits, -1)[rows, labels]`` (one value per read) without the
+    vocabulary-wide log-softmax: logsumexp forward, a one-allocation backward."""
+    return _LabelLogps.apply(logits, rows, labels)
 
 
 def _mask_for(model, mask: torch.Tensor) -> torch.Tensor:
