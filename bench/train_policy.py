@@ -13,7 +13,8 @@ e.g. `pip install --no-deps --target /work/bench-trl trl` and run with
 PYTHONPATH=/work/bench-trl. Prints a Markdown table (and JSON with --json FILE).
 
 Timings: "ours epoch" is the PO loop's logged wall time (steps, metric all-reduce, MLflow logging,
-checkpoints) plus the logged time of the one reference pass; "ours wall" is
+checkpoints) plus the logged time of the one reference pass (at our default `--ref-batch-size`,
+as a user runs it; TRL's precompute pass at the train batch size, 8, its default); "ours wall" is
 the whole `run(cfg)`, Ray start-up and model loading included. "TRL epoch" is
 `trainer.train()`'s train_runtime (it computes the reference forward inside each step);
 "TRL wall" adds trainer construction (tokenization, model copy for the reference).
@@ -87,7 +88,7 @@ def run_ours(spec: str, pairs_path: Path, out: Path, args, batch: int, n_pairs: 
         data=str(pairs_path), model=spec, out=str(out), loss="dpo", weighting="none", sft_epochs=0, epochs=1,
         lr=args.lr, warmup_steps=0, batch_size=batch, max_length=args.max_length,
         max_prompt_length=args.max_length // 2, num_workers=1, strategy="ddp", cpus_per_worker=float(os.cpu_count()),
-        checkpoint_every=10**6, max_failures=0, progress=False, experiment="bench-train-policy", ref_batch_size=batch,
+        checkpoint_every=10**6, max_failures=0, progress=False, experiment="bench-train-policy",
         chat_template=False))  # TRL gets plain-text prompts too
     t0 = time.perf_counter()
     train_policy.run(cfg)
