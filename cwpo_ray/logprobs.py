@@ -249,7 +249,7 @@ def _response_logps(model, ids, attention, positions, seq_rows, pred, labels, la
     # One value per read; a row can be read twice (the last token of a prompt shared by the chosen
     # and the rejected response predicts the first token of each).
     reads = label_logps(logits, at[label_mask], labels[label_mask])
-    sequence = torch.arange(labels.shape[0], device=device).unsqueeze(1).expand_as(labels)[label_mask]
+    sequence = label_mask.nonzero(as_tuple=True)[0]  # the sequence of each read, in the reads' order
     logps = torch.zeros(labels.shape[0], dtype=reads.dtype, device=device).index_add(0, sequence, reads)
     return logps, label_mask.sum(-1)
 
