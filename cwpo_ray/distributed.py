@@ -81,14 +81,15 @@ def prefault_heap(nbytes: Callable[[], int], workers: int = 1) -> threading.Thre
     ``nbytes`` is computed on the thread too (it may read file headers); at most half the available
     memory, shared by ``workers`` (those that may run here at once), is touched.
     """
-    if os.environ.get("MALLOC_MMAP_MAX_") != "0" or int(os.environ.get("MALLOC_TRIM_THRESHOLD_") or 0) < 2**30:
+    kept = int(os.environ.get("MALLOC_TRIM_THRESHOLD_") or 0)  # what glibc keeps of a freed heap top
+    if os.environ.get("MALLOC_MMAP_MAX_") != "0" or kept < 2**30:
         return None
 
     def touch():
         import ctypes
 
         try:
-            size = min(nbytes(), int(os.environ["MALLOC_TRIM_THRESHOLD_"]), _available_memory() // (2 * workers))
+            size = min(nbytes(), kept, _available_memory() // (2 * workers))
         except Exception:  # noqa: BLE001 - only a speed-up: the model load reports what is wrong with the files
             return
         if size < 2**20:
