@@ -89,7 +89,9 @@ def run_ours(spec: str, pairs_path: Path, out: Path, args, batch: int, n_pairs: 
         lr=args.lr, warmup_steps=0, batch_size=batch, max_length=args.max_length,
         max_prompt_length=args.max_length // 2, num_workers=1, strategy="ddp", cpus_per_worker=float(os.cpu_count()),
         checkpoint_every=10**6, max_failures=0, progress=False, experiment="bench-train-policy",
-        chat_template=False))  # TRL gets plain-text prompts too
+        chat_template=False,  # TRL gets plain-text prompts too
+        packing=args.packing, gradient_checkpointing=args.gradient_checkpointing,
+        mixed_precision=args.mixed_precision))
     t0 = time.perf_counter()
     train_policy.run(cfg)
     wall = time.perf_counter() - t0
@@ -102,8 +104,7 @@ def run_ours(spec: str, pairs_path: Path, out: Path, args, batch: int, n_pairs: 
     losses = sorted(client.get_metric_history(run_id, "loss"), key=lambda m: m.step)
     loop_s = client.get_metric_history(run_id, "loop_seconds")[-1].value
     ref_s = client.get_metric_history(run_id, "reference/seconds")[0].value
-    fixed = {k[len("fixed/"):]: v for k, v in client.get_run(run_id).data.metrics.items() if k.startswith("fixed/")}
-    return {"epoch_s": loop_s + ref_s, "loop_s": loop_s, "ref_s": ref_s, "wall_s": wall, "fixed": fixed,
+    return {"epoch_s": loop_s + ref_s, "loop_s": loop_s, "ref_s": ref_s, "wall_s": wall,
             "mean_loss": sum(m.value for m in losses) / len(losses), "final_loss": losses[-1].value,
             "steps": len(losses), "pairs": n_pairs, "losses": [m.value for m in losses]}
 
@@ -234,30 +235,6 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def fixed_table(results: list[dict]) -> str:
-    """Our runs' seconds per fixed-cost item (train-policy's ``fixed/...`` metrics, cwpo_ray.stopwatch),
-    each repeat and the median, and wall - epoch."""
-    from statistics import median
-
-    from cwpo_ray.stopwatch import RUN_ITEMS, STAGE_ITEMS, label
-
-    ours = [r for r in results if r.get("fixed")]
-    if not ours:
-        return ""
-    lines = ["| item | " + " | ".join(f"{r['model']} #{i + 1}" for i, r in enumerate(ours)) + " | median |",
-             "|---" * (len(ours) + 2) + "|"]
-    keys = [k for k in RUN_ITEMS if k != "mlflow_end"] + [f"po/{k}" for k in STAGE_ITEMS] + ["mlflow_end"]
-    for key in keys:
-        values = [r["fixed"].get(key, float("nan")) for r in ours]
-        lines.append(f"| {label(key.split('/')[-1])} | " + " | ".join(f"{v:.2f}" for v in values)
-                     + f" | {median(values):.2f} |")
-    for name, fn in (("wall s", lambda r: r["wall_s"]), ("epoch s", lambda r: r["epoch_s"]),
-                     ("**wall - epoch s**", lambda r: r["wall_s"] - r["epoch_s"])):
-        values = [fn(r) for r in ours]
-        lines.append(f"| {name} | " + " | ".join(f"{v:.2f}" for v in values) + f" | {median(values):.2f} |")
-    return "\n".join(lines)
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", default="tiny,smollm2-135m")
@@ -269,7 +246,10 @@ def main() -> int:
     p.add_argument("--lr", type=float, default=5e-6)
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--trl-precompute", action="store_true", help="also time TRL with precompute_ref_log_probs")
-    p.add_argument("--no-trl", action="store_true", help="time only our trainer (its fixed costs need no TRL)")
+    p.add_argument("--no-trl", action="store_true", help="time only our trainer")
+    p.add_argument("--packing", default="auto", help="our train-policy's --packing (shared_prefix, separate, auto)")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="our train-policy with gradient checkpointing")
+    p.add_argument("--mixed-precision", default="auto", help="our train-policy's --mixed-precision")
     p.add_argument("--fresh-ray", action="store_true", help="stop Ray after each of our runs (each pays ray.init)")
     p.add_argument("--json", default="")
     args = p.parse_args()
@@ -283,7 +263,6 @@ def main() -> int:
             print(table(results), flush=True)
     print("\n" + table(results))
     print("\nRatios (epoch seconds; TRL precompute counted with its reference pass):\n" + ratios(results))
-    print("\nFixed costs of our runs (seconds; cwpo_ray.stopwatch):\n" + fixed_table(results))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     return 0

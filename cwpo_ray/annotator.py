@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from cwpo_ray.losses import confidence
-from cwpo_ray.models import ModelSource, is_encoder, load_backbone, load_tokenizer, plain_weights, save_pretrained
+from cwpo_ray.models import ModelSource, is_encoder, load_backbone, load_tokenizer, plain_weights
 
 POOLINGS = ("last", "first", "mean")
 HF_POOLING = "hf"  # scored by a transformers sequence-classification class's own pooling
@@ -421,14 +421,14 @@ def save_annotator(annotator: Annotator, folder: str | Path, state_dict: dict | 
         if missing:
             raise ValueError(f"state dict lacks {sorted(missing)[:5]}")
         model.hf.config.num_labels = 1
-        save_pretrained(model.hf, folder, state_dict=hf_sd)
+        model.hf.save_pretrained(folder, state_dict=hf_sd)
         (folder / HEAD_FILE).unlink(missing_ok=True)  # a stale head from an older save would mislead
     else:
         backbone_sd = {k[len("backbone."):]: v for k, v in state_dict.items() if k.startswith("backbone.")}
         head_sd = {k[len("head."):]: v.detach().cpu() for k, v in state_dict.items() if k.startswith("head.")}
         if set(head_sd) != {"weight", "bias"}:
             raise ValueError(f"state dict has no complete reward head (head keys: {sorted(head_sd)})")
-        save_pretrained(model.backbone, folder, state_dict=backbone_sd)
+        model.backbone.save_pretrained(folder, state_dict=backbone_sd)
         # The head is saved explicitly: reward heads get lost or re-initialized otherwise (a known failure under LoRA and ZeRO-3 elsewhere).
         torch.save(head_sd, folder / HEAD_FILE)
     annotator.tokenizer.save_pretrained(folder)

@@ -13,8 +13,8 @@ import json
 import os
 import shutil
 import tempfile
-import threading
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Callable
@@ -24,11 +24,13 @@ import torch
 from cwpo_ray.config import option
 
 STRATEGIES = ("ddp", "deepspeed")
+MIXED_PRECISIONS = ("auto", "bf16", "fp16", "no")
 
 
 @dataclass
 class DistributedConfig:
-    """How a Ray Train stage is placed; train-annotator's and train-policy's settings inherit it."""
+    """How a Ray Train stage is placed and how its model trains (precision, activation memory);
+    train-annotator's and train-policy's settings inherit it."""
 
     # One worker by default: it runs on any machine, a laptop included; on a cluster set it to the
     # GPUs (or CPU slots) a stage should use.
@@ -38,7 +40,12 @@ class DistributedConfig:
     strategy: str = option("ddp", "ddp or deepspeed", choices=STRATEGIES)
     zero_stage: int = option(2, "DeepSpeed ZeRO stage 0-3")
     offload_optimizer: bool = option(False, "DeepSpeed: keep optimizer state on the CPU")
-    use_gpu: bool = option(False, "one GPU per worker; bf16 under DeepSpeed")
+    use_gpu: bool = option(False, "one GPU per worker")
+    mixed_precision: str = option("auto", "bf16 or fp16 autocast over fp32 master weights (fp16 with a loss "
+                                          "scaler), or no (fp32); auto: bf16 on GPUs that support it, else fp32",
+                                  choices=MIXED_PRECISIONS)
+    gradient_checkpointing: bool = option(False, "recompute activations in the backward pass instead of keeping "
+                                                 "them: less memory for about a third more compute")
     cpus_per_worker: float = option(1.0, "CPUs reserved per worker (also its torch threads on CPU)")
     max_failures: int = option(2, "worker failures to recover from (from the last checkpoint)")
     storage_path: str = option("", "where Ray Train keeps checkpoints: a folder or s3:// / gs:// URI "
@@ -51,6 +58,9 @@ class DistributedConfig:
             raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
         if self.zero_stage not in (0, 1, 2, 3):
             raise ValueError(f"zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
+        if self.mixed_precision not in MIXED_PRECISIONS:
+            raise ValueError(f"mixed_precision must be one of {', '.join(MIXED_PRECISIONS)}, "
+                             f"got {self.mixed_precision!r}")
 
     def placement(self) -> "DistributedConfig":
         """Just these fields (a stage's config inherits them), for the train loop."""
@@ -63,56 +73,9 @@ class DistributedConfig:
 # that went back can cost several times a warm one. Measured in a Ray Train worker, 8 SmolLM2-135M
 # steps: 17.5 s (8.4 s of it kernel time) -> 13.7 s, and 13.9 -> 11.8 s for the next 8
 # (bench/RESULTS.md). One arena, no separately mapped blocks, no trimming: freed memory is reused,
-# and the worker's RSS stays at its peak instead of following each step. GPU workers keep the default.
+# and the worker's RSS stays at its peak instead of following each step. GPU workers keep the default
+# (their step's memory is on the device). The one place these are set; the driver's values win.
 CPU_WORKER_MALLOC = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**34)}
-
-
-def prefault_heap(nbytes: Callable[[], int], workers: int = 1) -> threading.Thread | None:
-    """Write ``nbytes()`` bytes of new heap on a background thread and free them again; None when
-    this process's glibc would not keep them.
-
-    A fresh CPU worker's first steps fault in their gradients, AdamW state and activations page by
-    page (~2.2 GB, 560k faults, for SmolLM2-135M), and on a VM whose host takes freed guest memory
-    back each fault costs several times a warm one: there a SmolLM2-135M epoch (reference pass and 8
-    steps) took 18.7 s instead of 15.0 s, and the command 1.1 s longer (bench/RESULTS.md). Under
-    ``CPU_WORKER_MALLOC`` (in this process's environment, as run_trainer sets it for CPU workers)
-    glibc keeps the freed block, and those tensors later land on pages already there. The caller
-    runs this beside its start-up (the tokenizer and model loads), which leaves a core idle.
-    ``nbytes`` is computed on the thread too (it may read file headers); at most half the available
-    memory, shared by ``workers`` (those that may run here at once), is touched.
-    """
-    kept = int(os.environ.get("MALLOC_TRIM_THRESHOLD_") or 0)  # what glibc keeps of a freed heap top
-    if os.environ.get("MALLOC_MMAP_MAX_") != "0" or kept < 2**30:
-        return None
-
-    def touch():
-        import ctypes
-
-        try:
-            size = min(nbytes(), kept, _available_memory() // (2 * workers))
-        except Exception:  # noqa: BLE001 - only a speed-up: the model load reports what is wrong with the files
-            return
-        if size < 2**20:
-            return
-        block = torch.empty(size, dtype=torch.uint8)  # glibc's heap: no mmap under CPU_WORKER_MALLOC
-        ctypes.memset(block.data_ptr(), 0, size)  # ctypes lets go of the GIL; one thread, not torch's pool
-        del block
-
-    thread = threading.Thread(target=touch, name="cwpo-prefault", daemon=True)
-    thread.start()
-    return thread
-
-
-def _available_memory() -> int:
-    """MemAvailable from /proc/meminfo in bytes (0 where there is none: nothing is prefaulted)."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
 
 
 def storage_uri(path: str) -> str:
@@ -200,6 +163,23 @@ def device_for(dist: DistributedConfig) -> torch.device:
     return torch.device("cpu")
 
 
+def resolve_precision(mixed_precision: str, device: torch.device) -> str:
+    """"bf16", "fp16" or "fp32": what a worker on ``device`` trains in. ``auto`` is bf16 on a GPU that
+    supports it (Ampere and later) and fp32 elsewhere: older GPUs (V100, T4) have no bf16 (they take
+    ``fp16``), and on CPUs bf16 matmuls exist only on some (AVX512-BF16, AMX), so fp32 stays the
+    default there and ``bf16`` a choice."""
+    if mixed_precision == "auto":
+        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    return "fp32" if mixed_precision == "no" else mixed_precision
+
+
+def autocast(precision: str, device: torch.device):
+    """The forward's autocast context for ``precision`` (weights and optimizer stay fp32)."""
+    if precision == "fp32":
+        return nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
 def _reduce_over_workers(values: list[float], op: str, device=None) -> list[float]:
     """Element-wise ``op`` (a ``torch.distributed.ReduceOp`` name) over every worker of the process
     group, in float64; outside one, the values."""
@@ -237,30 +217,6 @@ def adamw(params, lr: float, weight_decay: float) -> torch.optim.AdamW:
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
 
 
-def step_with_clipping(optimizer: torch.optim.Optimizer, parameters, max_norm: float | None) -> None:
-    """``optimizer.step()`` on gradients scaled to a total norm of at most ``max_norm``, as
-    ``clip_grad_norm_`` then ``step()`` do (the same coefficient, min(max_norm / (norm + 1e-6), 1)).
-
-    A fused optimizer takes the scale into its step: its kernel divides every gradient by
-    ``grad_scale`` (the attribute torch's GradScaler sets to unscale fp16 gradients), so the
-    separate in-place multiply of every gradient goes: one pass over 4 bytes per weight fewer,
-    ~2% of a SmolLM2-135M step on 2 CPU cores (bench/RESULTS.md). Other optimizers clip first.
-    """
-    if max_norm:
-        with_grad = [p for p in parameters if p.grad is not None]
-        total = torch.nn.utils.get_total_norm([p.grad for p in with_grad])
-        fused = all(group.get("fused") for group in optimizer.param_groups)
-        if fused and getattr(optimizer, "grad_scale", None) is None:
-            optimizer.grad_scale = (1.0 / torch.clamp(max_norm / (total + 1e-6), max=1.0)).float()
-            try:
-                optimizer.step()
-            finally:
-                del optimizer.grad_scale
-            return
-        torch.nn.utils.clip_grads_with_norm_(with_grad, max_norm, total)
-    optimizer.step()
-
-
 def die_once(marker: Path) -> None:
     """Testing hook for worker failures: the calling process dies, the first time only (``marker``).
 
@@ -276,11 +232,28 @@ def die_once(marker: Path) -> None:
     os._exit(1)
 
 
+def to_device(inputs, device: torch.device):
+    """``inputs`` (tensors in tuples, lists and dicts) with every tensor on ``device``: batches are built
+    on the CPU, and the engine puts them where its model is."""
+    if isinstance(inputs, torch.Tensor):
+        return inputs.to(device, non_blocking=True)
+    if isinstance(inputs, (tuple, list)):
+        return type(inputs)(to_device(x, device) for x in inputs)
+    if isinstance(inputs, dict):
+        return {k: to_device(v, device) for k, v in inputs.items()}
+    return inputs
+
+
 class DDPEngine:
-    """DistributedDataParallel with gradient accumulation, clipping and a scheduler."""
+    """DistributedDataParallel with mixed precision, gradient accumulation, clipping and a scheduler.
+
+    The forward runs under autocast (``precision``); fp16 scales the loss (GradScaler) so small
+    gradients do not underflow. Every micro-batch of an accumulated step but the last runs under
+    DDP's ``no_sync``: gradients are all-reduced once per optimizer step, not once per micro-batch.
+    """
 
     def __init__(self, model, optimizer, make_scheduler, accumulation_steps: int = 1,
-                 max_grad_norm: float | None = 1.0):
+                 max_grad_norm: float | None = 1.0, precision: str = "fp32"):
         import ray.train.torch
 
         self.module = model
@@ -288,10 +261,18 @@ class DDPEngine:
         self.optimizer = optimizer
         self.scheduler = make_scheduler(optimizer) if make_scheduler else None
         self.accumulation_steps, self.max_grad_norm = accumulation_steps, max_grad_norm
+        self.device = next(model.parameters()).device
+        self.precision = precision
+        self.scaler = torch.amp.GradScaler(self.device.type) if precision == "fp16" else None
         self._micro = 0
 
     def __call__(self, *args, **kwargs):
-        return self.wrapped(*args, **kwargs)
+        args, kwargs = to_device((args, kwargs), self.device)
+        # DDP decides in the forward whether the backward that follows all-reduces.
+        last_micro = (self._micro + 1) % self.accumulation_steps == 0
+        skip_sync = not last_micro and torch.is_grad_enabled() and hasattr(self.wrapped, "no_sync")
+        with self.wrapped.no_sync() if skip_sync else nullcontext(), autocast(self.precision, self.device):
+            return self.wrapped(*args, **kwargs)
 
     def train(self):
         self.wrapped.train()
@@ -301,11 +282,20 @@ class DDPEngine:
 
     def backward_and_step(self, loss: torch.Tensor) -> bool:
         """Backward one micro-batch; step the optimizer every ``accumulation_steps``. True when it stepped."""
-        (loss / self.accumulation_steps).backward()
+        loss = loss / self.accumulation_steps
+        (self.scaler.scale(loss) if self.scaler else loss).backward()
         self._micro += 1
         if self._micro % self.accumulation_steps:
             return False
-        step_with_clipping(self.optimizer, self.module.parameters(), self.max_grad_norm)
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)  # clip the true gradients
+        if self.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.max_grad_norm)
+        if self.scaler:
+            self.scaler.step(self.optimizer)  # skipped when the gradients overflowed
+            self.scaler.update()
+        else:
+            self.optimizer.step()
         if self.scheduler is not None:
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -315,6 +305,7 @@ class DDPEngine:
         if world()[0] == 0:
             torch.save({"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
                         "scheduler": self.scheduler.state_dict() if self.scheduler else None,
+                        "scaler": self.scaler.state_dict() if self.scaler else None,
                         "client_state": client_state}, Path(directory) / "state.pt")
 
     def load_checkpoint(self, directory: str) -> dict:
@@ -323,6 +314,8 @@ class DDPEngine:
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None and state["scheduler"] is not None:
             self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
         return state["client_state"]
 
     def full_state_dict(self) -> dict | None:
@@ -336,11 +329,11 @@ class DeepSpeedEngine:
     CLIENT_KEY = "cwpo"
 
     def __init__(self, model, optimizer, make_scheduler, dist: DistributedConfig, micro_batch_size: int,
-                 accumulation_steps: int = 1, max_grad_norm: float | None = 1.0):
+                 accumulation_steps: int = 1, max_grad_norm: float | None = 1.0, precision: str = "fp32"):
         import deepspeed
 
         skip_shm_comm_build()
-        config = deepspeed_config(dist, micro_batch_size, accumulation_steps, max_grad_norm, optimizer)
+        config = deepspeed_config(dist, micro_batch_size, accumulation_steps, max_grad_norm, optimizer, precision)
         if "optimizer" in config:
             optimizer = None  # DeepSpeed builds its fused CPU Adam from the config
         # The schedule is built on the optimizer DeepSpeed really steps (a factory, not an object
@@ -349,9 +342,11 @@ class DeepSpeedEngine:
             model=model, optimizer=optimizer, lr_scheduler=make_scheduler, config=config,
             model_parameters=[p for p in model.parameters() if p.requires_grad])
         self.module = self.engine.module
+        self.device = self.engine.device
         self.zero_stage = dist.zero_stage
 
     def __call__(self, *args, **kwargs):
+        args, kwargs = to_device((args, kwargs), self.device)
         return self.engine(*args, **kwargs)
 
     def train(self):
@@ -401,7 +396,7 @@ def skip_shm_comm_build() -> None:
 
 
 def deepspeed_config(dist: DistributedConfig, micro_batch_size: int, accumulation_steps: int,
-                     max_grad_norm: float | None, optimizer: torch.optim.Optimizer) -> dict:
+                     max_grad_norm: float | None, optimizer: torch.optim.Optimizer, precision: str = "fp32") -> dict:
     zero: dict[str, Any] = {"stage": dist.zero_stage}
     if dist.zero_stage == 3:
         zero["stage3_gather_16bit_weights_on_model_save"] = True
@@ -409,7 +404,9 @@ def deepspeed_config(dist: DistributedConfig, micro_batch_size: int, accumulatio
         "train_micro_batch_size_per_gpu": micro_batch_size,
         "gradient_accumulation_steps": accumulation_steps,
         "zero_optimization": zero,
-        "bf16": {"enabled": bool(dist.use_gpu)},  # fp32 on CPU
+        # DeepSpeed's own mixed precision (fp32 master weights in its optimizer), from the same key as DDP's.
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": precision == "fp16"},  # dynamic loss scaling by default
         "steps_per_print": 10**9,
         # Our own torch optimizer is passed in; DeepSpeed only "tests" its own under ZeRO.
         "zero_allow_untested_optimizer": True,
@@ -435,12 +432,19 @@ def setup_engine(model, optimizer, make_scheduler, dist: DistributedConfig, micr
     """The model ready to train under ``dist.strategy``; the same interface either way.
 
     ``make_scheduler(optimizer)`` builds the LR schedule (or is None) on whichever optimizer
-    ends up stepping. ``engine.scheduler`` and ``engine.optimizer`` are the live ones.
+    ends up stepping. ``engine.scheduler`` and ``engine.optimizer`` are the live ones;
+    ``engine.precision`` is ``dist.mixed_precision`` resolved on this worker's device.
     """
+    device = device_for(dist)
+    precision = resolve_precision(dist.mixed_precision, device)
     if dist.strategy == "deepspeed":
-        return DeepSpeedEngine(model, optimizer, make_scheduler, dist, micro_batch_size, accumulation_steps,
-                               max_grad_norm)
-    return DDPEngine(model, optimizer, make_scheduler, accumulation_steps, max_grad_norm)
+        engine = DeepSpeedEngine(model, optimizer, make_scheduler, dist, micro_batch_size, accumulation_steps,
+                                 max_grad_norm, precision)
+    else:
+        # On the worker's device before DDP wraps it (prepare_model moves it too, but only with 2+ workers).
+        engine = DDPEngine(model.to(device), optimizer, make_scheduler, accumulation_steps, max_grad_norm, precision)
+    engine.precision = precision
+    return engine
 
 
 def report(metrics: dict, engine=None, client_state: dict | None = None, phase: str = "") -> None:

@@ -1,8 +1,9 @@
 """Pairs as token rows and their summed response log-probs (SFT and PO): pure torch, no Ray, no I/O.
 
-A pair is scored as two sequences, ``prompt + chosen`` and ``prompt + rejected``, computed packed:
-one copy of a prompt per batch, several pairs per row (``pair_batch``); only the response tokens
-carry loss.
+A pair is scored as two sequences, ``prompt + chosen`` and ``prompt + rejected``: each in its own
+row (``pair_batch``'s packing ``separate``, what fast attention kernels take), or packed with one
+copy of a prompt per batch and several pairs per row (``shared_prefix``: fewer tokens, a 4D mask);
+only the response tokens carry loss.
 Truncation rule (one rule everywhere: SFT, reference pass, PO): the prompt is cut from the
 LEFT to ``max_prompt_length`` tokens (the end of a prompt, next to the answer, matters most),
 then the response (with EOS appended) is cut from the RIGHT so that prompt + response fits
@@ -83,10 +84,18 @@ def collate(ids: list[list[int]], prompt_lens: list[int], pad_id: int) -> dict[s
     return {"input_ids": input_ids, "attention_mask": attention, "response_mask": response}
 
 
+PACKINGS = ("shared_prefix", "separate")
+
+
 def pair_batch(tokenizer, prompts, chosen, rejected, lengths: Lengths, pack: bool = True,
-               row_tokens: int | None = None) -> dict[str, torch.Tensor]:
+               row_tokens: int | None = None, packing: str = "shared_prefix") -> dict[str, torch.Tensor]:
     """The rows a batch of pairs goes through the model as: each response scored exactly as in its
-    own sequence ``prompt + response``, with fewer tokens computed.
+    own sequence ``prompt + response``.
+
+    ``packing="separate"``: each sequence in its own right-padded row, the n chosen then the n
+    rejected (as TRL does), with an ordinary 2D padding mask, so any attention kernel runs it
+    (SDPA's fused kernels, flash-attention). ``packing="shared_prefix"`` (below): fewer tokens
+    computed, at the price of a 4D mask that only the eager and SDPA's math paths take.
 
     A *segment* is a prompt followed by responses that read it: ``prompt | chosen | rejected``, and
     with ``pack`` the responses of all pairs of the batch with the same prompt (its tokens then go
@@ -101,8 +110,12 @@ def pair_batch(tokenizer, prompts, chosen, rejected, lengths: Lengths, pack: boo
     ``labels`` / ``label_mask``: its row, where each of its tokens is predicted from, which token,
     and which entries are real.
     """
+    if packing not in PACKINGS:
+        raise ValueError(f"packing must be one of {', '.join(PACKINGS)}, got {packing!r}")
     c_ids, c_plen = encode_responses(tokenizer, prompts, chosen, lengths)
     r_ids, r_plen = encode_responses(tokenizer, prompts, rejected, lengths)
+    if packing == "separate":
+        return _separate_rows(c_ids + r_ids, c_plen + r_plen, tokenizer.pad_token_id)
     n = len(c_ids)
     pair_prompts = [c[:p] for c, p in zip(c_ids, c_plen)]  # the prompt's cut does not depend on the response
     responses = [c[p:] for c, p in zip(c_ids, c_plen)] + [r[q:] for r, q in zip(r_ids, r_plen)]
@@ -143,6 +156,23 @@ def pair_batch(tokenizer, prompts, chosen, rejected, lengths: Lengths, pack: boo
     mask = (causal & same_segment & reads) | torch.eye(width, dtype=torch.bool)  # padding: itself (no NaN rows)
     return {"input_ids": input_ids, "position_ids": position_ids, "attention_mask": mask.unsqueeze(1),
             "seq_rows": seq_rows, "pred_positions": pred, "labels": labels, "label_mask": label_mask}
+
+
+def _separate_rows(ids: list[list[int]], prompt_lens: list[int], pad_id: int) -> dict[str, torch.Tensor]:
+    """One right-padded row per sequence, in pair_batch's output format with a 2D attention mask."""
+    rows = collate(ids, prompt_lens, pad_id)
+    longest = max(len(x) - p for x, p in zip(ids, prompt_lens))
+    pred = torch.zeros((len(ids), longest), dtype=torch.long)
+    labels = torch.zeros((len(ids), longest), dtype=torch.long)
+    label_mask = torch.zeros((len(ids), longest), dtype=torch.bool)
+    for k, (x, p) in enumerate(zip(ids, prompt_lens)):
+        L = len(x) - p
+        pred[k, :L] = torch.arange(p - 1, p + L - 1).clamp(min=0)  # token t is predicted at t - 1
+        labels[k, :L] = torch.tensor(x[p:])
+        label_mask[k, :L] = True
+        label_mask[k, 0] = p > 0  # no prompt: the first token is predicted from nothing
+    return {"input_ids": rows["input_ids"], "attention_mask": rows["attention_mask"],
+            "seq_rows": torch.arange(len(ids)), "pred_positions": pred, "labels": labels, "label_mask": label_mask}
 
 
 def _segments(prompts: list[list[int]], response_lens: list[int], capacity: int) -> list[tuple[list[int], list[int]]]:
@@ -213,10 +243,11 @@ def sequence_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor,
     ``logsumexp`` instead of a full log-softmax keeps one float per position instead of a
     vocabulary-wide tensor.
     """
-    if "pred_positions" in batch:  # packed pairs (pair_batch): the chosen sequences, then the rejected
-        return _response_logps(model, batch["input_ids"], _mask_for(model, batch["attention_mask"]),
-                               batch["position_ids"], batch["seq_rows"], batch["pred_positions"], batch["labels"],
-                               batch["label_mask"])
+    if "pred_positions" in batch:  # pairs (pair_batch): the chosen sequences, then the rejected
+        mask = batch["attention_mask"]
+        return _response_logps(model, batch["input_ids"], _mask_for(model, mask) if mask.dim() == 4 else mask,
+                               batch.get("position_ids"), batch["seq_rows"], batch["pred_positions"],
+                               batch["labels"], batch["label_mask"])
     ids = batch["input_ids"]
     pred = torch.arange(ids.shape[1] - 1).expand(ids.shape[0], -1)  # position t predicts token t+1
     return _response_logps(model, ids, batch["attention_mask"], None, torch.arange(ids.shape[0]), pred, ids[:, 1:],
@@ -288,7 +319,8 @@ def _mask_for(model, mask: torch.Tensor) -> torch.Tensor:
         dtype = next(inner.parameters()).dtype
         return torch.zeros(mask.shape, dtype=dtype).masked_fill(~mask, torch.finfo(dtype).min)
     if implementation != "sdpa":
-        raise ValueError(f"packed pairs need sdpa or eager attention (a 4D mask), not {implementation!r}")
+        raise ValueError(f"packing shared_prefix needs sdpa or eager attention (a 4D mask), not "
+                         f"{implementation!r}: use packing separate")
     return mask
 
 
@@ -334,9 +366,10 @@ def po_loss(model, batch, ref_chosen, ref_rejected, weights, *, loss_type: str, 
 
 
 @torch.no_grad()
-def reference_logps(model, tokenizer, prompts, chosen, rejected, lengths: Lengths) -> dict[str, list]:
+def reference_logps(model, tokenizer, prompts, chosen, rejected, lengths: Lengths,
+                    packing: str = "shared_prefix") -> dict[str, list]:
     """Reference log-probs of a pair batch, computed once without gradients."""
-    batch = pair_batch(tokenizer, prompts, chosen, rejected, lengths)
+    batch = pair_batch(tokenizer, prompts, chosen, rejected, lengths, packing=packing)
     logps, counts = sequence_logps(model, batch)
     n = len(prompts)
     return {"ref_chosen_logps": logps[:n].tolist(), "ref_rejected_logps": logps[n:].tolist(),

@@ -72,33 +72,31 @@ def load_tokenizer(source: ModelSource, padding_side: str = "right"):
     return tok
 
 
-def load_causal_lm(source: ModelSource, dtype=None):
+def load_causal_lm(source: ModelSource, dtype=None, attn_implementation: str | None = None):
     import torch
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(source.path, torch_dtype=dtype or torch.float32, **source.kwargs())
+    extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype or torch.float32, **extra,
+                                                 **source.kwargs())
     return plain_weights(model)
 
 
-def stored_parameter_count(source: ModelSource) -> int:
-    """Parameters in a local model's weight files, from their headers alone (no weights read, no
-    transformers import): safetensors' JSON header or GGUF's tensor table. 0 for a hub id or other formats."""
-    import json
-    import math
+def enable_gradient_checkpointing(model) -> None:
+    """transformers' activation checkpointing on the outermost transformers model inside ``model``
+    (a causal LM, a reward model's backbone or sequence classifier). Non-reentrant, as torch now
+    recommends: it needs no input that requires grad (frozen embeddings under LoRA) and replays
+    dropout with the same random state, so gradients equal those without checkpointing."""
+    from transformers import PreTrainedModel
 
-    folder = Path(source.path)
-    if source.gguf_file:
-        if not (folder / source.gguf_file).is_file():
-            return 0
-        from gguf import GGUFReader
-
-        return sum(int(t.n_elements) for t in GGUFReader(folder / source.gguf_file).tensors)
-    total = 0
-    for file in folder.glob("*.safetensors") if folder.is_dir() else []:
-        with open(file, "rb") as f:
-            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
-        total += sum(math.prod(t["shape"]) for k, t in header.items() if k != "__metadata__")
-    return total
+    inner = next((m for m in model.modules() if isinstance(m, PreTrainedModel)), None)
+    if inner is None or not inner.supports_gradient_checkpointing:
+        raise ValueError(f"{type(model).__name__} does not support gradient checkpointing")
+    kwargs = {"use_reentrant": False}
+    if hasattr(inner, "activation_checkpointing_enable"):  # its name from transformers 5.x on
+        inner.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def load_backbone(source: ModelSource, dtype=None):
@@ -125,42 +123,20 @@ def own_trainable_weights(model):
     return model
 
 
-def save_pretrained(model, folder, **kwargs) -> None:
-    """``model.save_pretrained(folder, **kwargs)``, without importing DeepSpeed when nothing used it.
-
-    transformers first unwraps the model through accelerate, which imports DeepSpeed, when installed,
-    only to test whether the model is a DeepSpeed engine: 2.0 s of every DDP save here (MLflow among
-    DeepSpeed's imports; bench/RESULTS.md). If this process never imported DeepSpeed, the model cannot be
-    one, so the test is skipped by answering accelerate's "is DeepSpeed available" with no for the call.
-    """
-    import sys
-
-    try:
-        from accelerate.utils import other
-    except ImportError:
-        other = None
-    probe = getattr(other, "is_deepspeed_available", None)
-    if probe is None or "deepspeed" in sys.modules:
-        model.save_pretrained(folder, **kwargs)
-        return
-    other.is_deepspeed_available = lambda: False
-    try:
-        model.save_pretrained(folder, **kwargs)
-    finally:
-        other.is_deepspeed_available = probe
-
-
 def plain_weights(model):
     """Forget that the weights came from a GGUF file.
 
     transformers dequantizes GGUF to ordinary fp32 tensors but keeps a GGUF "quantizer" on the
-    model, and then refuses to save_pretrained it ("not serializable"). The weights are plain,
-    so drop the marker (and its config entry) and the model saves as a normal folder.
+    model and marks it quantized, and then refuses to save_pretrained it ("not serializable") or to
+    cast it (``.float()``: "not supported for quantized model"). The weights are plain, so drop the
+    markers (and the config entry) and the model saves and casts as a normal one.
     """
     quantizer = getattr(model, "hf_quantizer", None)
     method = str(getattr(getattr(quantizer, "quantization_config", None), "quant_method", "")).lower()
-    if method.endswith("gguf"):
+    if method.endswith("gguf") or str(getattr(model, "quantization_method", "")).lower().endswith("gguf"):
         model.hf_quantizer = None
+        model.is_quantized = False
+        model.quantization_method = None
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
     return model

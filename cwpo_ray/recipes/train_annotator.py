@@ -333,11 +333,13 @@ def _fresh(cfg: Config, dist, world: int, config: dict):
 
     from cwpo_ray import distributed as D
     from cwpo_ray.annotator import new_annotator
-    from cwpo_ray.models import resolve_model
+    from cwpo_ray.models import enable_gradient_checkpointing, resolve_model
 
     torch.manual_seed(cfg.seed)
     annotator = new_annotator(resolve_model(cfg.model, cfg.gguf_file), cfg.pooling or None, cfg.max_length)
     annotator.meta.data_fingerprint = config["fingerprint"]
+    if cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(annotator.model)
     optimizer = D.adamw(annotator.model.parameters(), cfg.lr, cfg.weight_decay)
     engine = D.setup_engine(annotator.model, optimizer, None, dist, micro_batch_size=cfg.batch_size // world,
                             max_grad_norm=cfg.max_grad_norm or None)
@@ -354,7 +356,7 @@ def _train_epoch(engine, chosen, rejected, rows: list[int], cfg: Config, world: 
     for idx in epoch_batches(len(rows), cfg.batch_size, world, rank, seed):
         idx = [rows[i] for i in idx]
         batch = collate([chosen[i] for i in idx] + [rejected[i] for i in idx], pad_id)
-        rewards = engine(**batch)
+        rewards = engine(**batch).float()  # the loss in fp32 under mixed precision
         loss = bt_loss(rewards[: len(idx)], rewards[len(idx):])
         engine.backward_and_step(loss)
         loss_sum, loss_n, state["step"] = loss_sum + loss.item(), loss_n + 1, state["step"] + 1

@@ -57,22 +57,20 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import math
 import shutil
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Optional
 
-# When this module began to load: in a Ray Train worker, the start of its own imports (torch,
-# transformers), a fixed cost of every stage (cwpo_ray.stopwatch).
-_IMPORT_START = time.time()
-
-from cwpo_ray.config import option  # noqa: E402
-from cwpo_ray.distributed import DistributedConfig  # noqa: E402
-from cwpo_ray.losses import LOSS_TYPES  # noqa: E402
+from cwpo_ray.config import option
+from cwpo_ray.distributed import DistributedConfig
+from cwpo_ray.losses import LOSS_TYPES
 
 METRICS_FILE = "metrics.jsonl"  # rank 0's per-step metrics (one JSON object a line), relayed to MLflow
+SAVE_ERROR_FILE = "save_error.txt"  # why the final save failed, from rank 0 to the driver
+PACKING_CHOICES = ("auto", "shared_prefix", "separate")
+ATTENTION_CHOICES = ("sdpa", "eager", "flash_attention_2")
 
 EPILOG = """examples:
   cwpo train-policy --data runs/annotated.parquet --model smollm2-135m --out runs/cw-dpo
@@ -114,6 +112,12 @@ class Settings(DistributedConfig):
     lora_targets: str = option("", "comma-separated module names for LoRA (empty: peft's default for the model)")
     checkpoint_every: int = option(50, "checkpoint every N optimizer steps")
     ref_batch_size: int = option(16, "pairs per worker per batch in the reference log-prob pass")
+    packing: str = option("auto", "how a pair's two sequences go through the model: separate (each in its own "
+                                  "row: any attention kernel, e.g. flash_attention_2) or shared_prefix (prompt | "
+                                  "chosen | rejected in one row with a 4D mask: fewer tokens, sdpa/eager only); "
+                                  "auto: separate on GPUs, shared_prefix on CPU", choices=PACKING_CHOICES)
+    attn_implementation: str = option("sdpa", "the policy's attention: sdpa, eager or flash_attention_2 "
+                                              "(GPU, packing separate)", choices=ATTENTION_CHOICES)
 
     def validate(self) -> None:
         from cwpo_ray.logprobs import Lengths
@@ -129,6 +133,20 @@ class Settings(DistributedConfig):
             raise ValueError(f"need beta > 0 and 0 <= epsilon < 0.5, got {self.beta}, {self.epsilon}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"max_steps must be at least 1, got {self.max_steps}")
+        if self.packing not in PACKING_CHOICES:
+            raise ValueError(f"packing must be one of {', '.join(PACKING_CHOICES)}, got {self.packing!r}")
+        if self.attn_implementation not in ATTENTION_CHOICES:
+            raise ValueError(f"attn_implementation must be one of {', '.join(ATTENTION_CHOICES)}, "
+                             f"got {self.attn_implementation!r}")
+        if self.resolved_packing() == "shared_prefix" and self.attn_implementation == "flash_attention_2":
+            raise ValueError("flash_attention_2 takes no 4D mask: set packing separate (or attn_implementation sdpa)")
+
+    def resolved_packing(self) -> str:
+        """``packing`` with auto decided: separate where the policy trains on GPUs (fused attention
+        kernels need the plain mask), shared_prefix on CPUs, where fewer tokens is what counts."""
+        if self.packing != "auto":
+            return self.packing
+        return "separate" if self.use_gpu else "shared_prefix"
 
 
 @dataclass(kw_only=True)
@@ -179,13 +197,15 @@ class Job:
 
         return Lengths(self.cfg.max_prompt_length, self.cfg.max_length, self.cfg.chat_template)
 
-    def reference(self) -> "ReferenceSpec":
+    def reference(self, precision: str = "fp32") -> "ReferenceSpec":
         """Where the reference log-probs go; keyed by the start model as it is on disk when PO begins
-        (after SFT, in the same Ray Train run, DIR/sft exists only then)."""
+        (after SFT, in the same Ray Train run, DIR/sft exists only then) and the precision they are
+        computed in (the worker's, resolved)."""
         from cwpo_ray.models import ModelSource
 
-        key = reference_key(ModelSource(self.model_path, self.gguf_file), self.cfg)
-        return ReferenceSpec(self.reference_table, self.lengths, self.cfg.ref_batch_size, self.cfg.reference_cache, key)
+        key = reference_key(ModelSource(self.model_path, self.gguf_file), self.cfg, precision)
+        return ReferenceSpec(self.reference_table, self.lengths, self.cfg.ref_batch_size, self.cfg.reference_cache,
+                             key, self.cfg.resolved_packing())
 
 
 @dataclass
@@ -197,6 +217,7 @@ class ReferenceSpec:
     batch_size: int
     cache_dir: str        # shared across runs from the same start ("" : none)
     cache_key: str        # the start model and tokenization (reference_key)
+    packing: str = "shared_prefix"  # logprobs.pair_batch's packing
 
 
 # ----------------------------------------------------------------------------- the recipe
@@ -207,18 +228,16 @@ def run(cfg: Config) -> int:
     from cwpo_ray.models import ModelSource, resolve_model
     from cwpo_ray.ray_env import init_ray
 
-    stamps = {"run_start": time.time()}
     out = Path(cfg.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     if not cfg.resume:
         for stale in ("ray", "sft", "policy", "reference.parquet", "reference", "mlflow_run_id", METRICS_FILE):
             _remove(out / stale)
         _remove(tracking.relay_mark(out / METRICS_FILE))
+    _remove(out / SAVE_ERROR_FILE)
     start = resolve_model(cfg.model, cfg.gguf_file)
     n_pairs = write_train_pairs(cfg, out / "train_pairs.parquet")
-    stamps["pairs_written"] = time.time()
     init_ray(meanwhile=functools.partial(prepare_train_driver, cfg.experiment))
-    stamps["ray_ready"] = time.time()
 
     # A rerun into the same DIR continues the same MLflow run, as a restarted worker does.
     run_id_file = out / "mlflow_run_id"
@@ -229,8 +248,6 @@ def run(cfg: Config) -> int:
         run_id_file.write_text(mlrun.info.run_id)
         if old_run_id is None:
             tracking.log_config(cfg)
-        run_ids = (mlrun.info.run_id, tracking.tracking_uri())
-        stamps["mlflow_started"] = time.time()
 
         # SFT on (prompt, chosen): the PO start and its reference. Then confidence-weighted PO, whose
         # workers first compute the reference log-probs once (DIR/reference.parquet), so PO never
@@ -240,8 +257,7 @@ def run(cfg: Config) -> int:
             jobs.append(make_job(cfg, "sft", start, out / "train_pairs.parquet", out / "sft", n_pairs))
             start = ModelSource(str(out / "sft"))
         jobs.append(make_job(cfg, "po", start, out / "train_pairs.parquet", out / "policy", n_pairs))
-        result = train_phases(cfg, jobs, *run_ids)
-        stamps["stages_done"] = time.time()
+        result = train_phases(cfg, jobs, mlrun.info.run_id)
     if not cfg.keep_checkpoints and not cfg.storage_path:
         # The saved model supersedes them; kept, a pipeline's arms x seeds filled 48 GB at 135M.
         _remove(out / "ray")
@@ -251,29 +267,8 @@ def run(cfg: Config) -> int:
                 "reference_table": str(out / "reference.parquet"), "mlflow_run_id": mlrun.info.run_id,
                 "final_metrics": {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}}
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-    stamps["run_end"] = time.time()
-    _log_fixed_costs(stamps, cfg, *run_ids)
     print(f"train-policy: {n_pairs} pairs -> {out / 'policy'} (MLflow run {mlrun.info.run_id})")
     return 0
-
-
-def _log_fixed_costs(stamps: dict, cfg: Config, run_id: str, uri: str) -> None:
-    """The driver's stamps as ``time/...`` metrics, and seconds per item (``cwpo_ray.stopwatch``) of
-    each stage, the workers' stamps included, as ``fixed/<mode>/<item>`` metrics."""
-    from mlflow.entities import Metric
-    from mlflow.tracking import MlflowClient
-
-    from cwpo_ray import stopwatch
-
-    client = MlflowClient(uri)
-    ms = int(stamps["run_end"] * 1000)
-    metrics = {f"time/{k}": v for k, v in stamps.items()}
-    metrics.update({f"fixed/{k}": v for k, v in stopwatch.fixed_costs(stamps, stopwatch.RUN_ITEMS).items()})
-    logged = client.get_run(run_id).data.metrics  # the stages' stamps, the workers' among them
-    for mode in (["sft"] if cfg.sft_epochs > 0 else []) + ["po"]:
-        stage = {k[len(f"time/{mode}/"):]: v for k, v in logged.items() if k.startswith(f"time/{mode}/")}
-        metrics.update({f"fixed/{mode}/{k}": v for k, v in stopwatch.fixed_costs(stage).items()})
-    client.log_batch(run_id, metrics=[Metric(k, v, ms, 0) for k, v in metrics.items()])
 
 
 # ----------------------------------------------------------------------------- data
@@ -452,7 +447,7 @@ def _score_group(engine, tokenizer, rows: Optional[dict], known, dummy: dict, sp
         use, src = (idx, rows) if idx else ([0], dummy)  # a worker with nothing left scores a row for nothing
         out = logprobs.reference_logps(engine, tokenizer, [src["prompt"][i] for i in use],
                                        [src["chosen"][i] for i in use], [src["rejected"][i] for i in use],
-                                       spec.lengths)
+                                       spec.lengths, spec.packing)
         for c in REFERENCE_COLUMNS:
             values[c][idx] = out[c][:len(idx)]
     return values, todo
@@ -570,12 +565,15 @@ class ReferenceCache:
             pq.write_table(table, tmp, row_group_size=self.GROUP_ROWS)
 
 
-def reference_key(source, cfg: Settings) -> str:
-    """The start model (path, GGUF file, its files' sizes and mtimes) and how pairs are tokenized."""
+def reference_key(source, cfg: Settings, precision: str = "fp32") -> str:
+    """The start model (path, GGUF file, its files' sizes and mtimes), how pairs are tokenized and,
+    unless fp32 (so caches of earlier versions still match), the precision of the forward."""
     from cwpo_ray.fingerprints import path_fingerprint
 
     where = Path(source.path) / source.gguf_file if source.gguf_file else source.path
-    return path_fingerprint(where, source.gguf_file, cfg.max_prompt_length, cfg.max_length, cfg.chat_template)
+    extra = () if precision == "fp32" else (precision,)
+    return path_fingerprint(where, source.gguf_file, cfg.max_prompt_length, cfg.max_length, cfg.chat_template,
+                            *extra)
 
 
 # ----------------------------------------------------------------------------- Ray Train
@@ -595,7 +593,7 @@ def make_job(cfg: Config, mode: str, source, table: Path, save_to: Path, n_pairs
                reference_table=str(Path(cfg.out).resolve() / "reference.parquet"))
 
 
-def train_phases(cfg: Config, jobs: list[Job], run_id: str, tracking_uri: str):
+def train_phases(cfg: Config, jobs: list[Job], run_id: str):
     """One Ray Train run of ``train_loop`` through ``jobs`` in order (SFT, then PO).
 
     One run rather than one per phase: a Ray Train run costs ~15 s to start here (controller, worker
@@ -604,7 +602,6 @@ def train_phases(cfg: Config, jobs: list[Job], run_id: str, tracking_uri: str):
     from cwpo_ray import tracking
     from cwpo_ray.distributed import run_trainer
 
-    stamps = {"stage_start": time.time()}
     out = Path(cfg.out).resolve()
     modes = "-".join(job.mode for job in jobs)
     # Ray Train keys a run's checkpoints by name under the storage path: one name per output folder,
@@ -612,20 +609,13 @@ def train_phases(cfg: Config, jobs: list[Job], run_id: str, tracking_uri: str):
     name = modes if not cfg.storage_path else f"{out.name}-{hashlib.sha256(str(out).encode()).hexdigest()[:8]}-{modes}"
     with tracking.relay_metrics(jobs[0].metrics_file, run_id):
         result = run_trainer(train_loop, {"jobs": jobs}, cfg, name=name, default_storage=str(out / "ray"))
-    # The start of the run is the first phase's fixed cost, its end the last's (cwpo_ray.stopwatch).
-    _log_stamps(run_id, tracking_uri, jobs[0].mode, stamps)
-    _log_stamps(run_id, tracking_uri, jobs[-1].mode, {"fit_done": time.time()})
+    error = out / SAVE_ERROR_FILE
+    if error.exists():
+        raise RuntimeError(f"train-policy: training finished, but saving the model failed (not retried: a retry "
+                           f"would train again and fail the same way). The trained state is checkpointed under "
+                           f"{cfg.storage_path or out / 'ray'}: rerun the same command once the cause is fixed and "
+                           f"it saves without training again. The error:\n{error.read_text()}")
     return result
-
-
-def _log_stamps(run_id: str, uri: str, mode: str, stamps: dict) -> None:
-    """``stamps`` as ``time/<mode>/<name>`` metrics of the stage's MLflow run (``cwpo_ray.stopwatch``)."""
-    from mlflow.entities import Metric
-    from mlflow.tracking import MlflowClient
-
-    if run_id:
-        ms = int(max(stamps.values()) * 1000)
-        MlflowClient(uri).log_batch(run_id, metrics=[Metric(f"time/{mode}/{k}", v, ms, 0) for k, v in stamps.items()])
 
 
 @dataclass
@@ -711,7 +701,6 @@ def train_loop(loop_config: dict) -> None:
     """Runs on every Ray Train worker: each phase of ``jobs`` in order (SFT, then PO), with checkpoints
     and resume. A restarted worker group skips a phase whose model is saved (the folder appears only
     once complete: ``save_final_model``), and a phase resumes only from its own checkpoints."""
-    stamps = {"import_start": _IMPORT_START, "loop_entered": time.time()}  # fixed costs (cwpo_ray.stopwatch)
     from cwpo_ray.distributed import barrier
 
     jobs: list[Job] = loop_config["jobs"]
@@ -719,57 +708,49 @@ def train_loop(loop_config: dict) -> None:
         last = i == len(jobs) - 1
         if not last and Path(job.save_to).exists():
             continue
-        train_phase(job, loop_config["dist"], stamps)
+        if not train_phase(job, loop_config["dist"]):
+            return  # the save failed: the driver reports it
         if not last:
             barrier()  # rank 0 has saved the model the next phase starts from
-        stamps = {"loop_entered": time.time()}
 
 
-def train_phase(job: Job, dist, stamps: dict) -> None:
-    """One phase on this worker: load the start, (PO) reference pass, steps with checkpoints, final save."""
+def train_phase(job: Job, dist) -> bool:
+    """One phase on this worker: load the start, (PO) reference pass, steps with checkpoints, final
+    save. False when the final save failed (every worker returns it)."""
     import gc
 
     import torch
+    from transformers import get_cosine_schedule_with_warmup
 
-    from cwpo_ray.distributed import (RankZeroLogger, adamw, device_for, prefault_heap, report, resume, setup_engine,
-                                      world)
-    from cwpo_ray.models import (ModelSource, load_causal_lm, load_tokenizer, own_trainable_weights,
-                                stored_parameter_count)
+    from cwpo_ray.distributed import RankZeroLogger, adamw, device_for, report, resume, setup_engine, world
+    from cwpo_ray.models import (ModelSource, enable_gradient_checkpointing, load_causal_lm, load_tokenizer,
+                                own_trainable_weights)
 
     cfg, plan = job.cfg, job.plan
     rank, world_size = world()
     device = device_for(dist)
     source = ModelSource(job.model_path, job.gguf_file)
     torch.manual_seed(cfg.seed)
-    stamps["imports_done"] = time.time()
-    # The first steps' memory (gradients, AdamW's two moments and, for a typical batch, about as
-    # much again in activations: 4 x 4 bytes per fp32 weight), faulted in on a second thread while
-    # the tokenizer and the model load; not for LoRA (its adapters are small) nor DeepSpeed's own buffers.
-    prefault = (prefault_heap(lambda: 16 * stored_parameter_count(source), world_size)
-                if device.type == "cpu" and dist.strategy == "ddp" and not cfg.lora else None)
     tokenizer = load_tokenizer(source)
-    stamps["tokenizer_loaded"] = time.time()
-    model = own_trainable_weights(_with_lora(load_causal_lm(source), cfg).to(device))
-    stamps["model_loaded"] = time.time()
+    model = load_causal_lm(source, attn_implementation=cfg.attn_implementation)
+    if cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    model = _with_lora(model, cfg).to(device)
+    if device.type == "cpu":
+        model = own_trainable_weights(model)
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = adamw(params, job.lr, cfg.weight_decay)
-    engine = setup_engine(model, optimizer, lambda opt: cosine_schedule(
+    engine = setup_engine(model, optimizer, lambda opt: get_cosine_schedule_with_warmup(
         opt, job.warmup_steps, plan.total_steps), dist, micro_batch_size=plan.batch_size,
         accumulation_steps=plan.accumulation)
-    stamps["engine_ready"] = time.time()
     start = (resume(engine, job.mode) or {}).get("step", 0)
     logger = RankZeroLogger(job.metrics_file)
-    stamps["resumed"] = time.time()
-    if prefault is not None:
-        prefault.join()
-    stamps["heap_ready"] = time.time()
     if job.mode == "po":
         t0 = time.perf_counter()
-        ensure_reference(engine, tokenizer, job.table, job.reference(), rank, world_size)
+        ensure_reference(engine, tokenizer, job.table, job.reference(engine.precision), rank, world_size)
         if start == 0:
             logger.log_metrics({"reference/seconds": time.perf_counter() - t0}, step=0)
-    stamps["reference_done"] = time.time()
     batches = BatchReader(job.table, job.reference_table if job.mode == "po" else None)
     prefix = "sft/" if job.mode == "sft" else ""
 
@@ -796,19 +777,40 @@ def train_phase(job: Job, dist, stamps: dict) -> None:
         if (step + 1) % cfg.checkpoint_every == 0:
             report({**metrics, "step": step + 1}, engine, {"step": step + 1}, phase=job.mode)
         elif step + 1 == plan.total_steps:
-            # No checkpoint at the end: the final model is saved next; a model + AdamW state written
-            # only to be deleted was the largest fixed cost of a short epoch (bench/RESULTS.md).
+            # No checkpoint at the end: the final model is saved next, and a model + AdamW state
+            # written only to be deleted would cost every run a checkpoint's time.
             report({**metrics, "step": step + 1})
     if bar is not None:
         bar.close()
     # Whole-loop time (logging and checkpoints included), what a trainer's "runtime" reports.
     logger.log_metrics({prefix + "loop_seconds": time.perf_counter() - loop_start}, step=plan.total_steps)
-    stamps["loop_done"] = time.time()
-    save_final_model(engine, tokenizer, source, job, rank)
-    stamps["saved"] = time.time()
-    logger.log_metrics({f"time/{job.mode}/{k}": v for k, v in stamps.items()}, step=0)
+    saved = _save_or_keep_state(engine, tokenizer, source, job, rank, device)
     del engine, model, optimizer, params
     gc.collect()  # the next phase loads its own model: this one's memory goes first
+    return saved
+
+
+def _save_or_keep_state(engine, tokenizer, source, job: Job, rank: int, device) -> bool:
+    """``save_final_model``; if it fails on any worker, the trained state goes into a checkpoint instead
+    (so a rerun saves without training again) and rank 0 leaves the error for the driver. An error
+    here is not raised: Ray Train would restart the workers, train the whole phase again and fail the
+    same way (a save fails for a reason a retry does not fix: the model, the disk, the code)."""
+    import traceback
+
+    from cwpo_ray.distributed import max_over_workers, report
+
+    error = ""
+    try:
+        save_final_model(engine, tokenizer, source, job, rank)
+    except Exception:  # noqa: BLE001 - handed to the driver, which raises it
+        error = traceback.format_exc()
+    if not max_over_workers([1.0 if error else 0.0], device)[0]:
+        return True
+    steps = job.plan.total_steps
+    report({"step": steps, "save_failed": 1.0}, engine, {"step": steps}, phase=job.mode)
+    if rank == 0 or error:
+        Path(job.save_to).parent.joinpath(SAVE_ERROR_FILE).write_text(error or "failed on another worker\n")
+    return False
 
 
 def step_loss(engine, tokenizer, batch: dict, job: Job):
@@ -821,7 +823,8 @@ def step_loss(engine, tokenizer, batch: dict, job: Job):
         tokens = logprobs.sft_batch(tokenizer, batch["prompt"], batch["chosen"], lengths)
         loss, count = logprobs.sft_loss(engine, tokens)
         return loss, {"loss": float(loss.detach()), "tokens": float(count)}
-    tokens = logprobs.pair_batch(tokenizer, batch["prompt"], batch["chosen"], batch["rejected"], lengths)
+    tokens = logprobs.pair_batch(tokenizer, batch["prompt"], batch["chosen"], batch["rejected"], lengths,
+                                 packing=job.cfg.resolved_packing())
     return logprobs.po_loss(engine, tokens, batch["ref_chosen_logps"], batch["ref_rejected_logps"], batch["weight"],
                             loss_type=job.cfg.loss, beta=job.cfg.beta, epsilon=job.cfg.epsilon)
 
@@ -842,7 +845,6 @@ def save_final_model(engine, tokenizer, source, job: Job, rank: int) -> None:
     it in place (training is over), without loading the start model again. Under ZeRO-3 the
     module's weights are shards, so the gathered weights go into a fresh copy of the start model.
     """
-    from cwpo_ray.models import save_pretrained
     from cwpo_ray.tables import atomic_path
 
     if getattr(engine, "zero_stage", None) == 3:
@@ -853,11 +855,11 @@ def save_final_model(engine, tokenizer, source, job: Job, rank: int) -> None:
     else:
         if rank != 0:
             return
-        model = engine.module.float()  # bf16 under DeepSpeed on GPUs; saved in fp32, as the start model
+        model = engine.module.float()  # bf16 under DeepSpeed's mixed precision; saved in fp32, as the start model
     if job.cfg.lora:
         model = model.merge_and_unload()
     with atomic_path(job.save_to) as tmp:
-        save_pretrained(model, tmp)
+        model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
 
 
@@ -871,25 +873,6 @@ def _fresh_copy_with(state: dict, source, cfg: Settings):
     if unexpected or any(not any(k.endswith(t) for t in tied) for k in missing):
         raise RuntimeError(f"final weights do not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
     return model
-
-
-def cosine_lr_factor(step: int, warmup: int, total: int) -> float:
-    """The LR multiplier at ``step``: linear warm-up over ``warmup`` steps, then half a cosine to 0 at
-    ``total`` (transformers' get_cosine_schedule_with_warmup, the same numbers: tested)."""
-    if step < warmup:
-        return step / max(1, warmup)
-    progress = (step - warmup) / max(1, total - warmup)
-    return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
-
-
-def cosine_schedule(optimizer, warmup: int, total: int):
-    """``cosine_lr_factor`` as a torch LambdaLR. Ours rather than transformers': importing that one
-    imports transformers' Trainer utilities and, when installed, peft, which a worker without LoRA
-    never needs (measured: 0.4 s of each worker's start with the tiny model, within the noise with
-    SmolLM2; the rest of that import is transformers' own, paid by the model load anyway)."""
-    from torch.optim.lr_scheduler import LambdaLR
-
-    return LambdaLR(optimizer, functools.partial(cosine_lr_factor, warmup=warmup, total=total))
 
 
 def _with_lora(model, cfg: Settings):
