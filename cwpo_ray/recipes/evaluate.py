@@ -129,6 +129,45 @@ def load_test(cfg: Config) -> list[dict]:
     return rows[:cfg.max_prompts] if cfg.max_prompts else rows
 
 
+def plain_model(spec: str, folder: Path) -> str:
+    """``spec`` itself, unless it is a GGUF model (a ``.gguf`` file, or an alias such as smollm2-135m):
+    then a plain transformers folder with its dequantized weights and its tokenizer, written once into
+    ``folder``/NAME (NAME from the GGUF file's path, size and mtime, so a changed file is written again)
+    and reused after. The pipeline does the same for its start model (``run_start_model``).
+
+    vLLM is given this folder, not the GGUF file: its GGUF loading covers only some quantization
+    types and architectures and takes the tokenizer from the file, where transformers (the
+    generator's other engine, and every other loader here) dequantizes any of them. Kept, unlike the
+    generator's temporary one, so the policy and the reference (and a rerun) dequantize once. Not run
+    with vLLM here (no GPU, no vLLM on the machine that tests this).
+    """
+    from cwpo_ray.fingerprints import path_fingerprint
+    from cwpo_ray.generation import dequantize_to
+    from cwpo_ray.models import resolve_model
+
+    source = resolve_model(spec)
+    if not source.gguf_file:
+        return spec
+    gguf = Path(source.path) / source.gguf_file
+    dst = Path(folder) / f"{Path(source.gguf_file).stem}-{path_fingerprint(gguf)[:8]}"
+    if not (dst / "config.json").is_file():  # written atomically: a folder that exists is complete
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        print(f"cwpo evaluate: dequantizing {gguf} once into {dst} (vLLM loads plain folders)", flush=True)
+        dequantize_to(source, dst)
+    return str(dst)
+
+
+def with_plain_models(cfg: Config, engine: str) -> Config:
+    """For the vLLM engine, the policy and the reference as plain folders (``plain_model``), under
+    OUT/models (or the shared cache_dir, where the pipeline's arms share one reference)."""
+    from dataclasses import replace
+
+    if engine != "vllm":
+        return cfg
+    folder = Path(cfg.cache_dir or cfg.out) / "models"
+    return replace(cfg, policy=plain_model(cfg.policy, folder), reference=plain_model(cfg.reference, folder))
+
+
 def sample(cfg: Config, model: str, prompts: list[str]) -> list[str]:
     from cwpo_ray.generation import GenSettings, generate
 
@@ -203,6 +242,17 @@ def artifact_dir(split: str) -> Optional[str]:
     return None if split == "test" else split
 
 
+def mlflow_record(split: str, metrics: dict, judges: list[str]) -> tuple[dict, dict, Optional[str]]:
+    """What an evaluation logs to its run: the finite numeric metrics as ``eval/*`` (test split) or
+    ``validation/*``, the tags naming the main and the extra judges (compare reads them), and the
+    artifact folder of eval.json."""
+    prefix = metric_prefix(split)
+    numeric = {f"{prefix}/{k}": float(v) for k, v in metrics.items()
+               if isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)}
+    tags = {f"{prefix}/judge": judges[0], f"{prefix}/judges": ",".join(judges)}
+    return numeric, tags, artifact_dir(split)
+
+
 def log_to_mlflow(cfg: Config, metrics: dict, out: Path, judges: list[str]) -> Optional[str]:
     """The active run if there is one, else --run-id; nothing when neither. A validation evaluation's
     metrics and eval.json go under ``validation/``, a test evaluation's under ``eval/`` and the root."""
@@ -210,12 +260,7 @@ def log_to_mlflow(cfg: Config, metrics: dict, out: Path, judges: list[str]) -> O
 
     from cwpo_ray import tracking
 
-    prefix = metric_prefix(cfg.split)
-    numeric = {f"{prefix}/{k}": float(v) for k, v in metrics.items()
-               if isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)}
-    # compare reads which judge is the main one and which are extra from these tags.
-    tags = {f"{prefix}/judge": judges[0], f"{prefix}/judges": ",".join(judges)}
-    artifact_path = artifact_dir(cfg.split)
+    numeric, tags, artifact_path = mlflow_record(cfg.split, metrics, judges)
 
     def log():
         mlflow.log_metrics(numeric)
@@ -230,6 +275,29 @@ def log_to_mlflow(cfg: Config, metrics: dict, out: Path, judges: list[str]) -> O
             log()
             return run.info.run_id
     return None
+
+
+def log_report(run_id: str, report: dict, out: Path, tracking_uri: str) -> None:
+    """Log an evaluation's report (eval.json's content, as ``run`` wrote it) to MLflow run ``run_id``,
+    from the process that holds the tracking URI: the pipeline's driver, after its evaluation task
+    (on a GPU node) returned. That task logs nothing itself: with no MLFLOW_TRACKING_URI the driver's
+    store is a SQLite file on the head node, which another node cannot open. Same metrics, tags and
+    artifact as ``log_to_mlflow``; eval.json from ``out`` when this process sees it, else from ``report``."""
+    import time
+
+    from mlflow.entities import Metric, RunTag
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    numeric, tags, artifact_path = mlflow_record(report["split"], report["metrics"], report["judges"])
+    now = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in numeric.items()],
+                     tags=[RunTag(k, v) for k, v in tags.items()])
+    eval_json = Path(out) / "eval.json"
+    if eval_json.is_file():
+        client.log_artifact(run_id, str(eval_json), artifact_path)
+    else:
+        client.log_dict(run_id, report, f"{artifact_path}/eval.json" if artifact_path else "eval.json")
 
 
 def judge_metrics(policy_scores, reference_scores, cfg: Config) -> dict:
@@ -251,6 +319,9 @@ def run(cfg: Config) -> int:
     out.mkdir(parents=True, exist_ok=True)
     rows = load_test(cfg)
     prompts = [r["prompt"] for r in rows]
+    from cwpo_ray.generation import pick_engine
+
+    cfg = with_plain_models(cfg, pick_engine(cfg.engine))
 
     # Same seed for both models: common random numbers make the comparison less noisy.
     policy_responses = sample(cfg, cfg.policy, prompts)

@@ -170,7 +170,14 @@ def run_data(cfg: Config, out: Path) -> dict:
         unlabeled = take_first(unlabeled, out / "unlabeled_used.parquet", cfg.max_unlabeled, cfg.seed)
     counts = human_table(unlabeled, out / "unlabeled_human.parquet")
     manifest = json.loads((out / "manifest.json").read_text())
-    return {"labeled": str(out / "labeled.parquet"), "unlabeled": str(unlabeled),
+    builtin_test = {}
+    if cfg.source == "builtin":
+        # The shipped test table, copied next to the split: the evaluation task may run on another node,
+        # where the path of this process's package (under `ray job submit`, the job's temporary copy of
+        # the working dir on the head node) is not there.
+        shutil.copyfile(PACKAGE / "benchmark_data" / "test.parquet", out / "builtin_test.parquet")
+        builtin_test = {"builtin_test": str(out / "builtin_test.parquet")}
+    return {**builtin_test, "labeled": str(out / "labeled.parquet"), "unlabeled": str(unlabeled),
             "unlabeled_human": str(out / "unlabeled_human.parquet"),
             "test": str(out / "test.parquet") if (out / "test.parquet").exists() else "",
             "validation": str(out / "validation.parquet") if (out / "validation.parquet").exists() else "",
@@ -255,26 +262,34 @@ def evaluation_config(cfg: Config, policy: str, reference: str, test: str, out: 
 
 def evaluate_policy(cfg: Config, policy: str, reference: str, test: str, out: Path, run_id: str) -> dict:
     """`cwpo evaluate` as a Ray task with the resources the evaluate section asks for (a GPU on a GPU
-    cluster), not in the job's driver, which on a cluster is usually a CPU head node."""
+    cluster), not in the job's driver, which on a cluster is usually a CPU head node.
+
+    The task logs nothing to MLflow: it returns its report and this driver logs it to the arm's run,
+    with the tracking URI this process resolved. Without MLFLOW_TRACKING_URI that URI is a SQLite
+    file under the driver's working dir on the head node (the job's temporary copy under
+    `ray job submit`), which a task on a GPU node cannot open: it used to fail there, after all
+    generation.
+    """
     import ray
 
     from cwpo_ray import tracking
 
     e = cfg.evaluate
     task = ray.remote(num_cpus=e.num_cpus, num_gpus=e.num_gpus, max_retries=0)(_evaluate_task)
-    return ray.get(task.remote(evaluation_config(cfg, policy, reference, test, out, run_id),
-                               tracking.tracking_uri()))
+    ecfg = evaluation_config(cfg, policy, reference, test, out, run_id)
+    report = ray.get(task.remote(replace(ecfg, run_id="")))
+    evaluate_stage.log_report(run_id, report, out, tracking.tracking_uri())
+    return report["metrics"]
 
 
-def _evaluate_task(ecfg: evaluate_stage.Config, tracking_uri: str) -> dict:
-    import os
-
+def _evaluate_task(ecfg: evaluate_stage.Config) -> dict:
+    """The evaluation, wherever Ray placed it: eval.json and responses.parquet into ``ecfg.out``; the
+    report returned (nothing logged: ``ecfg.run_id`` is empty and no MLflow run is active here)."""
     import torch
 
-    os.environ["MLFLOW_TRACKING_URI"] = tracking_uri  # the worker's cwd is not the driver's
     torch.set_num_threads(max(1, int(ecfg.num_cpus)))
     evaluate_stage.run(ecfg)
-    return json.loads((Path(ecfg.out) / "eval.json").read_text())["metrics"]
+    return json.loads((Path(ecfg.out) / "eval.json").read_text())
 
 
 def arm_inputs(arm: str, tables: dict) -> tuple[str, str]:
@@ -525,7 +540,7 @@ def resolve_test(cfg: Config, tables: dict) -> str:
     if cfg.test:
         return cfg.test
     if cfg.source == "builtin":  # the shipped test table keeps the gold scores (ties are skipped)
-        return str(PACKAGE / "benchmark_data" / "test.parquet")
+        return tables.get("builtin_test") or str(PACKAGE / "benchmark_data" / "test.parquet")
     if not tables["test"]:
         raise ValueError("the source has no test split: give test=TABLE")
     return tables["test"]
@@ -555,6 +570,7 @@ def run_stages(cfg: Config, out: Path) -> int:
     from cwpo_ray.recipes import compare
 
     ray_env.init_ray()
+    warn_if_tracking_store_is_temporary()
     runs = ArmRuns(cfg, out)  # the MLflow parent run (reused on resume) and its children
     # The start model (a GGUF dequantized once) is the only thing the seeds share.
     fp_base = fingerprint("base", code_version(), cfg.policy.model, cfg.policy.gguf_file)
@@ -577,6 +593,20 @@ def run_stages(cfg: Config, out: Path) -> int:
     console.say(f"pipeline: done -> {out} (MLflow experiment {cfg.experiment!r}, parent run {runs.parent_id}; "
                 f"tracking URI {tracking.tracking_uri()})")
     return 0
+
+
+def warn_if_tracking_store_is_temporary() -> None:
+    """Loudly: in a Ray job without MLFLOW_TRACKING_URI the runs go to the default SQLite store under the
+    driver's working dir, the job's temporary copy that Ray deletes afterwards."""
+    import os
+
+    from cwpo_ray import console
+    from cwpo_ray.config import running_as_ray_job
+
+    if running_as_ray_job() and not os.environ.get("MLFLOW_TRACKING_URI"):
+        console.say("!!! WARNING: MLFLOW_TRACKING_URI is not set: this job's MLflow runs go to a SQLite file in its "
+                    "temporary working dir, which Ray deletes when the job ends. Set it in the runtime env's "
+                    "env_vars or in the nodes' environment (mlflow/README.md).")
 
 
 def run_seed(cfg: Config, out: Path, runs: ArmRuns, start: str, fp_base: str) -> None:
