@@ -8,10 +8,12 @@ Two steps, because the GPU machine has no network and no room for the models' we
 `run` builds SmolLM2-135M and all-MiniLM-L6-v2 from their configs with random weights (speed
 does not depend on the values) and measures, through this package's own code:
 
-1. the PO training step (``logprobs.pair_batch`` + ``logprobs.po_loss``, full fine-tuning, AdamW):
-   plain fp32 torch on the GPU (what ``strategy=ddp, use_gpu`` runs), DeepSpeed ZeRO-2 with bf16
-   through ``distributed.DeepSpeedEngine`` (``strategy=deepspeed, use_gpu``), and fp32 on the
-   machine's CPU cores as the reference; plus the loss of one batch under bf16 vs fp32;
+1. the PO training step (``logprobs.pair_batch`` + ``logprobs.po_loss``, full fine-tuning, AdamW)
+   through ``distributed.DDPEngine`` (``strategy=ddp, use_gpu``) in fp32 and in bf16 (the GPU
+   default, ``mixed_precision: auto``), with packing separate (flash-attention when installed), and
+   with no_sync over 2 accumulation micro-batches plus gradient checkpointing; DeepSpeed ZeRO-2 / 0
+   bf16 through ``distributed.DeepSpeedEngine``; fp32 on the machine's CPU cores as the reference;
+   plus the loss of one batch under bf16 vs fp32;
 2. generation (``generation.TransformersGenerator``): batch 1 vs batch 32;
 3. annotator scoring (``Annotator.label_pairs``): batch 1 vs batch 32, the ceiling on what
    request batching in ``cwpo serve`` can buy (3x was the target; 1.22x is possible on 2 CPU cores).
@@ -23,6 +25,7 @@ instead of stopping the others. Figures go to stdout and to ``--out`` as JSON.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import sys
@@ -77,60 +80,64 @@ def _sync():
         torch.cuda.synchronize()
 
 
-def train_step_rate(model_dir: Path, device: str, batch: int, steps: int, engine: str, zero_stage: int = 2) -> dict:
-    """Pairs/s of our PO step (DPO, beta 0.5, lengths of the `full` preset) after one warm-up step."""
+def train_step_rate(model_dir: Path, device: str, batch: int, steps: int, engine: str, zero_stage: int = 2,
+                    precision: str = "no", accumulation: int = 1, checkpointing: bool = False,
+                    packing: str = "shared_prefix", attention: str = "sdpa") -> dict:
+    """Pairs/s of our PO step (DPO, beta 0.5, lengths of the `full` preset) after one warm-up step.
+
+    ``engine`` "ddp": ``distributed.DDPEngine`` around a one-process DistributedDataParallel (so its
+    no_sync on accumulation micro-batches and its all-reduce run as on a cluster), in ``precision``
+    with ``accumulation`` micro-batches of ``batch`` pairs per step; "deepspeed": DeepSpeedEngine.
+    """
     import torch
 
     from cwpo_ray import logprobs
-    from cwpo_ray.distributed import DistributedConfig, DeepSpeedEngine, adamw
-    from cwpo_ray.models import ModelSource, load_causal_lm, load_tokenizer
+    from cwpo_ray.distributed import DDPEngine, DeepSpeedEngine, DistributedConfig, adamw, resolve_precision
+    from cwpo_ray.models import ModelSource, enable_gradient_checkpointing, load_causal_lm, load_tokenizer
 
     source = ModelSource(str(model_dir))
     tok = load_tokenizer(source)
-    model = load_causal_lm(source).to(device)
+    model = load_causal_lm(source, attn_implementation=attention)
+    if checkpointing:
+        enable_gradient_checkpointing(model)
+    model = model.to(device)
     lengths = logprobs.Lengths(48, 96, True)
-    prompts, a, b = _pairs(batch * (steps + 1))
+    prompts, a, b = _pairs(batch * accumulation * (steps + 1))
     ref = [-60.0] * batch
     weights = [0.8] * batch
     optimizer = adamw([p for p in model.parameters() if p.requires_grad], 1e-6, 0.0)
+    precision = resolve_precision(precision, torch.device(device))
     if engine == "deepspeed":
         runner = DeepSpeedEngine(model, optimizer, None, DistributedConfig(
-            num_workers=1, strategy="deepspeed", zero_stage=zero_stage, use_gpu=True), micro_batch_size=batch)
-        backward, update = runner.engine.backward, runner.engine.step  # = backward_and_step, timed apart
-        forward = runner
-    else:  # DDPEngine.backward_and_step's steps, timed apart (DDPEngine imports Ray, absent on the GPU machine)
-        def update():
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        backward = lambda loss: loss.backward()  # noqa: E731
-        forward = model
-    losses, times, parts = [], [], []
+            num_workers=1, strategy="deepspeed", zero_stage=zero_stage, use_gpu=True), micro_batch_size=batch,
+            accumulation_steps=accumulation, precision=precision)
+    else:
+        import torch.distributed as td
+
+        if not td.is_initialized():
+            td.init_process_group("nccl" if device == "cuda" else "gloo")
+        runner = DDPEngine(model, optimizer, None, accumulation, 1.0, precision)
+        runner.wrapped = torch.nn.parallel.DistributedDataParallel(model)  # what Ray Train's prepare_model makes
+    model.train()
+    losses, times = [], []
     for k in range(steps + 1):
-        sl = slice(k * batch, (k + 1) * batch)
-        pb = logprobs.pair_batch(tok, prompts[sl], a[sl], b[sl], lengths)
         _sync()
         t0 = time.perf_counter()
-        loss, _ = logprobs.po_loss(forward, pb, ref, ref, weights, loss_type="dpo", beta=0.5)
+        for m in range(accumulation):
+            sl = slice((k * accumulation + m) * batch, (k * accumulation + m + 1) * batch)
+            pb = logprobs.pair_batch(tok, prompts[sl], a[sl], b[sl], lengths, packing=packing)
+            loss, _ = logprobs.po_loss(runner, pb, ref, ref, weights, loss_type="dpo", beta=0.5)
+            runner.backward_and_step(loss)
         _sync()
-        t1 = time.perf_counter()
-        backward(loss)
-        _sync()
-        t2 = time.perf_counter()
-        update()
-        _sync()
-        t3 = time.perf_counter()
-        times.append(t3 - t0)
-        parts.append((t1 - t0, t2 - t1, t3 - t2))
+        times.append(time.perf_counter() - t0)
         losses.append(float(loss.detach()))
     timed = times[1:]  # the first step pays for allocation / kernel selection
-    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
     return {"engine": engine, "zero_stage": zero_stage if engine == "deepspeed" else None, "device": device,
-            "batch": batch, "steps": steps, "pairs_per_s": batch * len(timed) / sum(timed),
-            "s_per_step": mean(timed), "s_per_step_median": sorted(timed)[len(timed) // 2],
-            "s_forward": mean([p[0] for p in parts[1:]]), "s_backward": mean([p[1] for p in parts[1:]]),
-            "s_update": mean([p[2] for p in parts[1:]]), "first_loss": losses[0],
-            "peak_gpu_mib": _peak_mib() if device != "cpu" else None}
+            "precision": precision, "batch": batch, "accumulation": accumulation, "checkpointing": checkpointing,
+            "packing": packing, "attention": attention, "steps": steps,
+            "pairs_per_s": batch * accumulation * len(timed) / sum(timed),
+            "s_per_step": sum(timed) / len(timed), "s_per_step_median": sorted(timed)[len(timed) // 2],
+            "first_loss": losses[0], "peak_gpu_mib": _peak_mib() if device != "cpu" else None}
 
 
 def loss_agreement(model_dir: Path, batch: int = 16) -> dict:
@@ -218,14 +225,22 @@ def run(models: Path, out: Path, quick: bool, only: list[str] | None = None) -> 
                      "cpu_threads": torch.get_num_threads()}
     dev = "cuda" if cuda else "cpu"
     steps = 2 if quick else 20
+    flash = "flash_attention_2" if importlib.util.find_spec("flash_attn") else "sdpa"
     plan = [
-        ("train_fp32_gpu_b8", lambda: train_step_rate(lm, dev, 8, steps, "torch")),
-        ("train_fp32_gpu_b32", lambda: train_step_rate(lm, dev, 32, steps, "torch")),
-        ("train_ds_bf16_gpu_b8", lambda: train_step_rate(lm, dev, 8, steps, "deepspeed")),
-        ("train_ds_bf16_gpu_b32", lambda: train_step_rate(lm, dev, 32, steps, "deepspeed")),
-        ("train_ds0_bf16_gpu_b8", lambda: train_step_rate(lm, dev, 8, steps, "deepspeed", 0)),
-        ("train_ds0_bf16_gpu_b32", lambda: train_step_rate(lm, dev, 32, steps, "deepspeed", 0)),
-        ("train_fp32_cpu_b8", lambda: train_step_rate(lm, "cpu", 8, 2 if quick else 3, "torch")),
+        ("train_fp32_gpu_b8", lambda: train_step_rate(lm, dev, 8, steps, "ddp")),
+        ("train_fp32_gpu_b32", lambda: train_step_rate(lm, dev, 32, steps, "ddp")),
+        # what `mixed_precision: auto` trains in on a GPU: bf16 DDP; with no_sync over 2 micro-batches,
+        # gradient checkpointing, and each sequence in its own row (packing separate) for fast attention
+        ("train_bf16_gpu_b32", lambda: train_step_rate(lm, dev, 32, steps, "ddp", precision="bf16")),
+        ("train_bf16_gpu_b32_separate", lambda: train_step_rate(lm, dev, 32, steps, "ddp", precision="bf16",
+                                                                packing="separate", attention=flash)),
+        ("train_bf16_gpu_2x16_nosync_ckpt", lambda: train_step_rate(
+            lm, dev, 16, steps, "ddp", precision="bf16", accumulation=2, checkpointing=True, packing="separate",
+            attention=flash)),
+        ("train_ds_bf16_gpu_b8", lambda: train_step_rate(lm, dev, 8, steps, "deepspeed", precision="bf16")),
+        ("train_ds_bf16_gpu_b32", lambda: train_step_rate(lm, dev, 32, steps, "deepspeed", precision="bf16")),
+        ("train_ds0_bf16_gpu_b32", lambda: train_step_rate(lm, dev, 32, steps, "deepspeed", 0, precision="bf16")),
+        ("train_fp32_cpu_b8", lambda: train_step_rate(lm, "cpu", 8, 2 if quick else 3, "ddp")),
         ("loss_bf16_vs_fp32", lambda: loss_agreement(lm)),
         ("generate_b1", lambda: generation_rate(lm, 1, 8 if quick else 32)),
         ("generate_b32", lambda: generation_rate(lm, 32, 32 if quick else 256)),
@@ -234,8 +249,8 @@ def run(models: Path, out: Path, quick: bool, only: list[str] | None = None) -> 
         ("annotate_b1_cpu", lambda: annotator_rate(enc, 1, 16 if quick else 128, "cpu")),
         ("annotate_b32_cpu", lambda: annotator_rate(enc, 32, 64 if quick else 256, "cpu")),
     ]
-    if not cuda:  # on CPU (a dry run of this script) the DeepSpeed-bf16 and agreement parts do not apply
-        plan = [p for p in plan if "gpu" not in p[0] or "fp32" in p[0]]
+    if not cuda:  # on CPU (a dry run of this script) the DeepSpeed and agreement parts do not apply
+        plan = [p for p in plan if "_ds" not in p[0]]
         plan = [p for p in plan if p[0] != "loss_bf16_vs_fp32"]
     if only:
         plan = [p for p in plan if p[0] in only]
@@ -259,7 +274,12 @@ def _summary(r: dict) -> None:
 
     print("\nsummary")
     print("  train, GPU fp32 b8 vs CPU fp32 b8:      ", ratio("train_fp32_gpu_b8", "train_fp32_cpu_b8", "pairs_per_s"))
-    print("  train, DeepSpeed bf16 vs fp32 (b32):    ", ratio("train_ds_bf16_gpu_b32", "train_fp32_gpu_b32", "pairs_per_s"))
+    print("  train, DDP bf16 vs fp32 (b32):          ", ratio("train_bf16_gpu_b32", "train_fp32_gpu_b32", "pairs_per_s"))
+    print("  train, bf16 separate vs shared prefix:  ", ratio("train_bf16_gpu_b32_separate", "train_bf16_gpu_b32",
+                                                             "pairs_per_s"))
+    print("  train, bf16 2x16 no_sync + ckpt vs b32: ", ratio("train_bf16_gpu_2x16_nosync_ckpt",
+                                                             "train_bf16_gpu_b32_separate", "pairs_per_s"))
+    print("  train, DeepSpeed bf16 vs DDP bf16 (b32):", ratio("train_ds_bf16_gpu_b32", "train_bf16_gpu_b32", "pairs_per_s"))
     print("  generate, batch 32 vs batch 1:          ", ratio("generate_b32", "generate_b1", "prompts_per_s"))
     print("  annotate (GPU), batch 32 vs batch 1:    ", ratio("annotate_b32", "annotate_b1", "pairs_per_s"))
     print("  annotate (CPU), batch 32 vs batch 1:    ", ratio("annotate_b32_cpu", "annotate_b1_cpu", "pairs_per_s"))

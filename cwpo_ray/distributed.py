@@ -14,7 +14,7 @@ import os
 import shutil
 import tempfile
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Callable
@@ -254,10 +254,12 @@ class DDPEngine:
 
     def __init__(self, model, optimizer, make_scheduler, accumulation_steps: int = 1,
                  max_grad_norm: float | None = 1.0, precision: str = "fp32"):
-        import ray.train.torch
-
         self.module = model
-        self.wrapped = ray.train.torch.prepare_model(model) if world()[1] > 1 else model
+        self.wrapped = model
+        if world()[1] > 1:
+            import ray.train.torch
+
+            self.wrapped = ray.train.torch.prepare_model(model)
         self.optimizer = optimizer
         self.scheduler = make_scheduler(optimizer) if make_scheduler else None
         self.accumulation_steps, self.max_grad_norm = accumulation_steps, max_grad_norm
@@ -396,7 +398,8 @@ def skip_shm_comm_build() -> None:
 
 
 def deepspeed_config(dist: DistributedConfig, micro_batch_size: int, accumulation_steps: int,
-                     max_grad_norm: float | None, optimizer: torch.optim.Optimizer, precision: str = "fp32") -> dict:
+                     max_grad_norm: float | None, optimizer: torch.optim.Optimizer | None,
+                     precision: str = "fp32") -> dict:
     zero: dict[str, Any] = {"stage": dist.zero_stage}
     if dist.zero_stage == 3:
         zero["stage3_gather_16bit_weights_on_model_save"] = True
@@ -419,12 +422,48 @@ def deepspeed_config(dist: DistributedConfig, micro_batch_size: int, accumulatio
         # Our torch AdamW steps the CPU copy as is on CPU workers. On GPUs, DeepSpeed's fused CPU
         # Adam (the same AdamW math, built as a C++ op) is much faster at that, so it gets the job.
         config["zero_force_ds_cpu_optimizer"] = False
-        if dist.use_gpu:
+        if dist.use_gpu and optimizer is not None:
             group = optimizer.param_groups[0]
             config["optimizer"] = {"type": "AdamW", "params": {
                 "lr": group["lr"], "weight_decay": group.get("weight_decay", 0.0),
                 "betas": list(group.get("betas", (0.9, 0.999))), "eps": group.get("eps", 1e-8)}}
     return config
+
+
+@contextmanager
+def partitioned_init(dist: DistributedConfig, micro_batch_size: int, accumulation_steps: int = 1,
+                     max_grad_norm: float | None = 1.0):
+    """Build or load the model inside this: under DeepSpeed ZeRO-3, transformers then creates it
+    under ``deepspeed.zero.Init`` (it checks for a live ``HfDeepSpeedConfig``) and each worker loads
+    only its partition of the weights. Loading the whole model on every worker first, and sharding
+    it in ``deepspeed.initialize``, would need the whole model to fit one device: what ZeRO-3 is for
+    is the case where it does not. Elsewhere (DDP, ZeRO 0-2) nothing happens."""
+    if dist.strategy != "deepspeed" or dist.zero_stage != 3:
+        yield
+        return
+    from transformers.integrations import HfDeepSpeedConfig
+
+    skip_shm_comm_build()
+    precision = resolve_precision(dist.mixed_precision, device_for(dist))
+    # transformers keeps only a weak reference: the object must stay alive while models load, and
+    # must be gone afterwards (a later load, e.g. the final save's copy, is an ordinary one).
+    alive = HfDeepSpeedConfig(deepspeed_config(dist, micro_batch_size, accumulation_steps, max_grad_norm, None,
+                                               precision))
+    try:
+        yield
+    finally:
+        del alive
+
+
+def parameters_held(model) -> tuple[int, int]:
+    """(parameters this process holds, parameters of the model): equal unless ZeRO-3 partitioned it."""
+    held = total = 0
+    for p in model.parameters():
+        if hasattr(p, "ds_tensor"):  # a ZeRO-3 parameter: its local partition, and the full size
+            held, total = held + p.ds_tensor.numel(), total + p.ds_numel
+        else:
+            held, total = held + p.numel(), total + p.numel()
+    return held, total
 
 
 def setup_engine(model, optimizer, make_scheduler, dist: DistributedConfig, micro_batch_size: int,

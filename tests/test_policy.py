@@ -742,7 +742,8 @@ def _po_from_sft(root, ddp_out, name, **overrides):
 def test_zero3_offload_accumulation_resumes_after_a_killed_worker(ddp_run, mlflow_server):
     """The DDP run's PO again under DeepSpeed ZeRO-3 with the optimizer offloaded, 2 micro-batches of 2
     instead of one batch of 4 (the same global batch, hence the same updates), and the last worker's
-    process killed at step 6: the same loss curve, learning rates and final weights as DDP's. (ZeRO-2
+    process killed at step 6: each worker holds ~half the weights from the load on (zero.Init), and the
+    same loss curve, learning rates and final weights as DDP's. (ZeRO-2
     goes through the same engine wrapper; the annotator's k-fold test trains and restarts under it.)"""
     from transformers import AutoModelForCausalLM
 
@@ -766,7 +767,12 @@ def test_zero3_offload_accumulation_resumes_after_a_killed_worker(ddp_run, mlflo
         assert value == pytest.approx(expected[step], rel=CURVE_RTOL), step
     lr = dict(_curve(mlflow_server, run_id, "learning_rate"))
     assert lr == pytest.approx(dict(_curve(mlflow_server, ddp_run_id, "learning_rate")), rel=1e-9)
-    # ZeRO-3 shards the weights; the saved model is whole and equals the DDP run's
+    # ZeRO-3 builds the model partitioned (zero.Init): a worker holds about half of the 2-worker model
+    total = _curve(mlflow_server, run_id, "po/parameters")[0][1]
+    held = _curve(mlflow_server, run_id, "po/parameters_on_rank0")[0][1]
+    assert held <= 0.55 * total, (held, total)
+    assert _curve(mlflow_server, ddp_run_id, "po/parameters_on_rank0")[0][1] == total  # DDP: whole
+    # the saved model is whole and equals the DDP run's
     final = AutoModelForCausalLM.from_pretrained(out / "policy").state_dict()
     reference = AutoModelForCausalLM.from_pretrained(ddp_out / "policy").state_dict()
     for name, tensor in reference.items():

@@ -106,7 +106,9 @@ def test_a_pipeline_setting_the_policy_decides_is_refused_in_evaluate():
 def test_the_gpu_preset_is_accepted_and_asks_for_gpus():
     cfg = load_config(pipeline.Config, str(REPO / "jobs/configs/hh_pipeline_gpu.yaml"))
     assert cfg.annotator.use_gpu and cfg.annotate.gpus_per_actor > 0 and cfg.evaluate.num_gpus >= 1
-    assert cfg.policy.use_gpu and cfg.policy.strategy == "deepspeed" and cfg.policy.zero_stage == 3
+    assert cfg.policy.use_gpu and cfg.policy.strategy == "deepspeed"
+    assert cfg.policy.lora and cfg.policy.zero_stage == 2  # LoRA: the frozen weights fit a GPU, no ZeRO-3 gathers
+    assert cfg.policy.mixed_precision == "auto"  # bf16 on GPUs that have it
     assert cfg.source.startswith("hh-rlhf:")
 
 

@@ -281,3 +281,17 @@ def test_a_failed_final_save_is_not_retrained_and_a_rerun_saves_without_training
     assert _train_policy(data, tiny_decoder, out) == 0
     assert _loss_steps(mlflow_server, out) == list(range(1, 9))  # no step trained again
     assert (out / "policy" / "config.json").exists() and not (out / "save_error.txt").exists()
+
+
+def test_the_engine_runs_cpu_built_batches_on_its_models_device():
+    """Batches are built on the CPU; the engine puts them where the model is, as on a GPU worker
+    (train-annotator's model once trained on the CPU with one GPU worker). The meta device stands in
+    for the GPU here: it computes shapes only, and a CPU tensor reaching it would raise."""
+    from cwpo_ray.distributed import DDPEngine
+
+    model = torch.nn.Linear(4, 2).to("meta")
+    engine = DDPEngine(model, torch.optim.SGD(model.parameters(), lr=0.1), None)
+    assert engine(torch.ones(3, 4)).device.type == "meta"
+    assert engine(input=torch.ones(3, 4)).device.type == "meta"
+    with pytest.raises(Exception):
+        model(torch.ones(3, 4))  # what the engine spares its callers

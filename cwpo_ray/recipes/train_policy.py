@@ -722,7 +722,8 @@ def train_phase(job: Job, dist) -> bool:
     import torch
     from transformers import get_cosine_schedule_with_warmup
 
-    from cwpo_ray.distributed import RankZeroLogger, adamw, device_for, report, resume, setup_engine, world
+    from cwpo_ray.distributed import (RankZeroLogger, adamw, device_for, parameters_held, partitioned_init, report,
+                                      resume, setup_engine, world)
     from cwpo_ray.models import (ModelSource, enable_gradient_checkpointing, load_causal_lm, load_tokenizer,
                                 own_trainable_weights)
 
@@ -732,12 +733,16 @@ def train_phase(job: Job, dist) -> bool:
     source = ModelSource(job.model_path, job.gguf_file)
     torch.manual_seed(cfg.seed)
     tokenizer = load_tokenizer(source)
-    model = load_causal_lm(source, attn_implementation=cfg.attn_implementation)
+    with partitioned_init(dist, plan.batch_size, plan.accumulation):  # ZeRO-3: each worker loads its shard
+        model = load_causal_lm(source, attn_implementation=cfg.attn_implementation)
+    held, total = parameters_held(model)
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model)
-    model = _with_lora(model, cfg).to(device)
-    if device.type == "cpu":
-        model = own_trainable_weights(model)
+    model = _with_lora(model, cfg)
+    if held == total:  # ZeRO-3's partitions are already where DeepSpeed put them
+        model = model.to(device)
+        if device.type == "cpu":
+            model = own_trainable_weights(model)
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = adamw(params, job.lr, cfg.weight_decay)
@@ -746,6 +751,8 @@ def train_phase(job: Job, dist) -> bool:
         accumulation_steps=plan.accumulation)
     start = (resume(engine, job.mode) or {}).get("step", 0)
     logger = RankZeroLogger(job.metrics_file)
+    if start == 0:
+        logger.log_metrics({f"{job.mode}/parameters": total, f"{job.mode}/parameters_on_rank0": held}, step=0)
     if job.mode == "po":
         t0 = time.perf_counter()
         ensure_reference(engine, tokenizer, job.table, job.reference(engine.precision), rank, world_size)
