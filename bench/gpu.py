@@ -14,11 +14,16 @@ does not depend on the values) and measures, through this package's own code:
    with no_sync over 2 accumulation micro-batches plus gradient checkpointing; DeepSpeed ZeRO-2 / 0
    bf16 through ``distributed.DeepSpeedEngine``; fp32 on the machine's CPU cores as the reference;
    plus the loss of one batch under bf16 vs fp32;
-2. generation (``generation.TransformersGenerator``): batch 1 vs batch 32;
-3. annotator scoring (``Annotator.label_pairs``): batch 1 vs batch 32, the ceiling on what
+2. numerics: the same fp32 weights' log-probs on CUDA vs CPU (``logps_cuda_vs_cpu``); annotator
+   labels and confidences bf16 vs fp32 (``annotator_bf16_vs_fp32``, ``annotate.precision``'s bar);
+   the vLLM path of evaluation when vLLM is importable (``vllm_generation``: per-prompt seeds give
+   the same texts twice, a second engine starts after the first is torn down);
+3. generation (``generation.TransformersGenerator``): batch 1 vs batch 32;
+4. annotator scoring (``Annotator.label_pairs``): batch 1 vs batch 32, the ceiling on what
    request batching in ``cwpo serve`` can buy (3x was the target; 1.22x is possible on 2 CPU cores).
 
-Ray is not needed (world size 1); DeepSpeed must be importable. Each part records an error
+Ray is not needed (world size 1) and nothing reaches the network; DeepSpeed must be importable. The
+whole run takes a few minutes on one H100 (each part prints its seconds). Each part records an error
 instead of stopping the others. Figures go to stdout and to ``--out`` as JSON.
 """
 
@@ -166,6 +171,68 @@ def loss_agreement(model_dir: Path, batch: int = 16) -> dict:
             "logp_mean_fp32": float(out["float32"]["logps"].mean())}
 
 
+def logps_cuda_vs_cpu(model_dir: Path, batch: int = 16) -> dict:
+    """The same fp32 weights' summed response log-probs on the GPU and on the CPU (our scorer, the
+    reference pass's and evaluation's): how far CUDA kernels move them."""
+    import torch
+
+    from cwpo_ray import logprobs
+    from cwpo_ray.models import ModelSource, load_causal_lm, load_tokenizer
+
+    source = ModelSource(str(model_dir))
+    tok = load_tokenizer(source)
+    prompts, a, b = _pairs(batch)
+    pb = logprobs.pair_batch(tok, prompts, a, b, logprobs.Lengths(48, 96, True), packing="separate")
+    out = {}
+    for device in ("cpu", "cuda"):
+        model = load_causal_lm(source).to(device).eval()
+        with torch.no_grad():
+            out[device] = logprobs.sequence_logps(model, pb)[0].double().cpu()
+    rel = ((out["cuda"] - out["cpu"]).abs() / out["cpu"].abs()).max()
+    return {"batch": batch, "max_rel_diff": float(rel), "max_abs_diff": float((out["cuda"] - out["cpu"]).abs().max()),
+            "logp_mean": float(out["cpu"].mean())}
+
+
+def annotator_agreement(model_dir: Path, pairs_n: int = 2048) -> dict:
+    """Annotator labels and confidences scored in bf16 vs fp32 on the GPU (``annotate.precision``'s
+    bar: >= 99.5% of labels the same, confidences within 0.01), with a random head."""
+    import torch
+
+    from cwpo_ray.annotator import new_annotator
+    from cwpo_ray.models import ModelSource
+
+    torch.manual_seed(0)
+    ann = new_annotator(ModelSource(str(model_dir)), max_length=128)
+    ann.model.to("cuda").eval()
+    prompts, a, b = _pairs(pairs_n)
+    out = {}
+    for precision in ("fp32", "bf16"):
+        ann.precision = precision
+        out[precision] = ann.label_pairs(prompts, a, b, batch_size=64)
+    same = [x == y for x, y in zip(out["fp32"]["preferred"], out["bf16"]["preferred"])]
+    dconf = [abs(x - y) for x, y in zip(out["fp32"]["confidence"], out["bf16"]["confidence"])]
+    return {"pairs": pairs_n, "label_agreement": sum(same) / len(same), "max_conf_diff": max(dconf),
+            "mean_conf_diff": sum(dconf) / len(dconf)}
+
+
+def vllm_generation(model_dir: Path, prompts_n: int = 64) -> dict:
+    """The vLLM path of `cwpo evaluate` (generation.VLLMGenerator): start, generate with per-prompt
+    seeds twice (the same texts), tear down, start a second engine (the reference's)."""
+    from cwpo_ray.generation import GenSettings, VLLMGenerator
+
+    prompts, _, _ = _pairs(prompts_n)
+    s = GenSettings(n=1, temperature=0.95, max_new_tokens=24, batch_size=64, seed=0)
+    t0 = time.perf_counter()
+    gen = VLLMGenerator(str(model_dir))
+    first, second = gen.generate(prompts, s), gen.generate(prompts, s)
+    gen.close()
+    again = VLLMGenerator(str(model_dir))  # a second engine in the same process: the first freed its memory
+    third = again.generate(prompts[:4], s)
+    again.close()
+    return {"prompts": prompts_n, "seconds": time.perf_counter() - t0, "same_with_same_seeds": first == second,
+            "second_engine_ok": len(third) == 4, "example": first[0][0][:80]}
+
+
 def generation_rate(model_dir: Path, batch: int, prompts_n: int) -> dict:
     from cwpo_ray.generation import GenSettings, TransformersGenerator
 
@@ -242,6 +309,9 @@ def run(models: Path, out: Path, quick: bool, only: list[str] | None = None) -> 
         ("train_ds0_bf16_gpu_b32", lambda: train_step_rate(lm, dev, 32, steps, "deepspeed", 0, precision="bf16")),
         ("train_fp32_cpu_b8", lambda: train_step_rate(lm, "cpu", 8, 2 if quick else 3, "ddp")),
         ("loss_bf16_vs_fp32", lambda: loss_agreement(lm)),
+        ("logps_cuda_vs_cpu", lambda: logps_cuda_vs_cpu(lm)),
+        ("annotator_bf16_vs_fp32", lambda: annotator_agreement(enc, 256 if quick else 2048)),
+        ("vllm_generation", lambda: vllm_generation(lm, 16 if quick else 64)),
         ("generate_b1", lambda: generation_rate(lm, 1, 8 if quick else 32)),
         ("generate_b32", lambda: generation_rate(lm, 32, 32 if quick else 256)),
         ("annotate_b1", lambda: annotator_rate(enc, 1, 16 if quick else 256, dev)),
@@ -251,7 +321,9 @@ def run(models: Path, out: Path, quick: bool, only: list[str] | None = None) -> 
     ]
     if not cuda:  # on CPU (a dry run of this script) the DeepSpeed and agreement parts do not apply
         plan = [p for p in plan if "_ds" not in p[0]]
-        plan = [p for p in plan if p[0] != "loss_bf16_vs_fp32"]
+        plan = [p for p in plan if p[0] not in ("loss_bf16_vs_fp32", "logps_cuda_vs_cpu", "annotator_bf16_vs_fp32")]
+    if not importlib.util.find_spec("vllm") or not cuda:
+        plan = [p for p in plan if p[0] != "vllm_generation"]
     if only:
         plan = [p for p in plan if p[0] in only]
     for name, part in plan:

@@ -64,6 +64,14 @@ class TextBlobJudge:
         return [float(self._analyzer.analyze(response)[0]) for _, response in pairs]
 
 
+def model_device() -> str:
+    """Where a judge's model runs: the GPU when this process has one (an evaluation task that holds a
+    GPU scores with it, not with its CPU cores), else the CPU."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 class AnnotatorJudge:
     """An annotator folder as a judge: its scores are `cwpo annotate`'s."""
 
@@ -71,7 +79,7 @@ class AnnotatorJudge:
         from cwpo_ray.annotator import load_annotator
 
         self.name, self.batch_size = folder, batch_size
-        self.annotator = load_annotator(folder)
+        self.annotator = load_annotator(folder, device=model_device())
 
     def __call__(self, pairs: Sequence[tuple[str, str]]) -> list[float]:
         pairs = list(pairs)
@@ -91,7 +99,7 @@ class RewardModelJudge:
         self.batch_size, self.max_length = batch_size, max_length
         self.tokenizer = load_tokenizer(source)
         # Raises when the checkpoint has no trained classifier (transformers would only warn).
-        self.model = load_sequence_classifier(source.path, **source.kwargs())
+        self.model = load_sequence_classifier(source.path, **source.kwargs()).to(model_device())
         # Decoder reward models find the last real token through the pad id.
         match_pad(self.model, self.tokenizer)
         self.mode = ("chat" if getattr(self.tokenizer, "chat_template", None)
@@ -122,7 +130,7 @@ class RewardModelJudge:
                 enc = self.tokenizer([p for p, _ in chunk], [r for _, r in chunk], padding=True, truncation=True,
                                      max_length=self.max_length, return_tensors="pt")
             with torch.no_grad():
-                logits = self.model(**enc).logits
+                logits = self.model(**enc.to(self.model.device)).logits
             scores += logits[:, 0].float().tolist()
         return scores
 

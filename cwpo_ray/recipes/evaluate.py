@@ -183,9 +183,11 @@ def pair_logps(model_spec: str, rows: list[dict], cfg: Config) -> tuple[np.ndarr
     from cwpo_ray.models import load_causal_lm, load_tokenizer, resolve_model
     from cwpo_ray.logprobs import Lengths, reference_logps
 
+    from cwpo_ray.judges import model_device
+
     source = resolve_model(model_spec)
     tok = load_tokenizer(source)
-    model = load_causal_lm(source).eval()
+    model = load_causal_lm(source).to(model_device()).eval()  # the task's GPU when it holds one
     lengths = Lengths(cfg.max_prompt_length, cfg.max_length, cfg.chat_template)
     chosen, rejected = [], []
     with torch.no_grad():
