@@ -7,6 +7,7 @@ grad clipping 1.0), plain DPO with uniform weights so the losses are comparable.
 in this one process's machine on the CPU, one after the other.
 
     python bench/train_policy.py [--models tiny,smollm2-135m] [--pairs 64] [--smollm-pairs 16]
+        [--variants default,packing=separate,gradient_checkpointing=true]
 
 TRL is only needed here: install it beside the project without touching torch/transformers,
 e.g. `pip install --no-deps --target /work/bench-trl trl` and run with
@@ -18,7 +19,9 @@ as a user runs it; TRL's precompute pass at the train batch size, 8, its default
 the whole `run(cfg)`, Ray start-up and model loading included. "TRL epoch" is
 `trainer.train()`'s train_runtime (it computes the reference forward inside each step);
 "TRL wall" adds trainer construction (tokenization, model copy for the reference).
-Repeat r starts with side r (mod the number of sides), so no side always runs first.
+Repeat r starts with side r (mod the number of sides), so no side always runs first. Each of our
+``--variants`` is one more side (train-policy settings over the default: packing, mixed precision,
+gradient checkpointing), with its own ratio to TRL's run of the same repeat.
 """
 
 from __future__ import annotations
@@ -77,7 +80,17 @@ def model_folder(name: str, work: Path):
     return str(folder), resolve_model(str(folder))
 
 
-def run_ours(spec: str, pairs_path: Path, out: Path, args, batch: int, n_pairs: int) -> dict:
+OURS = "cwpo train-policy"
+
+
+def variant_settings(variant: str) -> dict:
+    """``default`` or ``key=value+key=value`` (train-policy settings) -> the overrides."""
+    if variant == "default":
+        return {}
+    return dict(kv.split("=", 1) for kv in variant.split("+"))
+
+
+def run_ours(spec: str, pairs_path: Path, out: Path, args, batch: int, n_pairs: int, variant: str = "default") -> dict:
     from mlflow.tracking import MlflowClient
 
     from cwpo_ray.config import load_config
@@ -89,9 +102,8 @@ def run_ours(spec: str, pairs_path: Path, out: Path, args, batch: int, n_pairs: 
         lr=args.lr, warmup_steps=0, batch_size=batch, max_length=args.max_length,
         max_prompt_length=args.max_length // 2, num_workers=1, strategy="ddp", cpus_per_worker=float(os.cpu_count()),
         checkpoint_every=10**6, max_failures=0, progress=False, experiment="bench-train-policy",
-        chat_template=False,  # TRL gets plain-text prompts too
-        packing=args.packing, gradient_checkpointing=args.gradient_checkpointing,
-        mixed_precision=args.mixed_precision))
+        chat_template=False),  # TRL gets plain-text prompts too
+        overrides=[f"{k}={v}" for k, v in variant_settings(variant).items()])
     t0 = time.perf_counter()
     train_policy.run(cfg)
     wall = time.perf_counter() - t0
@@ -166,18 +178,17 @@ def bench_model(name: str, n_pairs: int, words: int, args, work: Path) -> list[d
     pq.write_table(pa.Table.from_pylist(rows), pairs_path)
     spec, source = model_folder(name, work)
     results = []
+    variants = args.variants.split(",")
     for rep in range(args.repeats):
-        if args.no_trl:
-            ours = run_ours(spec, pairs_path, work / f"ours-{name}-{rep}", args, args.batch_size, n_pairs)
-            results.append({"model": name, "who": "cwpo train-policy", "repeat": rep, **ours})
-            continue
-        sides = [("TRL DPOTrainer", lambda: run_trl(source, rows, work / f"trl-{name}-{rep}", args, args.batch_size,
-                                                     precompute=False))]
-        if args.trl_precompute:
+        sides = [] if args.no_trl else [("TRL DPOTrainer", lambda: run_trl(
+            source, rows, work / f"trl-{name}-{rep}", args, args.batch_size, precompute=False))]
+        if args.trl_precompute and not args.no_trl:
             sides.append(("TRL, precompute_ref_log_probs", lambda: run_trl(
                 source, rows, work / f"trlpre-{name}-{rep}", args, args.batch_size, precompute=True)))
-        sides.append(("cwpo train-policy", lambda: run_ours(spec, pairs_path, work / f"ours-{name}-{rep}", args,
-                                                            args.batch_size, n_pairs)))
+        for k, variant in enumerate(variants):
+            who = OURS if variant == "default" else f"{OURS} [{variant}]"
+            sides.append((who, lambda k=k, variant=variant: run_ours(
+                spec, pairs_path, work / f"ours-{name}-{rep}-{k}", args, args.batch_size, n_pairs, variant)))
         # Each repeat starts with another side: what runs first in a fresh process finds the
         # machine's memory in another state than what runs after (bench/RESULTS.md, run 6).
         turn = rep % len(sides)
@@ -198,29 +209,32 @@ def ratios(results: list[dict]) -> str:
     reference pass, and the largest per-step relative loss difference to each; then the medians."""
     from statistics import median
 
-    lines = ["| model | repeat | ours s | TRL s | ours / TRL | TRL precompute + ref s | ours / (TRL pre + ref) | "
-             "max rel. loss diff vs TRL | vs TRL pre |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| model | ours | repeat | ours s | TRL s | ours / TRL | TRL precompute + ref s | "
+             "ours / (TRL pre + ref) | max rel. loss diff vs TRL | vs TRL pre |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     by_model: dict[str, list] = {}
     for r in results:
         by_model.setdefault(r["model"], []).append(r)
     for model, rs in by_model.items():
-        rows = []
-        for rep in sorted({r["repeat"] for r in rs}):
-            who = {r["who"]: r for r in rs if r["repeat"] == rep}
-            ours, trl, pre = (who.get(k) for k in ("cwpo train-policy", "TRL DPOTrainer",
-                                                   "TRL, precompute_ref_log_probs"))
-            if not ours or not trl:
-                continue
-            pre_s = pre["epoch_s"] + pre["ref_s"] if pre else float("nan")
-            rows.append((ours["epoch_s"], trl["epoch_s"], ours["epoch_s"] / trl["epoch_s"], pre_s,
-                         ours["epoch_s"] / pre_s,
-                         max_relative_difference(ours["losses"], trl["losses"]),
-                         max_relative_difference(ours["losses"], pre["losses"]) if pre else float("nan")))
-            lines.append(f"| {model} | {rep + 1} | " + " | ".join(f"{v:.2f}" for v in rows[-1][:5])
-                         + f" | {rows[-1][5]:.1e} | {rows[-1][6]:.1e} |")
-        if len(rows) > 1:
-            lines.append(f"| {model} | median | " + " | ".join(f"{median(c):.2f}" for c in list(zip(*rows))[:5])
-                         + f" | {max(r[5] for r in rows):.1e} (max) | {max(r[6] for r in rows):.1e} (max) |")
+        for variant in sorted({r["who"] for r in rs if r["who"].startswith(OURS)}):
+            label = variant[len(OURS):].strip(" []") or "default"
+            rows = []
+            for rep in sorted({r["repeat"] for r in rs}):
+                who = {r["who"]: r for r in rs if r["repeat"] == rep}
+                ours, trl, pre = (who.get(k) for k in (variant, "TRL DPOTrainer", "TRL, precompute_ref_log_probs"))
+                if not ours or not trl:
+                    continue
+                pre_s = pre["epoch_s"] + pre["ref_s"] if pre else float("nan")
+                rows.append((ours["epoch_s"], trl["epoch_s"], ours["epoch_s"] / trl["epoch_s"], pre_s,
+                             ours["epoch_s"] / pre_s,
+                             max_relative_difference(ours["losses"], trl["losses"]),
+                             max_relative_difference(ours["losses"], pre["losses"]) if pre else float("nan")))
+                lines.append(f"| {model} | {label} | {rep + 1} | " + " | ".join(f"{v:.2f}" for v in rows[-1][:5])
+                             + f" | {rows[-1][5]:.1e} | {rows[-1][6]:.1e} |")
+            if len(rows) > 1:
+                lines.append(f"| {model} | {label} | median | "
+                             + " | ".join(f"{median(c):.2f}" for c in list(zip(*rows))[:5])
+                             + f" | {max(r[5] for r in rows):.1e} (max) | {max(r[6] for r in rows):.1e} (max) |")
     return "\n".join(lines)
 
 
@@ -247,9 +261,9 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--trl-precompute", action="store_true", help="also time TRL with precompute_ref_log_probs")
     p.add_argument("--no-trl", action="store_true", help="time only our trainer")
-    p.add_argument("--packing", default="auto", help="our train-policy's --packing (shared_prefix, separate, auto)")
-    p.add_argument("--gradient-checkpointing", action="store_true", help="our train-policy with gradient checkpointing")
-    p.add_argument("--mixed-precision", default="auto", help="our train-policy's --mixed-precision")
+    p.add_argument("--variants", default="default",
+                   help="our runs, comma-separated: default, or train-policy settings joined by + (e.g. "
+                        "default,packing=separate,gradient_checkpointing=true+packing=separate)")
     p.add_argument("--fresh-ray", action="store_true", help="stop Ray after each of our runs (each pays ray.init)")
     p.add_argument("--json", default="")
     args = p.parse_args()
