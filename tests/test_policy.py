@@ -291,7 +291,7 @@ def test_reference_pass_scores_each_response_once_across_runs(tiny, tmp_path):
     from tiny_models import synthetic_pairs
 
     from cwpo_ray.logprobs import Lengths
-    from cwpo_ray.recipes.train_policy import ReferenceSpec, ensure_reference
+    from cwpo_ray.policy.reference import ReferenceSpec, ensure_reference
 
     tokenizer, source = tiny
     rows = synthetic_pairs(10, seed=3)
@@ -350,6 +350,7 @@ def test_streamed_train_pairs_keep_what_pair_weights_keeps(tmp_path, spec):
     and keeps exactly the rows and weights of the in-memory ``pair_weights``, ties included."""
     from cwpo_ray.config import load_config
     from cwpo_ray.recipes import train_policy
+    from cwpo_ray.policy.train_table import write_train_pairs
     from cwpo_ray.rowstore import topk_keep, topk_selection
 
     rng = random.Random(1)
@@ -357,7 +358,7 @@ def test_streamed_train_pairs_keep_what_pair_weights_keeps(tmp_path, spec):
     rows = _confidence_table(tmp_path / "pairs.parquet", conf)
     cfg = load_config(train_policy.Config, flags=dict(data=str(tmp_path / "pairs.parquet"), out=str(tmp_path / "o"),
                                                       weighting=spec, batch_size=1, num_workers=1))
-    n = train_policy.write_train_pairs(cfg, tmp_path / "train_pairs.parquet")
+    n = write_train_pairs(cfg, tmp_path / "train_pairs.parquet")
     keep, weights = weighting.pair_weights(conf, spec, len(conf))
     written = pq.read_table(tmp_path / "train_pairs.parquet").to_pydict()
     assert n == len(keep) and written["id"] == [rows[i]["id"] for i in keep] and written["weight"] == weights
@@ -377,6 +378,7 @@ def test_confidence_raw_weighting_reads_the_uncalibrated_column(tmp_path):
     """The cw_raw arm: weights are the annotated table's confidence_raw, not its calibrated confidence."""
     from cwpo_ray.config import load_config
     from cwpo_ray.recipes import train_policy
+    from cwpo_ray.policy.train_table import write_train_pairs
 
     rows = [{"id": f"p{i}", "prompt": f"q{i}", "chosen": f"c{i}", "rejected": f"r{i}", "confidence": 0.9,
              "confidence_raw": i / 10} for i in range(8)]
@@ -384,32 +386,33 @@ def test_confidence_raw_weighting_reads_the_uncalibrated_column(tmp_path):
     for spec, want in (("confidence", [0.9] * 8), ("confidence_raw", [i / 10 for i in range(8)])):
         cfg = load_config(train_policy.Config, flags=dict(data=str(tmp_path / "pairs.parquet"), out=str(tmp_path / "o"),
                                                           weighting=spec, batch_size=1, num_workers=1))
-        train_policy.write_train_pairs(cfg, tmp_path / f"{spec}.parquet")
+        write_train_pairs(cfg, tmp_path / f"{spec}.parquet")
         assert pq.read_table(tmp_path / f"{spec}.parquet").column("weight").to_pylist() == pytest.approx(want)
     pq.write_table(pa.Table.from_pylist([{k: v for k, v in r.items() if k != "confidence_raw"} for r in rows]),
                    tmp_path / "old.parquet")
     cfg = load_config(train_policy.Config, flags=dict(data=str(tmp_path / "old.parquet"), out=str(tmp_path / "o"),
                                                       weighting="confidence_raw", batch_size=1, num_workers=1))
     with pytest.raises(ValueError, match="needs a confidence_raw column"):
-        train_policy.write_train_pairs(cfg, tmp_path / "x.parquet")
+        write_train_pairs(cfg, tmp_path / "x.parquet")
 
 
 def test_streamed_train_pairs_reject_bad_confidence_and_publish_nothing(tmp_path):
     from cwpo_ray.config import load_config
     from cwpo_ray.recipes import train_policy
+    from cwpo_ray.policy.train_table import write_train_pairs
 
     _confidence_table(tmp_path / "pairs.parquet", [0.5] * 20 + [1.5])
     cfg = load_config(train_policy.Config, flags=dict(data=str(tmp_path / "pairs.parquet"), out=str(tmp_path / "o"),
                                                       weighting="confidence", batch_size=1, num_workers=1))
     with pytest.raises(ValueError, match="confidence must be in"):
-        train_policy.write_train_pairs(cfg, tmp_path / "train_pairs.parquet")
+        write_train_pairs(cfg, tmp_path / "train_pairs.parquet")
     assert not list(tmp_path.glob("*train_pairs*"))  # no partial table, no temporary left
 
 
 def test_step_plan_keeps_the_order_published_runs_trained_in():
     """Up to RANDPERM_ROWS rows, an epoch's order is torch.randperm's as it always was (the quick and
     full presets' results reproduce); above, a permutation computed per step (flat memory)."""
-    from cwpo_ray.recipes.train_policy import RANDPERM_ROWS, StepPlan
+    from cwpo_ray.policy.train_table import RANDPERM_ROWS, StepPlan
 
     plan = StepPlan(n=100, batch_size=4, world=2, epochs=2, seed=3)
     for step in range(plan.total_steps):
@@ -426,7 +429,7 @@ def test_step_plan_keeps_the_order_published_runs_trained_in():
 def test_step_plan_rows_read_by_index_are_the_plans_rows(tmp_path):
     """Every epoch is a permutation (each row once, the remainder dropped), the same for a fresh
     plan (a resumed run), another per epoch; the batch reader returns exactly those rows."""
-    from cwpo_ray.recipes.train_policy import BatchReader, StepPlan
+    from cwpo_ray.policy.train_table import BatchReader, StepPlan
     from cwpo_ray.rowstore import RowWriter
 
     n = 103
@@ -460,7 +463,8 @@ def test_reference_table_joined_per_batch_equals_scoring_each_pair(tiny, tmp_pat
     the merged table read per micro-batch gives each pair's log-probs as scoring it directly."""
     from tiny_models import synthetic_pairs
 
-    from cwpo_ray.recipes.train_policy import BatchReader, ReferenceCache, ReferenceSpec, StepPlan, ensure_reference
+    from cwpo_ray.policy.reference import ReferenceCache, ReferenceSpec, ensure_reference
+    from cwpo_ray.policy.train_table import BatchReader, StepPlan
     from cwpo_ray.rowstore import RowWriter
 
     tokenizer, source = tiny
@@ -792,14 +796,15 @@ def test_final_model_is_the_trained_module_and_loads_with_from_pretrained(tiny, 
     from cwpo_ray.config import load_config
     from cwpo_ray.distributed import DistributedConfig, adamw, setup_engine
     from cwpo_ray.recipes import train_policy
+    from cwpo_ray.policy import worker
 
     tokenizer, source = tiny
     cfg = load_config(train_policy.Config, flags=dict(data=str(tmp_path), model=source.path, out=str(tmp_path),
                                                        lora=lora, lora_r=4))
-    job = train_policy.Job(cfg=cfg, mode="po", model_path=source.path, gguf_file=None, table="",
+    job = worker.Job(cfg=cfg, mode="po", model_path=source.path, gguf_file=None, table="",
                            save_to=str(tmp_path / "policy"), lr=0.1, warmup_steps=0, plan=None,
                            metrics_file="", reference_table="")
-    model = train_policy._with_lora(fresh_model(source), cfg)
+    model = worker.with_lora(fresh_model(source), cfg)
     engine = setup_engine(model, adamw([p for p in model.parameters() if p.requires_grad], 0.1, 0.0), None,
                           DistributedConfig(), micro_batch_size=1)
     for _ in range(2):  # LoRA's B starts at zero: the second step moves the merged weights
@@ -807,7 +812,7 @@ def test_final_model_is_the_trained_module_and_loads_with_from_pretrained(tiny, 
     trained = (copy.deepcopy(model).merge_and_unload() if lora else model).state_dict()
     trained = {k: v.clone() for k, v in trained.items()}
 
-    train_policy.save_final_model(engine, tokenizer, source, job, rank=0)
+    worker.save_final_model(engine, tokenizer, source, job, rank=0)
     saved = AutoModelForCausalLM.from_pretrained(tmp_path / "policy").state_dict()
     start = fresh_model(source).state_dict()
     assert set(saved) == set(trained) == set(start)
