@@ -216,13 +216,45 @@ def text_format(tokenizer, meta: AnnotatorMeta) -> dict:
     }
 
 
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("fp32", "bf16")  # what a model is scored in
+PRECISION_CHOICES = ("auto",) + PRECISIONS  # what a user may ask for; auto is resolved per device
+
+
+def fast_bf16(device: torch.device | str) -> bool:
+    """Whether ``device`` runs bf16 matmuls natively: a CUDA GPU with bf16 units (Ampere and later;
+    emulated bf16 on older GPUs is not counted), a CPU with AVX512-BF16 or AMX-BF16."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+    if device.type == "cpu":
+        # torch.cpu.get_capabilities() is public (torch.cpu.__all__, documented) and reads the CPU's
+        # feature flags via cpuinfo on any OS; torch.cpu._is_avx512_bf16_supported / _is_amx_tile_supported
+        # and torch.ops.mkldnn._is_mkldnn_bf16_supported say the same but are private. Without these
+        # flags bf16 matmuls are emulated (no bf16 instructions to gain from), so auto keeps fp32 there.
+        caps = getattr(torch.cpu, "get_capabilities", None)
+        if caps is None:  # older torch: no public query, keep fp32
+            return False
+        flags = caps()
+        return bool(flags.get("avx512_bf16") or flags.get("amx_bf16"))
+    return False
+
+
+def resolve_precision(precision: str, device: torch.device | str) -> str:
+    """"fp32" or "bf16": what ``precision`` (auto, fp32, bf16) scores in on ``device``. auto is bf16
+    where the device has fast bf16 (``fast_bf16``), fp32 elsewhere (how bf16's labels differ from
+    fp32's: bench/RESULTS.md, "bf16 annotation with a trained annotator")."""
+    if precision == "auto":
+        return "bf16" if fast_bf16(device) else "fp32"
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISION_CHOICES)}")
+    return precision
 
 
 def autocast_for(precision: str, device: torch.device):
     """The autocast context of a scoring precision: fp32 runs the model as stored (no autocast);
     bf16 runs its matmuls in bfloat16 (on CPUs with AMX / AVX512-BF16 several times fp32's GEMM rate),
-    softmax, layer norms and the rewards stay fp32."""
+    softmax and layer norms stay fp32; the reward head is a matmul too, so the rewards come out
+    of bf16 and are returned as fp32."""
     if precision == "fp32":
         return contextlib.nullcontext()
     if precision == "bf16":
@@ -233,7 +265,8 @@ def autocast_for(precision: str, device: torch.device):
 class Annotator:
     """A reward model with its tokenizer and metadata: scores texts and labels pairs.
 
-    ``precision`` ("fp32" or "bf16") is how ``score`` runs the model; weights stay fp32 either way."""
+    ``precision`` ("fp32" or "bf16", already resolved: see ``resolve_precision``) is how ``score`` runs the
+    model; weights stay fp32 either way."""
 
     def __init__(self, model: nn.Module, tokenizer, meta: AnnotatorMeta, precision: str = "fp32"):
         if precision not in PRECISIONS:
@@ -458,7 +491,11 @@ def load_annotator(folder: str | Path, device: str = "cpu", precision: str = "fp
     - no annotator.json, config.json with one label and a ``*ForSequenceClassification``
       architecture (e.g. a TRL RewardTrainer output): that class, scored in the default text
       format (prompt + "\\n" + response, max_length up to 512).
+
+    ``precision``: fp32, bf16, or auto (resolved on ``device`` by ``resolve_precision``); the
+    annotator's ``precision`` is the resolved one.
     """
+    precision = resolve_precision(precision, device)  # first: a bad value fails before any loading
     folder = Path(folder)
     source = ModelSource(str(folder))
     if (folder / META_FILE).is_file():

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from cwpo_ray import calibration
-from cwpo_ray.annotator import new_annotator, save_annotator
+from cwpo_ray.annotator import new_annotator, resolve_precision, save_annotator
 from cwpo_ray.config import ConfigError, load_config
 from cwpo_ray.models import ModelSource
 from cwpo_ray.recipes import annotate
@@ -179,8 +180,19 @@ def test_work_folder_is_kept_only_for_the_same_fingerprint(tmp_path):
     assert annotate.prepare_work(out, annotate.fingerprint(cfg, [data]))[1] == "resume"
     cfg.precision = "bf16"  # changes the labels' last digits: starts over
     assert annotate.prepare_work(out, annotate.fingerprint(cfg, [data]))[1].startswith("starting over")
+    # auto is fingerprinted as what it resolves to: it resumes the run of that precision, and only that one
+    cfg.precision = "auto"
+    resolved = resolve_precision("auto", "cpu")
+    assert annotate.actor_precision(cfg) == resolved
+    assert annotate.fingerprint(cfg, [data]) == annotate.fingerprint(replace(cfg, precision=resolved), [data])
+    assert annotate.fingerprint(cfg, [data])["settings"].get("precision", "fp32") == resolved
+    # fp32 adds no key: the work folder of a run from before the setting existed (fp32) still resumes
+    assert "precision" not in annotate.fingerprint(replace(cfg, precision="fp32"), [data])["settings"]
+    note = annotate.prepare_work(out, annotate.fingerprint(cfg, [data]))[1]  # after the bf16 run
+    assert note == "resume" if resolved == "bf16" else note.startswith("starting over")
     cfg.precision = "fp32"
     work, note = annotate.prepare_work(out, annotate.fingerprint(cfg, [data]))
+    assert note == "resume" if resolved == "fp32" else note.startswith("starting over")
     for change in ("settings", "input", "annotator"):
         (work / "units" / "u.json").write_text("{}")
         if change == "settings":
@@ -207,7 +219,7 @@ def test_annotate_resumes_after_the_driver_is_killed(ray_cluster, tiny_encoder, 
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "cwpo_ray", "annotate", "--data", str(data), "--annotator", str(annotator),
            "--out", str(out), "--num-actors", "2", "--unit-rows", "2500", "--max-rows-per-file", "20000",
-           "--export-uncertain", "25"]
+           "--export-uncertain", "25", "--precision", "auto"]
     units = len(annotate.plan_units(table_files(data), 2500))
     env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address,
            "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
@@ -238,6 +250,8 @@ def test_annotate_resumes_after_the_driver_is_killed(ray_cluster, tiny_encoder, 
     assert report["quarantined"] == len(BAD_LINES) and sum(report["quarantine_reasons"].values()) == len(BAD_LINES)
     assert report["resumed_units"] >= done_before and report["units"] == units
     assert report["annotated_this_run"] < len(rows)  # the killed run's units were not labeled again
+    # both runs resolved auto alike (else the rerun starts over), and the report records the resolved precision
+    assert report["precision"] == report["settings"]["precision"] == resolve_precision("auto", "cpu")
     assert report["human_agreement"]["pairs"] == len(rows) and report["human_agreement"]["deciles_approximate"]
     files = sorted((out / "annotated.parquet").glob("*.parquet"))
     assert all(pq.ParquetFile(f).metadata.num_rows <= 20_000 for f in files) and len(files) >= 3

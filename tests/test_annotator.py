@@ -133,6 +133,43 @@ def test_annotate_bf16_precision_scores_like_fp32(tiny_encoder, tmp_path):
         load_annotator(folder, precision="fp16")
 
 
+def _cpu_flags() -> set[str] | None:
+    """The CPU's feature flags as the Linux kernel reports them (None elsewhere): a source of its own,
+    not the cpuinfo library torch.cpu.get_capabilities() reads."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    return {f for line in text.splitlines() if line.startswith("flags") for f in line.split(":", 1)[1].split()}
+
+
+def test_auto_precision_is_bf16_exactly_where_the_cpu_has_bf16_units(tiny_encoder, tmp_path):
+    """auto resolves to bf16 on a CPU with AVX512-BF16 or AMX-BF16 (the kernel's flags say which), fp32
+    elsewhere; an annotator loaded with auto holds the resolved precision and scores in it."""
+    from cwpo_ray.annotator import PRECISION_CHOICES, fast_bf16, resolve_precision
+    from cwpo_ray.recipes import annotate
+
+    flags = _cpu_flags()
+    if flags is None:
+        pytest.skip("no /proc/cpuinfo to check the CPU's bf16 flags against")
+    expected = "bf16" if {"avx512_bf16", "amx_bf16"} & flags else "fp32"
+    assert fast_bf16("cpu") == (expected == "bf16")
+    assert resolve_precision("auto", "cpu") == resolve_precision("auto", torch.device("cpu")) == expected
+    assert resolve_precision("fp32", "cpu") == "fp32" and resolve_precision("bf16", "cpu") == "bf16"
+    if not torch.cuda.is_available():
+        assert resolve_precision("auto", "cuda") == "fp32"  # no GPU: nothing to run bf16 on
+    with pytest.raises(ValueError, match="precision"):
+        resolve_precision("fp16", "cpu")
+    assert annotate.PRECISION_CHOICES == PRECISION_CHOICES  # the recipe's copy (no torch import there)
+
+    folder = save_annotator(new_annotator(ModelSource(str(tiny_encoder)), max_length=32), tmp_path / "ann")
+    auto, explicit = load_annotator(folder, precision="auto"), load_annotator(folder, precision=expected)
+    assert auto.precision == expected
+    rows = eval_pairs(20, seed=3)
+    args = [r["prompt"] for r in rows], [r["response_a"] for r in rows], [r["response_b"] for r in rows]
+    assert auto.label_pairs(*args) == explicit.label_pairs(*args)
+
+
 # ----------------------------------------------------------------------------- training
 
 def test_ddp_training_learns_and_logs(trained, mlflow_server):
@@ -206,7 +243,7 @@ def test_annotate_cli_counts_quarantine_and_agreement(ray_cluster, trained, tmp_
     write_jsonl(shards / "part-1.jsonl", rows[120:] + BAD_ROWS[3:])
     out = tmp_path / "out"
     args = ["annotate", "--data", str(shards), "--annotator", str(trained), "--out", str(out), "--num-actors", "2",
-            "--batch-size", "64", "--export-uncertain", "10"]
+            "--batch-size", "64", "--export-uncertain", "10", "--precision", "auto"]
     assert main(args) == 0
 
     annotated, quarantine = read_table(out / "annotated.parquet"), read_table(out / "quarantine.parquet")
@@ -231,6 +268,11 @@ def test_annotate_cli_counts_quarantine_and_agreement(ray_cluster, trained, tmp_
     assert conf[right].mean() > conf[~right].mean()
     report = json.loads((out / "report.json").read_text())
     assert report["annotated"] == len(rows) and report["quarantined"] == len(BAD_ROWS)
+    # auto is recorded as what it resolved to on the actors' device (the CPU here)
+    from cwpo_ray.annotator import resolve_precision
+
+    assert report["precision_requested"] == "auto"
+    assert report["precision"] == report["settings"]["precision"] == resolve_precision("auto", "cpu")
     agreement = report["human_agreement"]
     assert agreement["accuracy"] == pytest.approx(right.mean())
     assert agreement["by_confidence_decile"][-1]["accuracy"] >= agreement["by_confidence_decile"][0]["accuracy"]
@@ -238,12 +280,16 @@ def test_annotate_cli_counts_quarantine_and_agreement(ray_cluster, trained, tmp_
 
     uncertain = read_table(out / "uncertain.parquet")
     assert uncertain.num_rows == 10
-    assert set(uncertain["id"].to_pylist()) == set(np.array([r["id"] for r in table])[np.argsort(conf)[:10]])
+    # the 10 least confident (by value: bf16 rewards can tie, and a tie may go either way)
+    by_id = {r["id"]: r["confidence"] for r in table}
+    assert len(set(uncertain["id"].to_pylist())) == 10
+    assert max(by_id[i] for i in uncertain["id"].to_pylist()) <= np.sort(conf)[9]
 
-    # a rerun into the same OUT (Parquet input this time, no export) replaces everything
+    # a rerun into the same OUT (Parquet input this time, no export, the default precision) replaces everything
     write_table(pa.Table.from_pylist(rows[:50]), tmp_path / "small.parquet")
     assert main(["annotate", "--data", str(tmp_path / "small.parquet"), "--annotator", str(trained),
                  "--out", str(out), "--num-actors", "1"]) == 0
+    assert json.loads((out / "report.json").read_text())["precision"] == "fp32"  # the default
     assert count_rows(out / "annotated.parquet") == 50 and count_rows(out / "quarantine.parquet") == 0
     assert not (out / "uncertain.parquet").exists()
     # the scores of the Ray actors are those of the annotator loaded here (up to float rounding:

@@ -8,6 +8,18 @@ with confidence C = 2 (sigma((r_chosen - r_rejected) / T) - 0.5), T the annotato
 temperature (confidence_raw: the same with T = 1). Input longer than the
 annotator's max_length is cut by its rule: the prompt loses its beginning first.
 
+--precision: fp32 (the default) runs the model as stored; bf16 runs its matmuls under bfloat16
+autocast (weights, softmax and layer norms stay fp32), which moves the rewards by a few hundredths:
+a pair whose two rewards are nearly tied can change its label, and confidences move by up to a few
+hundredths where the margin is steep. auto is bf16 where the actors' device runs bf16 natively (a
+CUDA GPU with bf16, a CPU with AVX512-BF16 or AMX-BF16) and fp32 elsewhere, where bf16 matmuls
+would be emulated. auto is resolved once per run, before any unit is labeled (CPU actors: on the
+driver's CPU; GPU actors: by a one-off task on a GPU); every actor gets the resolved value, and
+report.json records it ("precision"; "precision_requested" is what was asked). fp32 stays the
+default because bf16 did not meet the bar set for it on the built-in benchmark with a trained
+annotator: >= 99.5% same chosen response and every confidence (confidence and confidence_raw)
+within 0.01 of fp32's (bench/RESULTS.md, "bf16 annotation with a trained annotator").
+
 Rows that are not JSON objects, miss a field, hold a non-string or empty text, or have two
 identical responses go to quarantine with a reason; every input row ends up in exactly one
 of the two outputs. A row without an id gets one derived from its text (as `cwpo data` does).
@@ -31,7 +43,9 @@ labels a whole unit, writes its annotated / quarantine rows and a small JSON sid
 statistics into OUT/.annotate-work/units/, and the sidecar, renamed into place last, commits
 the unit. A rerun whose input files (paths, sizes, mtimes), annotator folder (file sizes,
 mtimes) and output-changing settings (unit_rows, export_uncertain, precision) match the fingerprint
-in OUT/.annotate-work/ skips the committed units; otherwise it starts over and says so.
+in OUT/.annotate-work/ skips the committed units; otherwise it starts over and says so. The
+fingerprint holds the precision the actors run in (auto resolved), so a resumed run never mixes
+fp32 and bf16 units: a run resumed with auto on a machine where it resolves otherwise starts over.
 When every unit is committed the unit files are rewritten into the final files (one Ray task
 per output file) and the report is merged from the sidecars, so it covers the killed run's
 rows too; then the work folder is removed. Ray Data's CheckpointConfig was not used: it
@@ -51,7 +65,7 @@ import shutil
 import time
 import uuid
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
@@ -84,6 +98,9 @@ HIST_BINS = 20
 # are cut at its bin edges.
 AGREE_BINS, AGREE_LOG_MIN = 1024, -6.0
 WORK = ".annotate-work"
+# cwpo_ray.annotator.PRECISION_CHOICES, spelled out so that parsing the options does not import torch
+# (tests/test_annotator.py checks that the two agree)
+PRECISION_CHOICES = ("auto", "fp32", "bf16")
 FINAL_NAMES = ("annotated.parquet", "quarantine.parquet", "uncertain.parquet", "report.json")
 
 
@@ -98,9 +115,12 @@ class Settings:
     cpus_per_actor: float = option(0.5, "CPUs reserved per actor; fractional, so reads and writes still get a CPU")
     gpus_per_actor: float = option(0.0, "GPUs per actor (fractional shares one GPU); > 0 runs the model on CUDA")
     torch_threads: int = option(0, "torch threads per actor (0: max(1, round(cpus_per_actor)))")
-    precision: str = option("fp32", "how the annotator runs: fp32, or bf16 autocast (faster on CPUs with "
-                                    "AMX/AVX512-BF16; labels and confidences may differ slightly)",
-                            choices=("fp32", "bf16"))
+    precision: str = option("fp32", "how the annotator runs: fp32; bf16 autocast (weights stay fp32; faster "
+                                    "where the hardware has bf16 units, but labels and confidences differ "
+                                    "slightly from fp32's: bench/RESULTS.md); auto: bf16 where the actors' device "
+                                    "has fast bf16 (a CUDA GPU with bf16, a CPU with AVX512-BF16 or AMX-BF16), "
+                                    "fp32 elsewhere. report.json records the precision it ran in",
+                            choices=PRECISION_CHOICES)
     export_uncertain: int = option(0, "also write the N least-confident pairs to OUT/uncertain.parquet")
     unit_rows: int = option(20_000, "rows per work unit: what one actor call labels and a killed run redoes at most "
                                     "per actor")
@@ -115,8 +135,8 @@ class Settings:
             raise ValueError(f"max_bytes_per_file must be at least 65536, got {self.max_bytes_per_file}")
         if self.min_actors is not None and not 1 <= self.min_actors <= self.num_actors:
             raise ValueError(f"min_actors must be in [1, num_actors={self.num_actors}], got {self.min_actors}")
-        if self.precision not in ("fp32", "bf16"):
-            raise ValueError(f"precision must be fp32 or bf16, got {self.precision!r}")
+        if self.precision not in PRECISION_CHOICES:
+            raise ValueError(f"precision must be one of {', '.join(PRECISION_CHOICES)}, got {self.precision!r}")
         if self.cpus_per_actor < 0 or self.gpus_per_actor < 0 or self.torch_threads < 0 or self.export_uncertain < 0:
             raise ValueError("cpus_per_actor, gpus_per_actor, torch_threads and export_uncertain must be >= 0")
 
@@ -588,19 +608,45 @@ def merge_uncertain(sources: list[str], k: int) -> pa.Table:
 
 # ----------------------------------------------------------------------------- resume
 
+def _device_precision(precision: str, device: str) -> str:
+    from cwpo_ray.annotator import resolve_precision
+
+    return resolve_precision(precision, device)
+
+
+def actor_precision(cfg: Settings) -> str:
+    """"fp32" or "bf16": what the actors score in, ``cfg.precision`` with auto resolved once for the
+    whole run (every actor gets this value, so no unit is labeled in another precision).
+
+    CPU actors: resolved here, on the driver's CPU (on a multi-node cluster of mixed CPUs, give
+    fp32 or bf16 explicitly: bf16 runs, only slower, on a CPU without it). GPU actors: by a one-off
+    Ray task holding the actors' GPU share, so the driver needs no GPU and does not start CUDA."""
+    if cfg.precision != "auto":
+        return cfg.precision
+    if cfg.gpus_per_actor > 0:
+        import ray
+
+        # max_calls=1: the task's worker exits after it, freeing its CUDA context
+        probe = ray.remote(num_cpus=0, num_gpus=cfg.gpus_per_actor, max_calls=1)(_device_precision)
+        return ray.get(probe.remote("auto", "cuda"))
+    return _device_precision("auto", "cpu")
+
+
 def fingerprint(cfg: Config, files: list[Path]) -> dict:
-    """What the committed units depend on: input files, annotator files, output-changing settings.
+    """What the committed units depend on: input files, annotator files, output-changing settings
+    (the precision as the actors run it: auto resolved).
 
     Batch sizes, actor counts, the device and the output file limits are left out: they change
     how the work is done (batch sizes and device the last float digits), not which rows a unit holds."""
+    precision = actor_precision(cfg)
     annotator = Path(cfg.annotator).resolve()
     ann = sorted((str(p.relative_to(annotator)), p.stat().st_size, p.stat().st_mtime_ns)
                  for p in annotator.rglob("*") if p.is_file())
     return {"input": [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files],
             "annotator": [str(annotator)] + [list(a) for a in ann],
-            # precision only when not fp32: a work folder of a run before the setting existed still resumes
+            # precision only when not fp32: a work folder of a run before the setting existed (fp32) still resumes
             "settings": {"unit_rows": cfg.unit_rows, "export_uncertain": cfg.export_uncertain,
-                         **({"precision": cfg.precision} if cfg.precision != "fp32" else {})}}
+                         **({"precision": precision} if precision != "fp32" else {})}}
 
 
 def digest(part: Any) -> str:
@@ -692,6 +738,7 @@ def build_report(stats: dict, seconds: float, annotator: str, run_info: dict) ->
 def print_report(report: dict, out: Path) -> None:
     print(f"annotated {report['annotated']} pairs, quarantined {report['quarantined']} "
           f"(of {report['input_rows']} rows) in {report['seconds']:.1f}s: {report['pairs_per_second']} pairs/s"
+          + (f", {report['precision']}" if report.get("precision") else "")
           + (f" ({report['annotated_this_run']} labeled by this run, {report['resumed_units']} units resumed)"
              if report.get("resumed_units") else ""))
     for reason, count in report["quarantine_reasons"].items():
@@ -784,6 +831,8 @@ def run(cfg: Config) -> int:
     from cwpo_ray.ray_env import init_ray
 
     init_ray()
+    # auto resolved once: the fingerprint, the actors and report.json's settings all get fp32 or bf16
+    requested, cfg = cfg.precision, replace(cfg, precision=actor_precision(cfg))
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     files = input_files(cfg.data)
@@ -809,6 +858,7 @@ def run(cfg: Config) -> int:
         "annotated_this_run": annotated_now, "units": len(units), "resumed_units": len(done),
         "label_seconds": round(labeled_at - start, 3), "write_seconds": round(seconds - (labeled_at - start), 3),
         "startup_seconds": round(min(began) - start_wall, 3) if began else None,
+        "precision": cfg.precision, "precision_requested": requested,
         "output_files": out_files, "settings": asdict(Settings(**{k: getattr(cfg, k) for k in
                                                                  Settings.__dataclass_fields__}))})
     with atomic_path(out / "report.json") as tmp:
