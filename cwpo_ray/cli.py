@@ -14,7 +14,7 @@ import importlib.util
 import sys
 import typing
 
-from cwpo_ray.config import ConfigError, _unwrap_optional, load_config
+from cwpo_ray.config import ConfigError, unwrap_optional, load_config
 
 # name -> (recipe module, one-line summary)
 RECIPES: dict[str, tuple[str, str]] = {
@@ -65,7 +65,7 @@ def add_config_flags(parser: argparse.ArgumentParser, cls, prefix: str = "") -> 
         if dataclasses.is_dataclass(hints[f.name]):
             names += add_config_flags(parser, hints[f.name], prefix=f"{prefix}{f.name}.")
             continue
-        tp, _ = _unwrap_optional(hints[f.name])
+        tp, _ = unwrap_optional(hints[f.name])
         default = "required" if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING \
             else f"default: {f.default if f.default is not dataclasses.MISSING else f.default_factory()}"
         help_text = f"{f.metadata.get('help', '')} ({default})"

@@ -40,7 +40,7 @@ def _hints(cls) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
-def _unwrap_optional(tp):
+def unwrap_optional(tp):
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
@@ -55,7 +55,7 @@ def _type_name(tp) -> str:
 
 def coerce(key: str, value: Any, tp) -> Any:
     """Convert ``value`` (from YAML or a command-line string) to type ``tp`` or raise ConfigError."""
-    inner, optional = _unwrap_optional(tp)
+    inner, optional = unwrap_optional(tp)
     if optional and (value is None or (isinstance(value, str) and value.lower() in ("none", "null", ""))):
         return None
     tp = inner

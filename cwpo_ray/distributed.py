@@ -192,6 +192,15 @@ def _reduce_over_workers(values: list[float], op: str, device=None) -> list[floa
     return t.tolist()
 
 
+def mean_over_workers(metrics: dict[str, float], device=None, summed: tuple[str, ...] = ()) -> dict[str, float]:
+    """Each metric averaged over the workers (those named in ``summed`` added up): what rank 0
+    logs is the global batch's. Every worker runs the same steps, so a mean of means is the mean."""
+    keys = sorted(metrics)
+    totals = sum_over_workers([metrics[k] for k in keys], device)
+    n = world()[1]
+    return {k: v if k in summed else v / n for k, v in zip(keys, totals)}
+
+
 def sum_over_workers(values: list[float], device=None) -> list[float]:
     """Element-wise sums over every worker of the process group (float64); outside one, the values."""
     return _reduce_over_workers(values, "SUM", device)
@@ -215,6 +224,13 @@ def adamw(params, lr: float, weight_decay: float) -> torch.optim.AdamW:
     fp32 parameters on 2 CPU cores 0.08 s per step instead of 0.52 s. transformers' Trainer (and so
     TRL) uses it by default on torch >= 2.8."""
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
+
+
+def die_once_at(now: int, at: int | None, marker: Path) -> None:
+    """Testing hook of both trainers: the last worker dies once (``die_once``) when ``now == at``."""
+    rank, size = world()
+    if at is not None and now == at and rank == size - 1:
+        die_once(marker)
 
 
 def die_once(marker: Path) -> None:

@@ -68,7 +68,7 @@ def id_key(pair_id_: str) -> int:
     return int.from_bytes(hashlib.blake2b(_utf8(pair_id_), digest_size=8).digest(), "big")
 
 
-def _unit(text: str) -> float:
+def hash_unit(text: str) -> float:
     """A uniform float in [0, 1) from a string (blake2b, identical on every platform)."""
     return int.from_bytes(hashlib.blake2b(_utf8(text), digest_size=8).digest(), "big") / 2.0 ** 64
 
@@ -78,7 +78,7 @@ def split_of(id: str, seed: int, labeled_fraction: float) -> str:
 
     Raising ``labeled_fraction`` only ever moves pairs from unlabeled to labeled.
     """
-    return "labeled" if _unit(f"{seed}:split:{id}") < labeled_fraction else "unlabeled"
+    return "labeled" if hash_unit(f"{seed}:split:{id}") < labeled_fraction else "unlabeled"
 
 
 def prompt_key(prompt: str) -> int:
@@ -91,7 +91,7 @@ def is_validation(prompt: str, seed: int, validation_fraction: float) -> bool:
     not Python's salted ``hash``, so every machine and process agrees), independent of ``split_of``.
     Keyed on the prompt, not the pair id, so no prompt is both validated on and trained on.
     Raising ``validation_fraction`` only ever moves prompts into validation."""
-    return _unit(f"{seed}:validation:{prompt}") < validation_fraction
+    return hash_unit(f"{seed}:validation:{prompt}") < validation_fraction
 
 
 def gold_of(row: Mapping[str, Any], result: "Pair | Unjudged") -> tuple[float, float] | None:
@@ -116,7 +116,7 @@ def gold_of(row: Mapping[str, Any], result: "Pair | Unjudged") -> tuple[float, f
 def a_is_chosen(id: str, seed: int) -> bool:
     """Whether ``response_a`` of an unlabeled pair is the human's choice (a seeded coin, independent
     of ``split_of``), so the position of a response reveals nothing."""
-    return _unit(f"{seed}:position:{id}") < 0.5
+    return hash_unit(f"{seed}:position:{id}") < 0.5
 
 
 # ----------------------------------------------------------------------------- field helpers

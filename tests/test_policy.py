@@ -409,27 +409,27 @@ def test_streamed_train_pairs_reject_bad_confidence_and_publish_nothing(tmp_path
     assert not list(tmp_path.glob("*train_pairs*"))  # no partial table, no temporary left
 
 
-def test_step_plan_keeps_the_order_published_runs_trained_in():
-    """Up to RANDPERM_ROWS rows, an epoch's order is torch.randperm's as it always was (the quick and
-    full presets' results reproduce); above, a permutation computed per step (flat memory)."""
-    from cwpo_ray.policy.train_table import RANDPERM_ROWS, StepPlan
+def test_step_plan_is_one_seeded_permutation_per_epoch_at_every_table_size():
+    """One order for every table size (the Feistel permutation, computed per step): each epoch visits
+    distinct rows, its own order per epoch and per seed; a table of 2^17 rows costs no more than 100."""
+    from cwpo_ray.step_plan import StepPlan
 
-    plan = StepPlan(n=100, batch_size=4, world=2, epochs=2, seed=3)
-    for step in range(plan.total_steps):
-        epoch, i = divmod(step, plan.steps_per_epoch)
-        order = torch.randperm(100, generator=torch.Generator().manual_seed(3 * 1000 + epoch)).tolist()
-        for rank in (0, 1):
-            start = i * plan.global_batch + rank * 4
-            assert plan.rows(step, rank) == [order[start:start + 4]]
-    big = StepPlan(n=RANDPERM_ROWS + 3, batch_size=8, world=1, epochs=1, seed=0)
-    rows = big.rows(5, 0)[0]
-    assert len(set(rows)) == 8 and all(0 <= r < big.n for r in rows) and rows == big.rows(5, 0)[0]
+    for n in (100, (1 << 17) + 3):
+        plan = StepPlan(n=n, batch_size=4, world=2, epochs=2, seed=3)
+        epoch0 = [r for step in range(3) for rank in (0, 1) for r in plan.rows(step, rank)[0]]
+        assert len(set(epoch0)) == len(epoch0) == 24 and all(0 <= r < n for r in epoch0)
+        epoch1 = [r for rank in (0, 1) for r in plan.rows(plan.steps_per_epoch, rank)[0]]
+        assert epoch1 != epoch0[:8]
+        assert StepPlan(n=n, batch_size=4, world=2, epochs=2, seed=4).rows(0, 0) != plan.rows(0, 0)
+    with pytest.raises(ValueError, match="fewer than one global batch"):
+        StepPlan(n=5, batch_size=4, world=2, epochs=1, seed=0).rows(0, 0)
 
 
 def test_step_plan_rows_read_by_index_are_the_plans_rows(tmp_path):
     """Every epoch is a permutation (each row once, the remainder dropped), the same for a fresh
     plan (a resumed run), another per epoch; the batch reader returns exactly those rows."""
-    from cwpo_ray.policy.train_table import BatchReader, StepPlan
+    from cwpo_ray.policy.train_table import BatchReader
+    from cwpo_ray.step_plan import StepPlan
     from cwpo_ray.rowstore import RowWriter
 
     n = 103
@@ -464,7 +464,8 @@ def test_reference_table_joined_per_batch_equals_scoring_each_pair(tiny, tmp_pat
     from tiny_models import synthetic_pairs
 
     from cwpo_ray.policy.reference import ReferenceCache, ReferenceSpec, ensure_reference
-    from cwpo_ray.policy.train_table import BatchReader, StepPlan
+    from cwpo_ray.policy.train_table import BatchReader
+    from cwpo_ray.step_plan import StepPlan
     from cwpo_ray.rowstore import RowWriter
 
     tokenizer, source = tiny

@@ -6,8 +6,8 @@ driver streams PAIRS into DIR/train_pairs.parquet in row groups of 1024 rows (to
 histogram threshold, no sort of the table); each worker reads, per micro-batch, only the row
 groups its rows fall in (``BatchReader``), and the reference log-probs are a table of the same
 rows in the same row groups, joined per micro-batch by row index (no gather between workers).
-Which rows a worker trains on at a step is ``StepPlan``: the epoch's seeded permutation of the
-rows, so a resumed run, on any worker, reads the same rows. Why not Ray Data (``datasets=`` /
+Which rows a worker trains on at a step is ``cwpo_ray.step_plan.StepPlan``: the epoch's seeded
+permutation of the rows, so a resumed run, on any worker, reads the same rows. Why not Ray Data (``datasets=`` /
 ``get_dataset_shard``): its streaming split hands each worker the blocks that come, in an order
 that depends on timing, and resuming mid-epoch would mean replaying the stream; training here
 needs "rows P..Q of epoch E's order on rank R", deterministic, which is random access by row
@@ -16,8 +16,6 @@ index, and Parquet row groups give that with only a footer in memory.
 
 from __future__ import annotations
 
-import functools
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -92,61 +90,6 @@ def write_train_pairs(cfg, path: Path) -> int:
             raise ValueError(f"{kept} pairs is fewer than one global batch ({cfg.batch_size} x "
                              f"{cfg.grad_accumulation} micro-batches x {cfg.num_workers} workers)")
     return kept
-
-
-@dataclass
-class StepPlan:
-    """Which rows each worker trains on at each step: deterministic, so a resumed run sees the same data."""
-
-    n: int
-    batch_size: int
-    world: int
-    epochs: int
-    seed: int
-    max_steps: Optional[int] = None
-    accumulation: int = 1
-
-    @property
-    def global_batch(self) -> int:
-        return self.batch_size * self.accumulation * self.world
-
-    @property
-    def steps_per_epoch(self) -> int:
-        return self.n // self.global_batch
-
-    @property
-    def total_steps(self) -> int:
-        total = self.steps_per_epoch * self.epochs
-        return min(total, self.max_steps) if self.max_steps else total
-
-    def rows(self, step: int, rank: int) -> list[list[int]]:
-        """This worker's micro-batches of optimizer step ``step``: positions of the epoch's seeded
-        permutation of the rows. Up to ``RANDPERM_ROWS`` rows it is ``torch.randperm``'s, the order every
-        published run trained in (so they reproduce; at most 512 KiB); above, ``rowstore.permuted``'s,
-        computed for these positions only, so memory does not grow with the table."""
-        import numpy as np
-
-        from cwpo_ray.rowstore import permuted
-
-        epoch, i = divmod(step, self.steps_per_epoch)
-        per_worker = self.batch_size * self.accumulation
-        start = i * self.global_batch + rank * per_worker
-        if self.n <= RANDPERM_ROWS:
-            mine = _randperm(self.n, self.seed * 1000 + epoch)[start:start + per_worker].tolist()
-        else:
-            mine = permuted(np.arange(start, start + per_worker), self.n, self.seed * 1000 + epoch).tolist()
-        return [mine[k:k + self.batch_size] for k in range(0, per_worker, self.batch_size)]
-
-
-RANDPERM_ROWS = 1 << 16
-
-
-@functools.lru_cache(maxsize=2)
-def _randperm(n: int, seed: int):
-    """An epoch's order of ``n`` rows, made once per epoch rather than once per step."""
-    import torch
-
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))
 
 
 class BatchReader:

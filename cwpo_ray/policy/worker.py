@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Optional
 
 from cwpo_ray.policy.reference import ReferenceSpec, ensure_reference, reference_key
-from cwpo_ray.policy.train_table import BatchReader, StepPlan
+from cwpo_ray.policy.train_table import BatchReader
+from cwpo_ray.step_plan import StepPlan
 
 METRICS_FILE = "metrics.jsonl"  # rank 0's per-step metrics (one JSON object a line), relayed to MLflow
 SAVE_ERROR_FILE = "save_error.txt"  # why the final save failed, from rank 0 to the driver
@@ -75,8 +76,8 @@ def train_phase(job: Job, dist) -> bool:
     import torch
     from transformers import get_cosine_schedule_with_warmup
 
-    from cwpo_ray.distributed import (RankZeroLogger, adamw, device_for, parameters_held, partitioned_init, report,
-                                      resume, setup_engine, world)
+    from cwpo_ray.distributed import (RankZeroLogger, adamw, device_for, die_once_at, mean_over_workers,
+                                      parameters_held, partitioned_init, report, resume, setup_engine, world)
     from cwpo_ray.models import (ModelSource, enable_gradient_checkpointing, load_causal_lm, load_tokenizer,
                                 own_trainable_weights)
 
@@ -118,7 +119,8 @@ def train_phase(job: Job, dist) -> bool:
     bar = _progress_bar(job, rank, start)
     loop_start = time.perf_counter()
     for step in range(start, plan.total_steps):
-        _maybe_fail(job, step, rank, world_size)
+        if job.mode == "po":  # testing hook: the last worker dies once at this step
+            die_once_at(step, job.cfg.fail_at_step, Path(job.save_to).parent / f".failed-at-{step}")
         t0 = time.perf_counter()
         metrics = {}
         for micro in plan.rows(step, rank):
@@ -126,7 +128,7 @@ def train_phase(job: Job, dist) -> bool:
             engine.backward_and_step(loss)  # steps the optimizer after the last micro-batch
             for k, v in micro_metrics.items():  # token counts summed, the rest averaged
                 metrics[k] = metrics.get(k, 0.0) + (v if k == "tokens" else v / plan.accumulation)
-        metrics = _mean_over_workers(metrics, world_size, device)
+        metrics = mean_over_workers(metrics, device, summed=("tokens",))
         seconds = time.perf_counter() - t0
         metrics.update({"pairs_per_s": plan.global_batch / seconds, "tokens_per_s": metrics.pop("tokens") / seconds,
                         "learning_rate": engine.scheduler.get_last_lr()[0], "epoch": (step + 1) / plan.steps_per_epoch})
@@ -189,15 +191,6 @@ def step_loss(engine, tokenizer, batch: dict, job: Job):
                             loss_type=job.cfg.loss, beta=job.cfg.beta, epsilon=job.cfg.epsilon)
 
 
-def _mean_over_workers(metrics: dict, world_size: int, device) -> dict:
-    """Every worker's metrics averaged (token counts summed): what rank 0 logs is the global batch's."""
-    from cwpo_ray.distributed import sum_over_workers
-
-    keys = sorted(metrics)
-    sums = sum_over_workers([metrics[k] for k in keys], device)
-    return {k: v if k == "tokens" else v / world_size for k, v in zip(keys, sums)}
-
-
 def save_final_model(engine, tokenizer, source, job: Job, rank: int) -> None:
     """save_pretrained (+ tokenizer) from rank 0, LoRA merged, fp32, published atomically.
 
@@ -251,11 +244,3 @@ def _progress_bar(job: Job, rank: int, start: int):
     from tqdm import tqdm
 
     return tqdm(total=job.plan.total_steps, initial=start, desc=job.mode, unit="step", mininterval=1.0)
-
-
-def _maybe_fail(job: Job, step: int, rank: int, world_size: int) -> None:
-    """Testing hook: the last worker's process dies once at PO step ``fail_at_step``."""
-    from cwpo_ray.distributed import die_once
-
-    if job.mode == "po" and step == job.cfg.fail_at_step and rank == world_size - 1:
-        die_once(Path(job.save_to).parent / f".failed-at-{step}")

@@ -327,12 +327,12 @@ def take_first(src: Path, dst: Path, n: int, seed: int) -> Path:
     the same whatever order the table was written in."""
     import pyarrow as pa
 
-    from cwpo_ray.sources import _unit
+    from cwpo_ray.sources import hash_unit
     from cwpo_ray.tables import read_table, write_table
 
     table = read_table(src)
     ids = table.column("id").to_pylist()
-    keep = sorted(range(len(ids)), key=lambda i: _unit(f"{seed}:subset:{ids[i]}"))[:n]
+    keep = sorted(range(len(ids)), key=lambda i: hash_unit(f"{seed}:subset:{ids[i]}"))[:n]
     write_table(table.take(pa.array(sorted(keep))), dst)
     return dst
 

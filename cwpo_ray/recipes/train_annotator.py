@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Optional
 
 from cwpo_ray.config import ConfigError, option
-from cwpo_ray.distributed import DistributedConfig, die_once
+from cwpo_ray.distributed import DistributedConfig
 
 EPILOG = """examples:
   cwpo train-annotator --data runs/data/hh/labeled.parquet --model minilm-l6 --out runs/annotator
@@ -115,9 +115,9 @@ class Config(Settings):
 
 def is_heldout(pair_id: str, seed: int, fraction: float) -> bool:
     """A seeded hash of the id (the one `cwpo data` splits by): the same split everywhere, no shuffle."""
-    from cwpo_ray.sources import _unit
+    from cwpo_ray.sources import hash_unit
 
-    return _unit(f"{seed}:heldout:{pair_id}") < fraction
+    return hash_unit(f"{seed}:heldout:{pair_id}") < fraction
 
 
 def load_pairs(path: str) -> list[dict]:
@@ -138,9 +138,9 @@ def load_pairs(path: str) -> list[dict]:
 
 
 def fold_of(pair_id: str, seed: int, folds: int) -> int:
-    from cwpo_ray.sources import _unit
+    from cwpo_ray.sources import hash_unit
 
-    return min(folds - 1, int(_unit(f"{seed}:fold:{pair_id}") * folds))
+    return min(folds - 1, int(hash_unit(f"{seed}:fold:{pair_id}") * folds))
 
 
 @dataclass
@@ -197,24 +197,6 @@ def fingerprint(rows: list[dict]) -> str:
     return h.hexdigest()[:16]
 
 
-def epoch_batches(n: int, batch_size: int, world: int, rank: int, seed: int) -> list[list[int]]:
-    """This rank's slice of every global batch of one epoch.
-
-    Every rank gets the same number of steps (DDP and ZeRO hang otherwise): the last
-    global batch is filled up by wrapping around to the start of the permutation.
-    """
-    import torch
-
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
-    steps = -(-n // batch_size)
-    micro = batch_size // world
-    out = []
-    for s in range(steps):
-        idx = [perm[(s * batch_size + rank * micro + j) % n] for j in range(micro)]
-        out.append(idx)
-    return out
-
-
 def encode_pairs(tokenizer, meta, rows: list[dict]) -> tuple[list[list[int]], list[list[int]]]:
     from cwpo_ray.annotator import encode
 
@@ -248,13 +230,6 @@ def heldout_margins(engine, chosen, rejected, pad_id: int, batch_size: int) -> l
     engine.train()
     n = len(chosen)
     return [rewards[i] - rewards[n + i] for i in range(n)]
-
-
-def mean_over_workers(total: float, count: int) -> float:
-    from cwpo_ray.distributed import sum_over_workers
-
-    total, count = sum_over_workers([total, float(count)])
-    return total / max(count, 1.0)
 
 
 def train_loop(config: dict) -> None:
@@ -297,7 +272,8 @@ def train_loop(config: dict) -> None:
             annotator, engine = _fresh(cfg, dist, world, config)
             state.update(round=r, epoch=-1, best_loss=float("inf"), best_epoch=None)
         for epoch in range(state["epoch"] + 1, spec.epochs):
-            maybe_fail(cfg, epoch, Path(config["staging"]), rank, world)
+            staging = Path(config["staging"])  # testing hook: the last worker dies once after fail_at_epoch epochs
+            D.die_once_at(epoch, cfg.fail_at_epoch, staging.with_name(staging.name + ".failed-once"))
             train_loss = _train_epoch(engine, chosen, rejected, spec.train, cfg, world, rank,
                                       annotator.tokenizer.pad_token_id, state, logger, seed=cfg.seed + epoch)
             row = {"round": spec.name, "epoch": epoch + 1, "train_loss": train_loss}
@@ -349,11 +325,15 @@ def _fresh(cfg: Config, dist, world: int, config: dict):
 def _train_epoch(engine, chosen, rejected, rows: list[int], cfg: Config, world: int, rank: int, pad_id: int,
                  state: dict, logger, seed: int) -> float:
     from cwpo_ray.annotator import collate
+    from cwpo_ray.distributed import mean_over_workers
     from cwpo_ray.losses import bt_loss
+    from cwpo_ray.step_plan import StepPlan
 
     engine.train()
     loss_sum, loss_n = 0.0, 0
-    for idx in epoch_batches(len(rows), cfg.batch_size, world, rank, seed):
+    plan = StepPlan(len(rows), cfg.batch_size // world, world, epochs=1, seed=seed)
+    for step in range(plan.total_steps):
+        [idx] = plan.rows(step, rank)
         idx = [rows[i] for i in idx]
         batch = collate([chosen[i] for i in idx] + [rejected[i] for i in idx], pad_id)
         rewards = engine(**batch).float()  # the loss in fp32 under mixed precision
@@ -362,7 +342,7 @@ def _train_epoch(engine, chosen, rejected, rows: list[int], cfg: Config, world: 
         loss_sum, loss_n, state["step"] = loss_sum + loss.item(), loss_n + 1, state["step"] + 1
         if state["step"] % cfg.log_every == 0:
             logger.log_metrics({"train_loss_step": loss.item()}, step=state["step"])
-    return mean_over_workers(loss_sum, loss_n)
+    return mean_over_workers({"loss": loss_sum / max(loss_n, 1)})["loss"]
 
 
 def _maybe_save(spec: Round, epoch: int, row: dict, state: dict, engine, annotator, rank: int, config: dict):
@@ -400,12 +380,6 @@ def save_best(annotator, state_dict, staging: Path, epoch: int, state: dict) -> 
                                                "heldout_margins": margins}, indent=1))
     shutil.rmtree(staging, ignore_errors=True)
     tmp.rename(staging)
-
-
-def maybe_fail(cfg: Config, epoch: int, staging: Path, rank: int, world: int) -> None:
-    """Test hook: the last worker dies once, when ``fail_at_epoch`` epochs are done, so the run must resume."""
-    if cfg.fail_at_epoch == epoch and rank == world - 1:
-        die_once(staging.with_name(staging.name + ".failed-once"))
 
 
 # ----------------------------------------------------------------------------- the recipe

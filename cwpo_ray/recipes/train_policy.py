@@ -56,8 +56,9 @@ from typing import Optional
 from cwpo_ray.config import option
 from cwpo_ray.distributed import DistributedConfig
 from cwpo_ray.losses import LOSS_TYPES
-from cwpo_ray.policy.train_table import StepPlan, write_train_pairs
+from cwpo_ray.policy.train_table import write_train_pairs
 from cwpo_ray.policy.worker import METRICS_FILE, SAVE_ERROR_FILE, Job, train_loop
+from cwpo_ray.step_plan import StepPlan
 
 PACKING_CHOICES = ("auto", "shared_prefix", "separate")
 ATTENTION_CHOICES = ("sdpa", "eager", "flash_attention_2")
