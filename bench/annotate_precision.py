@@ -11,7 +11,7 @@ fp32's on >= 99.5% of the pairs and its confidences are within 0.01 of fp32's (t
 2. In this one process, with ``--threads`` torch threads (the presets' annotate.torch_threads): the
    annotator is loaded once, and the unlabeled pairs are labeled with fp32 and with bf16 in turn,
    ``--repeats`` times each, alternating (fp32, bf16, fp32, bf16, ...), through the very function
-   an annotate actor calls (recipes/annotate.label_rows: batches of annotate.batch_size pairs,
+   an annotate actor calls (cwpo_ray.annotation.rows.label_rows: batches of annotate.batch_size pairs,
    model batches of annotate.model_batch_size sequences sorted by length). pairs/s is over the
    labeling alone (model loading and the Ray start-up of `cwpo annotate` are left out); the
    median of the repeats is the figure, and the ratio is bf16 / fp32 of the medians.
@@ -70,10 +70,10 @@ def prepare(preset: str, seed: int, work: Path, retrain: bool):
 
 
 def label_all(annotator, rows: list, batch_size: int, model_batch_size: int):
-    """Every row through recipes/annotate.label_rows in batches of ``batch_size``: (table, seconds)."""
+    """Every row through cwpo_ray.annotation.rows.label_rows in batches of ``batch_size``: (table, seconds)."""
     import pyarrow as pa
 
-    from cwpo_ray.recipes.annotate import label_rows
+    from cwpo_ray.annotation.rows import label_rows
 
     parts = []
     start = time.perf_counter()

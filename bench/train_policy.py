@@ -121,6 +121,26 @@ def run_ours(spec: str, pairs_path: Path, out: Path, args, batch: int, n_pairs: 
             "steps": len(losses), "pairs": n_pairs, "losses": [m.value for m in losses]}
 
 
+def in_our_order(rows: list[dict]) -> list[dict]:
+    """``rows`` arranged so that TRL's shuffled epoch visits them in our first epoch's order, so the
+    two trainers see the same pairs at every step and their losses compare step by step. TRL's
+    sampler visits row ``trl[k]`` at position k (transformers' RandomSampler with the Trainer's seed
+    0: torch.randperm with a generator seeded 0); ours visits row ``ours[k]`` (step_plan's seeded
+    permutation); so row ``trl[k]`` of TRL's table is our row ``ours[k]``."""
+    import numpy as np
+    import torch
+
+    from cwpo_ray.rowstore import permuted
+
+    n = len(rows)
+    trl = torch.randperm(n, generator=torch.Generator().manual_seed(0)).tolist()
+    ours = permuted(np.arange(n), n, 0).tolist()  # StepPlan's epoch 0 with seed 0
+    arranged = [None] * n
+    for k in range(n):
+        arranged[trl[k]] = rows[ours[k]]
+    return arranged
+
+
 def run_trl(source, rows: list[dict], out: Path, args, batch: int, precompute: bool) -> dict:
     import torch
     from datasets import Dataset
@@ -137,9 +157,9 @@ def run_trl(source, rows: list[dict], out: Path, args, batch: int, precompute: b
                        learning_rate=args.lr, lr_scheduler_type="cosine", warmup_steps=0, weight_decay=0.05,
                        beta=0.5, loss_type=["sigmoid"], max_length=args.max_length, max_grad_norm=1.0,
                        precompute_ref_log_probs=precompute, precompute_ref_batch_size=batch,
-                       logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, bf16=False,
+                       logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, bf16=args.trl_bf16,
                        dataloader_drop_last=True, disable_tqdm=True, seed=0)
-    data = Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows])
+    data = Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in in_our_order(rows)])
     trainer = _TimedDPOTrainer(model=model, args=config, train_dataset=data, processing_class=tok)
     print(f"TRL optim: {config.optim}", flush=True)
     t1 = time.perf_counter()
@@ -261,6 +281,8 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--trl-precompute", action="store_true", help="also time TRL with precompute_ref_log_probs")
     p.add_argument("--no-trl", action="store_true", help="time only our trainer")
+    p.add_argument("--trl-bf16", action="store_true", help="TRL with bf16=True (autocast), to set beside our "
+                                                            "mixed_precision=bf16 variant")
     p.add_argument("--variants", default="default",
                    help="our runs, comma-separated: default, or train-policy settings joined by + (e.g. "
                         "default,packing=separate,gradient_checkpointing=true+packing=separate)")

@@ -35,8 +35,9 @@ class DistributedConfig:
     # One worker by default: it runs on any machine, a laptop included; on a cluster set it to the
     # GPUs (or CPU slots) a stage should use.
     num_workers: int = option(1, "Ray Train workers (processes)")
-    # DDP: measured 2x faster than DeepSpeed ZeRO-2 bf16 on one H100 at 135M parameters and the
-    # only sensible choice on CPU (bench/RESULTS.md); DeepSpeed is for models that do not fit.
+    # DDP: a model that fits one GPU is launch-bound there, so DeepSpeed's extra optimizer work only
+    # slows it (bench/RESULTS.md, GPU figures), and on CPU DDP is the only sensible choice;
+    # DeepSpeed is for models that do not fit.
     strategy: str = option("ddp", "ddp or deepspeed", choices=STRATEGIES)
     zero_stage: int = option(2, "DeepSpeed ZeRO stage 0-3")
     offload_optimizer: bool = option(False, "DeepSpeed: keep optimizer state on the CPU")
@@ -70,11 +71,11 @@ class DistributedConfig:
 # glibc settings of a CPU training worker (the driver's own values win). Every step allocates and
 # frees the same activations and gradients; by default glibc hands large blocks back to the kernel
 # (munmap, heap trimming), so the next step faults them in again page by page, and on a VM a page
-# that went back can cost several times a warm one. Measured in a Ray Train worker, 8 SmolLM2-135M
-# steps: 17.5 s (8.4 s of it kernel time) -> 13.7 s, and 13.9 -> 11.8 s for the next 8
-# (bench/RESULTS.md). One arena, no separately mapped blocks, no trimming: freed memory is reused,
-# and the worker's RSS stays at its peak instead of following each step. GPU workers keep the default
-# (their step's memory is on the device). The one place these are set; the driver's values win.
+# that went back can cost several times a warm one: kernel time that made a worker's steps slower
+# than a plain process's (bench/notes/history.md, policy run 6). One arena, no separately mapped
+# blocks, no trimming: freed memory is reused, and the worker's RSS stays at its peak instead of
+# following each step. GPU workers keep the default (their step's memory is on the device). The one
+# place these are set; the driver's values win.
 CPU_WORKER_MALLOC = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**34)}
 
 
@@ -85,10 +86,10 @@ def storage_uri(path: str) -> str:
 
 def prepare_train_driver(experiment: str) -> None:
     """What a training stage's driver needs once Ray is up, done while it starts (``init_ray``'s
-    meanwhile): the MLflow store (created and migrated on a first run, ~2 s here), then Ray Train's
-    modules (2-3 s). Ray's own start imports Ray modules too; should the two threads' imports ever
-    collide (Python then hands one a half-initialized module), the error is dropped here and
-    ``run_trainer``'s own import, on the main thread, is the one that counts."""
+    meanwhile, as Ray's start mostly waits on its processes): the MLflow store (created and migrated
+    on a first run), then Ray Train's modules. Ray's own start imports Ray modules too; should the two
+    threads' imports ever collide (Python then hands one a half-initialized module), the error is
+    dropped here and ``run_trainer``'s own import, on the main thread, is the one that counts."""
     from cwpo_ray import tracking
 
     tracking.set_experiment(experiment)
@@ -220,9 +221,9 @@ def barrier() -> None:
 
 
 def adamw(params, lr: float, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW with the fused kernel (one pass per tensor instead of a dozen foreach ops): for 128M
-    fp32 parameters on 2 CPU cores 0.08 s per step instead of 0.52 s. transformers' Trainer (and so
-    TRL) uses it by default on torch >= 2.8."""
+    """AdamW with the fused kernel: one pass over each tensor instead of a dozen foreach ops, which
+    on CPU is most of the optimizer step's time. transformers' Trainer (and so TRL) uses it by
+    default on torch >= 2.8."""
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
 
 
@@ -401,8 +402,8 @@ SHM_COMM_OP = "deepspeed_shm_comm"
 def skip_shm_comm_build() -> None:
     """Keep DeepSpeed from JIT-compiling its shared-memory all-reduce op when it sets up its comm backend.
 
-    DeepSpeed builds that C++ op on every first init in a new environment (30-100 s on 2 cores, a
-    compiler and a lock in ~/.cache/torch_extensions that a worker killed mid-build leaves behind),
+    DeepSpeed builds that C++ op on every first init in a new environment (a C++ compile on the
+    critical path, and a lock in ~/.cache/torch_extensions that a worker killed mid-build leaves behind),
     and uses it only for DeepSpeed inference's ``inference_all_reduce``, never in training. DeepSpeed
     keeps its op-compatibility table as one module-level dict whose edits persist (its own comment in
     ``deepspeed.ops``); an op marked incompatible there is not built and DeepSpeed falls back to the
@@ -542,9 +543,9 @@ class RankZeroLogger:
     worker can write); the driver relays them to its MLflow run while training runs
     (``tracking.relay_metrics``). A no-op on other ranks, or without a path.
 
-    Why not MLflow from the worker: its client cost every stage ~2.8 s of the worker's start on the
-    critical path (importing MLflow and, for a local store, SQLAlchemy and the schema check;
-    bench/RESULTS.md), and every worker node would need the tracking server. The driver has both already.
+    Why not MLflow from the worker: its client (importing MLflow and, for a local store, SQLAlchemy and
+    the schema check) sat on the critical path of every worker's start (bench/notes/history.md, fixed
+    cost), and every worker node would need the tracking server. The driver has both already.
     """
 
     def __init__(self, path: str | None):

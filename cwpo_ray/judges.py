@@ -28,7 +28,7 @@ Judge = Callable[[Sequence[tuple[str, str]]], list[float]]
 
 
 class VaderJudge:
-    """VADER compound score of the response alone. Pure CPU, ~10k responses/s."""
+    """VADER compound score of the response alone. Pure CPU, cheap next to generation."""
 
     name = "vader"
 
@@ -49,8 +49,8 @@ class TextBlobJudge:
     lexicon (Pattern's, adjectives hand-rated on product reviews, with its own negation and
     intensifier rules), had no part in making any label, and ships inside the PyPI package: it
     scores offline with no corpus download (NLTK's corpora are needed only for other TextBlob
-    features). On the shipped pairs it agrees with VADER on which response is better on 64% of
-    the pairs both decide, so it is a different judge, not a copy. Pure CPU, ~1k responses/s.
+    features). On the shipped pairs it often disagrees with VADER on which response is better
+    (docs/METHOD.md, "Two judges"), so it is a different judge, not a copy. Pure CPU.
     """
 
     name = "textblob"

@@ -288,7 +288,7 @@ def _response_logps(model, ids, attention, positions, seq_rows, pred, labels, la
 class _LabelLogps(torch.autograd.Function):
     """log_softmax(logits)[rows, labels] with a backward written out: autograd's own (logsumexp's,
     then the index's) allocates four vocabulary-wide tensors and adds two of them; this one
-    allocates one (softmax, scaled in place): 29 instead of 65 ms per SmolLM2 step on 2 CPU cores."""
+    allocates one (softmax, scaled in place): less memory traffic over the vocabulary, every step."""
 
     @staticmethod
     def forward(ctx, logits, rows, labels):

@@ -111,8 +111,9 @@ def own_trainable_weights(model):
     """Copy the trainable weights into the process's own memory before training.
 
     from_pretrained leaves them as copy-on-write pages of the mmapped safetensors file, so the first
-    optimizer step pays for copying every page it writes (measured: 1.6-2.0 s for SmolLM2-135M's first
-    AdamW step on 2 cores, vs 0.09 s for this copy). The memory is the same: those pages are copied anyway.
+    optimizer step would pay for copying every page it writes, one fault at a time, inside the timed
+    loop; one bulk copy here is far cheaper (bench/notes/history.md, policy runs 4-5). The memory is
+    the same: those pages are copied anyway.
     """
     import torch
 

@@ -47,9 +47,9 @@ def _init(ray, num_cpus, log_to_driver, env_vars: dict[str, str]) -> None:
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=log_to_driver)
         _started_local_node = False
         return
-    # No dashboard unless CWPO_RAY_DASHBOARD=1: its ~10 processes take 1-2.5 s of each local start
-    # on 2 cores (bench/RESULTS.md, fixed cost per stage). Without its state API, Ray Train's
-    # placement-group cleaner warns every second that it cannot query the controller (only
+    # No dashboard unless CWPO_RAY_DASHBOARD=1: its processes lengthen every local start, which
+    # nobody looks at (bench/notes/history.md, fixed cost per stage). Without its state API, Ray
+    # Train's placement-group cleaner warns every second that it cannot query the controller (only
     # meaningful on a long-lived cluster, where the dashboard runs): the hook silences that.
     dashboard = os.environ.get("CWPO_RAY_DASHBOARD", "0") == "1"
     if not dashboard:

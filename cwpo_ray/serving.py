@@ -320,8 +320,8 @@ class AnnotatorServer:
         pairs = [p for _, p in items]
         # Inline on purpose: Serve already runs user code on its own event-loop thread, so health checks
         # and queue-length probes still get answered. Pushing this into asyncio.to_thread made the loop
-        # fight the compute thread for the GIL: on 2 cores requests then trickled in and mean batches
-        # stayed at 3-4 pairs instead of 10-11 at 32 clients (bench/RESULTS.md).
+        # fight the compute thread for the GIL: requests then trickled in and batches stayed small
+        # (bench/RESULTS.md, serve latency and batching).
         out = self.annotator.label_pairs([p.prompt for p in pairs], [p.response_a for p in pairs],
                                          [p.response_b for p in pairs])
         self._count_batch(items)

@@ -23,7 +23,8 @@ from cwpo_ray.annotator import new_annotator, resolve_precision, save_annotator
 from cwpo_ray.config import ConfigError, load_config
 from cwpo_ray.models import ModelSource
 from cwpo_ray.recipes import annotate
-from cwpo_ray.tables import read_table, table_files
+from cwpo_ray.annotation import outputs, stats as annotation_stats, units as work_units
+from cwpo_ray.tables import QUARANTINE_SCHEMA, read_table, table_files
 from fixtures_data import write_jsonl
 
 REPO = Path(__file__).resolve().parent.parent
@@ -63,13 +64,13 @@ def test_parquet_units_cover_every_row_once(tmp_path):
     big = tmp_path / "big.parquet"
     pq.write_table(pa.Table.from_pylist(rows[:900]), big)  # one row group, larger than a unit: cut
     for unit_rows in (1, 64, 150, 333, 5000):
-        units = annotate.plan_units([path, big], unit_rows)
-        got = [r["id"] for u in units for b in annotate.iter_unit_rows(u, 37) for r in b]
+        units = work_units.plan_units([path, big], unit_rows)
+        got = [r["id"] for u in units for b in work_units.iter_unit_rows(u, 37) for r in b]
         assert got == [r["id"] for r in rows] + [r["id"] for r in rows[:900]], unit_rows
         assert len({u["key"] for u in units}) == len(units)
-        assert units == annotate.plan_units([path, big], unit_rows)  # deterministic
-    assert annotate.parquet_ranges([70] * 10, 150) == [(0, 140), (140, 280), (280, 420), (420, 560), (560, 700)]
-    assert annotate.parquet_ranges([900], 400) == [(0, 300), (300, 600), (600, 900)]
+        assert units == work_units.plan_units([path, big], unit_rows)  # deterministic
+    assert work_units.parquet_ranges([70] * 10, 150) == [(0, 140), (140, 280), (280, 420), (420, 560), (560, 700)]
+    assert work_units.parquet_ranges([900], 400) == [(0, 300), (300, 600), (600, 900)]
 
 
 def test_a_small_input_is_cut_into_enough_units_for_every_actor(tmp_path):
@@ -79,18 +80,18 @@ def test_a_small_input_is_cut_into_enough_units_for_every_actor(tmp_path):
     rows = pairs(10_000)
     path = tmp_path / "one.parquet"
     pq.write_table(pa.Table.from_pylist(rows), path, row_group_size=10_000)
-    units = annotate.plan_units([path], annotate.Settings().unit_rows)
-    assert len(units) == annotate.MIN_UNITS
-    got = [r["id"] for u in units for b in annotate.iter_unit_rows(u, 512) for r in b]
+    units = work_units.plan_units([path], annotate.Settings().unit_rows)
+    assert len(units) == work_units.MIN_UNITS
+    got = [r["id"] for u in units for b in work_units.iter_unit_rows(u, 512) for r in b]
     assert got == [r["id"] for r in rows]
     jsonl = tmp_path / "one.jsonl"
     write_jsonl(jsonl, rows)
-    units = annotate.plan_units([jsonl], 20_000)
-    assert annotate.MIN_UNITS - 2 <= len(units) <= annotate.MIN_UNITS + 2  # rows estimated from the first MiB
-    assert [r["id"] for u in units for b in annotate.iter_unit_rows(u, 512) for r in b] == [r["id"] for r in rows]
-    assert annotate.balanced_unit_rows(10_000_000, 20_000) == 20_000
-    assert annotate.balanced_unit_rows(100, 20_000) == annotate.MIN_UNIT_ROWS
-    assert annotate.balanced_unit_rows(100, 10) == 10  # never above what was asked for
+    units = work_units.plan_units([jsonl], 20_000)
+    assert work_units.MIN_UNITS - 2 <= len(units) <= work_units.MIN_UNITS + 2  # rows estimated from the first MiB
+    assert [r["id"] for u in units for b in work_units.iter_unit_rows(u, 512) for r in b] == [r["id"] for r in rows]
+    assert work_units.balanced_unit_rows(10_000_000, 20_000) == 20_000
+    assert work_units.balanced_unit_rows(100, 20_000) == work_units.MIN_UNIT_ROWS
+    assert work_units.balanced_unit_rows(100, 10) == 10  # never above what was asked for
 
 
 def test_jsonl_byte_ranges_cover_every_line_once(tmp_path):
@@ -106,11 +107,11 @@ def test_jsonl_byte_ranges_cover_every_line_once(tmp_path):
     expect = [r["id"] for r in rows[:400]] + [None] * len(BAD_LINES) + [r["id"] for r in rows[400:]] + ["last"] \
         + [r["id"] for r in rows[:10]]
     for unit_rows in (1, 7, 100, 10_000):
-        units = annotate.plan_units([path, gz], unit_rows)
-        got = [r.get("id") if isinstance(r, dict) else None for u in units for b in annotate.iter_unit_rows(u, 16)
+        units = work_units.plan_units([path, gz], unit_rows)
+        got = [r.get("id") if isinstance(r, dict) else None for u in units for b in work_units.iter_unit_rows(u, 16)
                for r in b]
         assert got == expect, unit_rows
-    assert [u["kind"] for u in annotate.plan_units([gz], 1)] == ["jsonl.gz"]
+    assert [u["kind"] for u in work_units.plan_units([gz], 1)] == ["jsonl.gz"]
 
 
 def test_output_files_keep_their_limits(tmp_path):
@@ -121,34 +122,34 @@ def test_output_files_keep_their_limits(tmp_path):
     sources = []
     for j in range(5):
         sources.append(str(src / f"{j}.parquet"))
-        pq.write_table(pa.Table.from_pylist(rows[j * 2000:(j + 1) * 2000], schema=annotate.QUARANTINE_SCHEMA),
+        pq.write_table(pa.Table.from_pylist(rows[j * 2000:(j + 1) * 2000], schema=QUARANTINE_SCHEMA),
                        sources[-1], row_group_size=300)
     out = tmp_path / "out"
     out.mkdir()
-    counts = annotate.write_files(sources, str(out), "part", annotate.QUARANTINE_SCHEMA, 3000, 10**9)
+    counts = outputs.write_files(sources, str(out), "part", QUARANTINE_SCHEMA, 3000, 10**9)
     assert counts == [3000, 3000, 3000, 1000]
     assert pq.read_table(out).column("id").to_pylist() == [r["id"] for r in rows]
     small = tmp_path / "small"
     small.mkdir()
     max_bytes = 80_000
-    counts = annotate.write_files(sources, str(small), "part", annotate.QUARANTINE_SCHEMA, 10**6, max_bytes)
+    counts = outputs.write_files(sources, str(small), "part", QUARANTINE_SCHEMA, 10**6, max_bytes)
     assert sum(counts) == 10_000 and len(counts) > 1
     sizes = [f.stat().st_size for f in small.glob("*.parquet")]
     assert max(sizes) <= max_bytes * 1.1, sizes  # "about": judged from the bytes per row so far
-    assert annotate.plan_files([(5, 1), (5, 1), (5, 1), (20, 1), (1, 1)], 10, 100) == [[0, 1], [2], [3], [4]]
-    assert annotate.plan_files([(1, 60), (1, 60), (1, 30)], 10, 100) == [[0], [1, 2]]
+    assert outputs.plan_files([(5, 1), (5, 1), (5, 1), (20, 1), (1, 1)], 10, 100) == [[0, 1], [2], [3], [4]]
+    assert outputs.plan_files([(1, 60), (1, 60), (1, 30)], 10, 100) == [[0], [1, 2]]
 
 
 def test_histogram_deciles_match_the_exact_ones_closely():
     rng = np.random.default_rng(0)
     conf = rng.beta(0.7, 3, size=20_000)
     right = (rng.random(20_000) < 0.45 + 0.5 * conf).astype(np.int64)
-    stats = annotate.new_stats()
+    stats = annotation_stats.new_stats()
     for lo in range(0, 20_000, 3000):  # folded in batches, merged through a sidecar's JSON
-        part = annotate.new_stats()
-        annotate.add_stats(part, conf[lo:lo + 3000], [], right[lo:lo + 3000], conf[lo:lo + 3000])
-        annotate.merge_stats(stats, annotate.stats_from_json(json.loads(json.dumps(annotate.stats_to_json(part)))))
-    approx = annotate.deciles_from_histogram(stats["agree_n"], stats["agree_right"], stats["agree_sum"],
+        part = annotation_stats.new_stats()
+        annotation_stats.add_stats(part, conf[lo:lo + 3000], [], right[lo:lo + 3000], conf[lo:lo + 3000])
+        annotation_stats.merge_stats(stats, annotation_stats.stats_from_json(json.loads(json.dumps(annotation_stats.stats_to_json(part)))))
+    approx = annotation_stats.deciles_from_histogram(stats["agree_n"], stats["agree_right"], stats["agree_sum"],
                                              stats["agree_min"], stats["agree_max"])
     exact = calibration.accuracy_by_decile(conf, right)
     assert sum(d["count"] for d in approx) == 20_000 and len(approx) == 10
@@ -169,29 +170,29 @@ def test_work_folder_is_kept_only_for_the_same_fingerprint(tmp_path):
     out = Path(cfg.out)
     out.mkdir()
     (out / ".annotate-staging-1234").mkdir()  # what the old layout could leave behind
-    work, note = annotate.prepare_work(out, annotate.fingerprint(cfg, [data]))
+    work, note = work_units.prepare_work(out, work_units.fingerprint(cfg, [data]))
     assert note == "fresh" and not (out / ".annotate-staging-1234").exists()
     (work / "units" / "u.json").write_text("{}")
     (work / "tmp").mkdir()
     (work / "tmp" / "half.parquet").write_text("partial")
-    work, note = annotate.prepare_work(out, annotate.fingerprint(cfg, [data]))
+    work, note = work_units.prepare_work(out, work_units.fingerprint(cfg, [data]))
     assert note == "resume" and (work / "units" / "u.json").exists() and not (work / "tmp").exists()
     cfg.batch_size = 7  # changes how, not what: still resumes
-    assert annotate.prepare_work(out, annotate.fingerprint(cfg, [data]))[1] == "resume"
+    assert work_units.prepare_work(out, work_units.fingerprint(cfg, [data]))[1] == "resume"
     cfg.precision = "bf16"  # changes the labels' last digits: starts over
-    assert annotate.prepare_work(out, annotate.fingerprint(cfg, [data]))[1].startswith("starting over")
+    assert work_units.prepare_work(out, work_units.fingerprint(cfg, [data]))[1].startswith("starting over")
     # auto is fingerprinted as what it resolves to: it resumes the run of that precision, and only that one
     cfg.precision = "auto"
     resolved = resolve_precision("auto", "cpu")
     assert annotate.actor_precision(cfg) == resolved
-    assert annotate.fingerprint(cfg, [data]) == annotate.fingerprint(replace(cfg, precision=resolved), [data])
-    assert annotate.fingerprint(cfg, [data])["settings"].get("precision", "fp32") == resolved
+    cfg = replace(cfg, precision=annotate.actor_precision(cfg))  # as run() does before fingerprinting
+    assert work_units.fingerprint(cfg, [data])["settings"].get("precision", "fp32") == resolved
     # fp32 adds no key: the work folder of a run from before the setting existed (fp32) still resumes
-    assert "precision" not in annotate.fingerprint(replace(cfg, precision="fp32"), [data])["settings"]
-    note = annotate.prepare_work(out, annotate.fingerprint(cfg, [data]))[1]  # after the bf16 run
+    assert "precision" not in work_units.fingerprint(replace(cfg, precision="fp32"), [data])["settings"]
+    note = work_units.prepare_work(out, work_units.fingerprint(cfg, [data]))[1]  # after the bf16 run
     assert note == "resume" if resolved == "bf16" else note.startswith("starting over")
     cfg.precision = "fp32"
-    work, note = annotate.prepare_work(out, annotate.fingerprint(cfg, [data]))
+    work, note = work_units.prepare_work(out, work_units.fingerprint(cfg, [data]))
     assert note == "resume" if resolved == "fp32" else note.startswith("starting over")
     for change in ("settings", "input", "annotator"):
         (work / "units" / "u.json").write_text("{}")
@@ -201,7 +202,7 @@ def test_work_folder_is_kept_only_for_the_same_fingerprint(tmp_path):
             os.utime(data, ns=(1, 1))
         else:
             (ann / "model.safetensors").write_bytes(b"1" * 11)
-        work, note = annotate.prepare_work(out, annotate.fingerprint(cfg, [data]))
+        work, note = work_units.prepare_work(out, work_units.fingerprint(cfg, [data]))
         assert note.startswith("starting over") and change in note and not list((work / "units").iterdir())
 
 
@@ -220,7 +221,7 @@ def test_annotate_resumes_after_the_driver_is_killed(ray_cluster, tiny_encoder, 
     cmd = [sys.executable, "-m", "cwpo_ray", "annotate", "--data", str(data), "--annotator", str(annotator),
            "--out", str(out), "--num-actors", "2", "--unit-rows", "2500", "--max-rows-per-file", "20000",
            "--export-uncertain", "25", "--precision", "auto"]
-    units = len(annotate.plan_units(table_files(data), 2500))
+    units = len(work_units.plan_units(table_files(data), 2500))
     env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address,
            "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
 

@@ -67,8 +67,8 @@ class Settings(DistributedConfig):
                               choices=("temperature", "none"))
     # Temperature scaling afterwards undoes an epoch's overconfidence, so raw BT loss penalizes what
     # calibration fixes: on the built-in benchmark it chose 1-3 epochs and left four of five seeds'
-    # annotators at chance; the calibrated loss lifted every seed's gold accuracy (mean 0.585 -> 0.636;
-    # bench/RESULTS.md, the annotator over five seeds). The rule itself reads labeled pairs only.
+    # annotators at chance; the calibrated loss lifted every seed's gold accuracy (bench/RESULTS.md,
+    # "The annotator over five seeds"). The rule itself reads labeled pairs only.
     select_by: str = option("calibrated_bt_loss", "folds > 1: choose the epoch count by the pooled out-of-fold "
                                                   "BT loss after fitting a temperature to those margins "
                                                   "(calibrated_bt_loss) or by the raw loss (bt_loss)",

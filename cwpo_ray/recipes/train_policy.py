@@ -205,7 +205,8 @@ def run(cfg: Config) -> int:
         jobs.append(make_job(cfg, "po", start, out / "train_pairs.parquet", out / "policy", n_pairs))
         result = train_phases(cfg, jobs, mlrun.info.run_id)
     if not cfg.keep_checkpoints and not cfg.storage_path:
-        # The saved model supersedes them; kept, a pipeline's arms x seeds filled 48 GB at 135M.
+        # The saved model supersedes them; kept (weights and AdamW moments, ~3x the model per run), a
+        # pipeline's arms x seeds fill a disk.
         _remove(out / "ray")
 
     manifest = {"stage": "train-policy", "config": asdict(cfg), "pairs": n_pairs, "start": str(start),
@@ -237,8 +238,9 @@ def make_job(cfg: Config, mode: str, source, table: Path, save_to: Path, n_pairs
 def train_phases(cfg: Config, jobs: list[Job], run_id: str):
     """One Ray Train run of ``train_loop`` through ``jobs`` in order (SFT, then PO).
 
-    One run rather than one per phase: a Ray Train run costs ~15 s to start here (controller, worker
-    actors) and each worker ~10 s of imports (bench/RESULTS.md, fixed cost per stage), paid once.
+    One run rather than one per phase: each Ray Train run starts its controller and worker actors, and
+    each worker imports torch and transformers and loads the model again; in one run that is paid once
+    (bench/RESULTS.md, fixed cost per stage).
     """
     from cwpo_ray import tracking
     from cwpo_ray.distributed import run_trainer
