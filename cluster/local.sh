@@ -208,7 +208,7 @@ PYEOF
   echo "  token auth: RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=$DIR/auth_token"
   echo "submit a job:"
   echo "  set -a; . $ENV_FILE; set +a"
-  echo "  ray job submit --working-dir . --runtime-env jobs/runtime_env.yaml -- python jobs/pipeline.py --config jobs/configs/benchmark_cpu.yaml"
+  echo "  ray job submit --working-dir . --runtime-env jobs/runtime_env.yaml -- python jobs/run.py pipeline --config jobs/configs/benchmark_cpu.yaml"
 }
 
 cmd_status() {

@@ -4,6 +4,11 @@ Each stage has one dataclass. Values are layered: dataclass defaults < ``--confi
 YAML file < command-line flags < dotted ``key=value`` overrides. Every value is
 coerced to its field's type here, so a stage only ever sees typed values, and every
 user mistake raises ``ConfigError`` with one line that names the key.
+
+Ours rather than jsonargparse (which layers dataclasses, YAML, flags and dotted overrides too): it
+would replace the layering, a small part of this module, but not the checks made before any stage
+runs (inputs exist, no placeholder left, no relative output path in a Ray job), and it spells an
+override ``--a.b=v`` where every preset, job config and doc here uses ``a.b=v``.
 """
 
 from __future__ import annotations
@@ -217,7 +222,7 @@ OUTPUT_KEYS = ("out", "storage_path", "cache_dir", "reference_cache")
 
 def running_as_ray_job() -> bool:
     """True in the driver of a job started by `ray job submit` (Ray's job supervisor sets this variable
-    for the driver it starts; a plain `cwpo ...` or `python jobs/x.py` on a node does not have it)."""
+    for the driver it starts; a plain `cwpo ...` or `python jobs/run.py STAGE` on a node does not have it)."""
     return bool(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"))
 
 

@@ -48,8 +48,7 @@ def test_there_is_something_to_check():
     assert {"cluster/aws.yaml", "cluster/gcp.yaml", "cluster/kuberay/raycluster.yaml", "cluster/kuberay/rayjob.yaml",
             "cluster/kuberay/rayservice.yaml", "jobs/runtime_env.yaml"} <= names
     assert len(JOB_CONFIGS) >= 3
-    for stage in ("data", "train_annotator", "annotate", "train_policy", "evaluate", "serve", "pipeline"):
-        assert (REPO / "jobs" / f"{stage}.py").is_file()
+    assert (REPO / "jobs" / "run.py").is_file()
 
 
 @pytest.mark.parametrize("path", YAML_FILES, ids=lambda p: p.relative_to(REPO).as_posix())
@@ -62,26 +61,23 @@ def test_yaml_parses_and_names_files_that_exist(path):
         assert (REPO / ref).exists(), f"{path.relative_to(REPO)} names {ref}, which does not exist"
 
 
-@pytest.mark.parametrize("path", sorted((REPO / "jobs").glob("*.py")), ids=lambda p: p.name)
-def test_entry_point_delegates_to_its_stage(path):
-    text = path.read_text()
-    stage = STAGES[path.stem]
-    assert f'main(["{stage}", *sys.argv[1:]])' in text
-
-
-def test_entry_point_runs_as_a_script():
-    """`python jobs/<stage>.py --help` is `cwpo <stage> --help` (no cluster needed)."""
-    out = subprocess.run([sys.executable, str(REPO / "jobs" / "data.py"), "--help"], capture_output=True, text=True,
-                         timeout=120, cwd="/")
-    assert out.returncode == 0, out.stderr
-    assert "--labeled-fraction" in out.stdout
+def test_one_entry_point_runs_every_stage_as_a_script():
+    """`python jobs/run.py STAGE --help` is `cwpo STAGE --help` (no cluster needed), for every stage,
+    with `-` or `_` in its name; jobs/ holds no other entry point."""
+    assert sorted(p.name for p in (REPO / "jobs").glob("*.py")) == ["run.py"]
+    for stage, flag in (("data", "--labeled-fraction"), ("train_policy", "--mixed-precision"),
+                        ("train-annotator", "--gradient-checkpointing")):
+        out = subprocess.run([sys.executable, str(REPO / "jobs" / "run.py"), stage, "--help"], capture_output=True,
+                             text=True, timeout=120, cwd="/")
+        assert out.returncode == 0, out.stderr
+        assert flag in out.stdout, stage
 
 
 def _stage_of(path: Path) -> str:
-    """Each job config says how it is submitted: `python jobs/<stage>.py --config jobs/configs/<file>`."""
-    m = re.search(rf"python jobs/(\w+)\.py --config jobs/configs/{re.escape(path.name)}", path.read_text())
-    assert m, f"{path.name}: no '# ... python jobs/<stage>.py --config jobs/configs/{path.name}' line"
-    return m.group(1)
+    """Each job config says how it is submitted: `python jobs/run.py STAGE --config jobs/configs/<file>`."""
+    m = re.search(rf"python jobs/run\.py ([\w-]+) --config jobs/configs/{re.escape(path.name)}", path.read_text())
+    assert m, f"{path.name}: no '# ... python jobs/run.py STAGE --config jobs/configs/{path.name}' line"
+    return m.group(1).replace("-", "_")
 
 
 @pytest.mark.parametrize("path", JOB_CONFIGS, ids=lambda p: p.name)
@@ -263,7 +259,7 @@ def test_tiny_pipeline_job_on_a_two_node_cluster(local_cluster, mlflow_script_se
     config = tmp_path / "tiny.yaml"
     config.write_text(yaml.safe_dump(preset))
     runtime_env = _runtime_env(tmp_path, uri)
-    _submit(env, runtime_env, ["jobs/pipeline.py", "--config", str(config)], timeout=900)
+    _submit(env, runtime_env, ["jobs/run.py", "pipeline", "--config", str(config)], timeout=900)
 
     run_dir = tmp_path / "run"
     runs = json.loads((run_dir / "mlflow_runs.json").read_text())
@@ -286,7 +282,7 @@ def test_tiny_pipeline_job_on_a_two_node_cluster(local_cluster, mlflow_script_se
     assert {"config.yaml", "annotator"} <= {a.path for a in client.list_artifacts(annotator_run.info.run_id)}
 
     # Submitted again, the job reuses every stage (markers) and logs to the same runs.
-    log = _submit(env, runtime_env, ["jobs/pipeline.py", "--config", str(config)], timeout=600)
+    log = _submit(env, runtime_env, ["jobs/run.py", "pipeline", "--config", str(config)], timeout=600)
     # data, annotator, annotate, start, sft; cw's training (human_labeled_only is the SFT run's PO)
     # and two evaluations
     assert log.count("reusing") == 5 + 1 + 2, log[-3000:]
