@@ -9,10 +9,10 @@ Two steps, because the GPU machine has no network and no room for the models' we
 does not depend on the values) and measures, through this package's own code:
 
 1. the PO training step (``logprobs.pair_batch`` + ``logprobs.po_loss``, full fine-tuning, AdamW)
-   through ``distributed.DDPEngine`` (``strategy=ddp, use_gpu``) in fp32 and in bf16 (the GPU
+   through ``engines.DDPEngine`` (``strategy=ddp, use_gpu``) in fp32 and in bf16 (the GPU
    default, ``mixed_precision: auto``), with packing separate (flash-attention when installed), and
    with no_sync over 2 accumulation micro-batches plus gradient checkpointing; DeepSpeed ZeRO-2 / 0
-   bf16 through ``distributed.DeepSpeedEngine``; fp32 on the machine's CPU cores as the reference;
+   bf16 through ``engines.DeepSpeedEngine``; fp32 on the machine's CPU cores as the reference;
    plus the loss of one batch under bf16 vs fp32;
 2. numerics: the same fp32 weights' log-probs on CUDA vs CPU (``logps_cuda_vs_cpu``); annotator
    labels and confidences bf16 vs fp32 (``annotator_bf16_vs_fp32``, ``annotate.precision``'s bar);
@@ -90,14 +90,15 @@ def train_step_rate(model_dir: Path, device: str, batch: int, steps: int, engine
                     packing: str = "shared_prefix", attention: str = "sdpa") -> dict:
     """Pairs/s of our PO step (DPO, beta 0.5, lengths of the `full` preset) after one warm-up step.
 
-    ``engine`` "ddp": ``distributed.DDPEngine`` around a one-process DistributedDataParallel (so its
+    ``engine`` "ddp": ``engines.DDPEngine`` around a one-process DistributedDataParallel (so its
     no_sync on accumulation micro-batches and its all-reduce run as on a cluster), in ``precision``
     with ``accumulation`` micro-batches of ``batch`` pairs per step; "deepspeed": DeepSpeedEngine.
     """
     import torch
 
     from cwpo_ray import logprobs
-    from cwpo_ray.distributed import DDPEngine, DeepSpeedEngine, DistributedConfig, adamw, resolve_precision
+    from cwpo_ray.distributed import DistributedConfig
+    from cwpo_ray.engines import DDPEngine, DeepSpeedEngine, adamw, resolve_precision
     from cwpo_ray.models import ModelSource, enable_gradient_checkpointing, load_causal_lm, load_tokenizer
 
     source = ModelSource(str(model_dir))

@@ -11,7 +11,7 @@ the optimizer is not scale-free:
     because they set how large the steps are while the above act).
 
 Copies of one model train side by side on the same batches with the loop's own functions
-(logprobs.pair_batch / reference_logps / po_loss, fused AdamW as distributed.adamw, clipping
+(logprobs.pair_batch / reference_logps / po_loss, fused AdamW as engines.adamw, clipping
 and the cosine schedule with warm-up as train-policy's DDP engine): weights 1 and weights c.
 Per step: the unweighted DPO loss of each, the pre-clip gradient norms, and the two parameter
 updates compared (norm ratio, cosine); at the end the total change theta_T - theta_0 of each.
@@ -75,7 +75,7 @@ class Run:
     def __init__(self, model, lr: float, weight_decay: float, warmup: int, steps: int, max_grad_norm: float):
         from transformers import get_cosine_schedule_with_warmup
 
-        from cwpo_ray.distributed import adamw
+        from cwpo_ray.engines import adamw
 
         self.model, self.max_grad_norm = model, max_grad_norm
         self.params = [p for p in model.parameters() if p.requires_grad]

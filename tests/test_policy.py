@@ -795,7 +795,8 @@ def test_final_model_is_the_trained_module_and_loads_with_from_pretrained(tiny, 
     from transformers import AutoModelForCausalLM
 
     from cwpo_ray.config import load_config
-    from cwpo_ray.distributed import DistributedConfig, adamw, setup_engine
+    from cwpo_ray.distributed import DistributedConfig
+    from cwpo_ray.engines import adamw, setup_engine
     from cwpo_ray.recipes import train_policy
     from cwpo_ray.policy import worker
 
@@ -829,7 +830,8 @@ def test_final_model_is_the_trained_module_and_loads_with_from_pretrained(tiny, 
 def test_deepspeed_config_follows_the_resolved_mixed_precision():
     """What each placement asks DeepSpeed for (the GPU run itself needs a GPU; this machine has none):
     mixed_precision auto is fp32 on a CPU and bf16 on a GPU with bf16; fp16 turns on DeepSpeed's fp16."""
-    from cwpo_ray.distributed import DistributedConfig, deepspeed_config, resolve_precision
+    from cwpo_ray.distributed import DistributedConfig
+    from cwpo_ray.engines import deepspeed_config, resolve_precision
 
     assert resolve_precision("auto", torch.device("cpu")) == "fp32"
     assert resolve_precision("no", torch.device("cpu")) == "fp32" and resolve_precision("fp16", torch.device("cpu")) == "fp16"
@@ -853,7 +855,8 @@ DEEPSPEED_ENGINE_SCRIPT = """
 import json, os
 import torch, torch.distributed as dist
 import deepspeed.ops
-from cwpo_ray.distributed import SHM_COMM_OP, DistributedConfig, adamw, setup_engine
+from cwpo_ray.distributed import DistributedConfig
+from cwpo_ray.engines import SHM_COMM_OP, adamw, setup_engine
 
 would_build = deepspeed.ops.__compatible_ops__[SHM_COMM_OP]
 dist.init_process_group("gloo")  # as Ray Train's worker group does before the train loop

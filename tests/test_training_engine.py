@@ -35,7 +35,8 @@ def _accumulated_step(config):
     import torch.distributed as td
     from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
-    from cwpo_ray.distributed import DistributedConfig, setup_engine
+    from cwpo_ray.distributed import DistributedConfig
+    from cwpo_ray.engines import setup_engine
 
     rank, world = ray.train.get_context().get_world_rank(), ray.train.get_context().get_world_size()
     model = _mlp()
@@ -102,7 +103,8 @@ def test_mixed_precision_runs_the_forward_in_half_and_keeps_fp32_weights(tiny, p
     weights and AdamW's state in fp32; the loss near fp32's, and the first update close to fp32's.
     fp16 scales the loss: a step whose scaled gradients overflow is skipped and the scale lowered,
     so its first update comes a few steps later, from the same start."""
-    from cwpo_ray.distributed import DistributedConfig, adamw, setup_engine
+    from cwpo_ray.distributed import DistributedConfig
+    from cwpo_ray.engines import adamw, setup_engine
 
     tokenizer, source = tiny
     batch = _pairs(tokenizer)
@@ -287,7 +289,7 @@ def test_the_engine_runs_cpu_built_batches_on_its_models_device():
     """Batches are built on the CPU; the engine puts them where the model is, as on a GPU worker
     (train-annotator's model once trained on the CPU with one GPU worker). The meta device stands in
     for the GPU here: it computes shapes only, and a CPU tensor reaching it would raise."""
-    from cwpo_ray.distributed import DDPEngine
+    from cwpo_ray.engines import DDPEngine
 
     model = torch.nn.Linear(4, 2).to("meta")
     engine = DDPEngine(model, torch.optim.SGD(model.parameters(), lr=0.1), None)

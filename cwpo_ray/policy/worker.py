@@ -76,8 +76,8 @@ def train_phase(job: Job, dist) -> bool:
     import torch
     from transformers import get_cosine_schedule_with_warmup
 
-    from cwpo_ray.distributed import (RankZeroLogger, adamw, device_for, die_once_at, mean_over_workers,
-                                      parameters_held, partitioned_init, report, resume, setup_engine, world)
+    from cwpo_ray.distributed import RankZeroLogger, device_for, die_once_at, mean_over_workers, report, resume, world
+    from cwpo_ray.engines import adamw, parameters_held, partitioned_init, setup_engine
     from cwpo_ray.models import (ModelSource, enable_gradient_checkpointing, load_causal_lm, load_tokenizer,
                                 own_trainable_weights)
 

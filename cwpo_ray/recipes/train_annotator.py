@@ -307,8 +307,8 @@ def _fresh(cfg: Config, dist, world: int, config: dict):
     """A new annotator (the same initial weights on every rank and in every round) and its engine."""
     import torch
 
-    from cwpo_ray import distributed as D
     from cwpo_ray.annotator import new_annotator
+    from cwpo_ray.engines import adamw, setup_engine
     from cwpo_ray.models import enable_gradient_checkpointing, resolve_model
 
     torch.manual_seed(cfg.seed)
@@ -316,9 +316,9 @@ def _fresh(cfg: Config, dist, world: int, config: dict):
     annotator.meta.data_fingerprint = config["fingerprint"]
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(annotator.model)
-    optimizer = D.adamw(annotator.model.parameters(), cfg.lr, cfg.weight_decay)
-    engine = D.setup_engine(annotator.model, optimizer, None, dist, micro_batch_size=cfg.batch_size // world,
-                            max_grad_norm=cfg.max_grad_norm or None)
+    optimizer = adamw(annotator.model.parameters(), cfg.lr, cfg.weight_decay)
+    engine = setup_engine(annotator.model, optimizer, None, dist, micro_batch_size=cfg.batch_size // world,
+                          max_grad_norm=cfg.max_grad_norm or None)
     return annotator, engine
 
 
