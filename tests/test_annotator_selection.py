@@ -11,7 +11,8 @@ import pytest
 from cwpo_ray import calibration
 from cwpo_ray.annotator import load_annotator
 from cwpo_ray.cli import main
-from cwpo_ray.recipes.train_annotator import Settings, chosen_epochs, plan_rounds
+from cwpo_ray.annotator_training.rounds import chosen_epochs, plan_rounds
+from cwpo_ray.recipes.train_annotator import Settings
 from cwpo_ray.tables import write_table
 
 

@@ -171,7 +171,7 @@ def test_gradient_checkpointing_gives_the_annotators_gradients(tiny_encoder):
     from cwpo_ray.annotator import collate, new_annotator
     from cwpo_ray.losses import bt_loss
     from cwpo_ray.models import enable_gradient_checkpointing
-    from cwpo_ray.recipes.train_annotator import encode_pairs
+    from cwpo_ray.annotator_training.rounds import encode_pairs
     from tiny_models import synthetic_pairs
 
     grads = []

@@ -17,12 +17,14 @@ checkpoints every epoch and resumes from the last checkpoint after a worker fail
 sequence-classification model; an encoder: backbone + reward_head.pt; see docs/ANNOTATOR_FORMAT.md;
 tokenizer, annotator.json, eval.json, reliability.png, confidence_hist.png)
 and logs metrics, plots and the folder to MLflow.
+
+The data plan (held-out split, k folds, the refit's epochs) is ``cwpo_ray.annotator_training.rounds``;
+what each Ray Train worker runs is ``cwpo_ray.annotator_training.worker``.
 """
 
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import shutil
 import uuid
@@ -30,7 +32,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from cwpo_ray.config import ConfigError, option
+from cwpo_ray.annotator_training.rounds import fingerprint, load_pairs, plan_rounds
+from cwpo_ray.annotator_training.worker import train_loop
+from cwpo_ray.config import option
 from cwpo_ray.distributed import DistributedConfig
 
 EPILOG = """examples:
@@ -109,277 +113,6 @@ class Config(Settings):
         super().validate()
         if not self.out.strip():
             raise ValueError("out: an output folder is required")
-
-
-# ----------------------------------------------------------------------------- data
-
-def is_heldout(pair_id: str, seed: int, fraction: float) -> bool:
-    """A seeded hash of the id (the one `cwpo data` splits by): the same split everywhere, no shuffle."""
-    from cwpo_ray.sources import hash_unit
-
-    return hash_unit(f"{seed}:heldout:{pair_id}") < fraction
-
-
-def load_pairs(path: str) -> list[dict]:
-    """The labeled pairs, with rows that cannot be trained on (missing / empty / identical) refused loudly."""
-    from cwpo_ray.tables import LABELED_COLUMNS, iter_rows, require_columns
-
-    require_columns(path, LABELED_COLUMNS)
-    rows, bad = [], 0
-    for row in iter_rows(path, columns=None):
-        ok = all(isinstance(row.get(c), str) and row[c].strip() for c in LABELED_COLUMNS)
-        if ok and row["chosen"] != row["rejected"]:
-            rows.append({c: row[c] for c in LABELED_COLUMNS})
-        else:
-            bad += 1
-    if bad:
-        print(f"train-annotator: skipped {bad} unusable rows of {path} (run `cwpo data` to quarantine them)")
-    return rows
-
-
-def fold_of(pair_id: str, seed: int, folds: int) -> int:
-    from cwpo_ray.sources import hash_unit
-
-    return min(folds - 1, int(hash_unit(f"{seed}:fold:{pair_id}") * folds))
-
-
-@dataclass
-class Round:
-    """One model trained from the start: on ``train`` rows for ``epochs`` epochs, scored on ``heldout``
-    rows after every epoch. k-fold selection is k such rounds and a refit on every row."""
-
-    name: str               # "heldout", "fold-2", "refit"
-    train: list[int]        # row indices
-    heldout: list[int]
-    epochs: int             # 0: decided when the folds are done (the refit)
-    saves: bool             # its model is the annotator written to OUT
-
-
-def plan_rounds(rows: list[dict], cfg: Settings, seed: int) -> list[Round]:
-    """folds 1: one round, the best held-out epoch saved. folds k: k rounds (fold f held out) and a
-    refit on all rows whose epoch count is chosen from the folds' held-out losses."""
-    if cfg.folds == 1:
-        held = [i for i, r in enumerate(rows) if is_heldout(r["id"], seed, cfg.heldout_fraction)]
-        train = [i for i, r in enumerate(rows) if not is_heldout(r["id"], seed, cfg.heldout_fraction)]
-        if not train or not held:
-            raise ConfigError(f"heldout_fraction {cfg.heldout_fraction} leaves {len(train)} training and "
-                              f"{len(held)} held-out pairs of {len(rows)}; both must be non-empty")
-        return [Round("heldout", train, held, cfg.epochs, saves=True)]
-    fold = [fold_of(r["id"], seed, cfg.folds) for r in rows]
-    rounds = []
-    for f in range(cfg.folds):
-        held = [i for i in range(len(rows)) if fold[i] == f]
-        if not held or len(held) == len(rows):
-            raise ConfigError(f"folds {cfg.folds}: fold {f} holds {len(held)} of {len(rows)} pairs; "
-                              "use fewer folds or more pairs")
-        rounds.append(Round(f"fold-{f}", [i for i in range(len(rows)) if fold[i] != f], held, cfg.epochs, False))
-    return rounds + [Round("refit", list(range(len(rows))), [], 0, saves=True)]
-
-
-def chosen_epochs(oof: dict[str, list[list[float]]], calibrated: bool = False) -> int:
-    """The epoch count whose out-of-fold margins (all folds pooled) have the lowest BT loss; ``calibrated``:
-    the lowest BT loss of ``margins / T`` with T fitted to those margins."""
-    from cwpo_ray import calibration
-
-    def loss(m: list[float]) -> float:
-        t = calibration.fit_temperature(m) if calibrated else 1.0
-        return calibration.bt_loss([x / t for x in m])
-
-    n_epochs = min(len(v) for v in oof.values())
-    losses = [loss([m for v in oof.values() for m in v[e]]) for e in range(n_epochs)]
-    return int(min(range(n_epochs), key=lambda e: (losses[e], e))) + 1
-
-
-def fingerprint(rows: list[dict]) -> str:
-    h = hashlib.sha1()
-    for r in sorted(r["id"] for r in rows):
-        h.update(r.encode("utf-8", "replace") + b"\0")
-    return h.hexdigest()[:16]
-
-
-def encode_pairs(tokenizer, meta, rows: list[dict]) -> tuple[list[list[int]], list[list[int]]]:
-    from cwpo_ray.annotator import encode
-
-    prompts = [r["prompt"] for r in rows]
-    chosen, _ = encode(tokenizer, prompts, [r["chosen"] for r in rows], meta.max_length, meta.separator)
-    rejected, _ = encode(tokenizer, prompts, [r["rejected"] for r in rows], meta.max_length, meta.separator)
-    return chosen, rejected
-
-
-# ----------------------------------------------------------------------------- inside a Ray Train worker
-
-def heldout_margins(engine, chosen, rejected, pad_id: int, batch_size: int) -> list[float]:
-    """r(chosen) - r(rejected) of every held-out pair; sequences sorted by length to cut padding.
-
-    Every rank scores the whole held-out set in lockstep (forward passes are collective under ZeRO-3).
-    """
-    import torch
-
-    from cwpo_ray.annotator import collate
-
-    seqs = chosen + rejected
-    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
-    rewards = [0.0] * len(seqs)
-    engine.eval()
-    with torch.no_grad():
-        for start in range(0, len(order), batch_size):
-            idx = order[start: start + batch_size]
-            out = engine(**collate([seqs[i] for i in idx], pad_id)).float().tolist()
-            for i, r in zip(idx, out):
-                rewards[i] = r
-    engine.train()
-    n = len(chosen)
-    return [rewards[i] - rewards[n + i] for i in range(n)]
-
-
-def train_loop(config: dict) -> None:
-    """The Ray Train loop: the same code for DDP and DeepSpeed, resumable from any epoch's checkpoint.
-
-    Runs the rounds of ``plan_rounds`` one after the other, each from a fresh model; the state
-    (round, epoch, out-of-fold margins) rides in every checkpoint, so a restarted worker group
-    continues the round it was in.
-    """
-    import ray
-    from tqdm import tqdm
-
-    from cwpo_ray import calibration
-    from cwpo_ray import distributed as D
-
-    cfg: Config = config["cfg"]
-    dist: D.DistributedConfig = config["dist"]
-    rank, world = D.world()
-    D.device_for(dist)
-    rows = ray.get(config["rows_ref"])
-    rounds = plan_rounds(rows, cfg, cfg.seed)
-    annotator, engine = _fresh(cfg, dist, world, config)
-    chosen, rejected = encode_pairs(annotator.tokenizer, annotator.meta, rows)
-    resumed = D.resume(engine)
-    state = resumed or {"round": 0, "epoch": -1, "step": 0, "best_loss": float("inf"), "best_epoch": None,
-                        "history": [], "oof": {}}
-    logger = D.RankZeroLogger(config["metrics_file"])
-    if resumed:  # recorded, so a restart after a worker failure is visible in the run
-        logger.log_metrics({"resumed_after_epoch": state["epoch"] + 1}, step=state["step"])
-    total_epochs = sum(r.epochs for r in rounds) + (cfg.epochs if cfg.folds > 1 else 0)  # the refit at most
-    bar = tqdm(total=total_epochs, initial=len(state["history"]), disable=rank != 0 or not cfg.progress, desc="train-annotator",
-               unit="epoch", mininterval=2)
-    r, fresh = state["round"], False
-    if resumed and state["epoch"] + 1 >= _epochs(rounds[r], state, cfg):
-        r, fresh = r + 1, True  # the checkpoint closed its round: the next one starts from a fresh model
-    while r < len(rounds):
-        spec = rounds[r]
-        spec.epochs = _epochs(spec, state, cfg)
-        if fresh:
-            annotator, engine = _fresh(cfg, dist, world, config)
-            state.update(round=r, epoch=-1, best_loss=float("inf"), best_epoch=None)
-        for epoch in range(state["epoch"] + 1, spec.epochs):
-            staging = Path(config["staging"])  # testing hook: the last worker dies once after fail_at_epoch epochs
-            D.die_once_at(epoch, cfg.fail_at_epoch, staging.with_name(staging.name + ".failed-once"))
-            train_loss = _train_epoch(engine, chosen, rejected, spec.train, cfg, world, rank,
-                                      annotator.tokenizer.pad_token_id, state, logger, seed=cfg.seed + epoch)
-            row = {"round": spec.name, "epoch": epoch + 1, "train_loss": train_loss}
-            if spec.heldout:
-                margins = heldout_margins(engine, [chosen[i] for i in spec.heldout],
-                                          [rejected[i] for i in spec.heldout], annotator.tokenizer.pad_token_id,
-                                          cfg.eval_batch_size)
-                row.update({f"heldout_{k}": v for k, v in calibration.summarize(margins).items() if k != "n"})
-                state["oof"].setdefault(spec.name, []).append(margins)
-            state["history"].append(row)
-            if spec.saves:
-                _maybe_save(spec, epoch, row, state, engine, annotator, rank, config)
-            prefix = "" if spec.name in ("heldout", "refit") else f"{spec.name}/"
-            logger.log_metrics({prefix + k: v for k, v in row.items() if k not in ("round", "epoch")},
-                               step=len(state["history"]))
-            state["epoch"] = epoch
-            bar.update(1)
-            bar.set_postfix(round=spec.name, epoch=epoch + 1, loss=f"{train_loss:.3f}")
-            D.report({k: v for k, v in row.items() if k != "round"}, engine, client_state=dict(state))
-        r, fresh = r + 1, True
-    bar.close()
-
-
-def _epochs(spec: Round, state: dict, cfg: Settings) -> int:
-    """A round's epoch count; the refit's is chosen from the folds' out-of-fold losses."""
-    return (chosen_epochs(state["oof"], cfg.select_by == "calibrated_bt_loss") if spec.name == "refit"
-            else spec.epochs)
-
-
-def _fresh(cfg: Config, dist, world: int, config: dict):
-    """A new annotator (the same initial weights on every rank and in every round) and its engine."""
-    import torch
-
-    from cwpo_ray.annotator import new_annotator
-    from cwpo_ray.engines import adamw, setup_engine
-    from cwpo_ray.models import enable_gradient_checkpointing, resolve_model
-
-    torch.manual_seed(cfg.seed)
-    annotator = new_annotator(resolve_model(cfg.model, cfg.gguf_file), cfg.pooling or None, cfg.max_length)
-    annotator.meta.data_fingerprint = config["fingerprint"]
-    if cfg.gradient_checkpointing:
-        enable_gradient_checkpointing(annotator.model)
-    optimizer = adamw(annotator.model.parameters(), cfg.lr, cfg.weight_decay)
-    engine = setup_engine(annotator.model, optimizer, None, dist, micro_batch_size=cfg.batch_size // world,
-                          max_grad_norm=cfg.max_grad_norm or None)
-    return annotator, engine
-
-
-def _train_epoch(engine, chosen, rejected, rows: list[int], cfg: Config, world: int, rank: int, pad_id: int,
-                 state: dict, logger, seed: int) -> float:
-    from cwpo_ray.annotator import collate
-    from cwpo_ray.distributed import mean_over_workers
-    from cwpo_ray.losses import bt_loss
-    from cwpo_ray.step_plan import StepPlan
-
-    engine.train()
-    loss_sum, loss_n = 0.0, 0
-    plan = StepPlan(len(rows), cfg.batch_size // world, world, epochs=1, seed=seed)
-    for step in range(plan.total_steps):
-        [idx] = plan.rows(step, rank)
-        idx = [rows[i] for i in idx]
-        batch = collate([chosen[i] for i in idx] + [rejected[i] for i in idx], pad_id)
-        rewards = engine(**batch).float()  # the loss in fp32 under mixed precision
-        loss = bt_loss(rewards[: len(idx)], rewards[len(idx):])
-        engine.backward_and_step(loss)
-        loss_sum, loss_n, state["step"] = loss_sum + loss.item(), loss_n + 1, state["step"] + 1
-        if state["step"] % cfg.log_every == 0:
-            logger.log_metrics({"train_loss_step": loss.item()}, step=state["step"])
-    return mean_over_workers({"loss": loss_sum / max(loss_n, 1)})["loss"]
-
-
-def _maybe_save(spec: Round, epoch: int, row: dict, state: dict, engine, annotator, rank: int, config: dict):
-    """folds 1: the epoch with the lowest held-out BT loss so far; the refit: its last epoch."""
-    if spec.heldout:
-        is_best = row["heldout_bt_loss"] < state["best_loss"]  # identical on every rank: same weights, same data
-    else:
-        is_best = epoch + 1 == spec.epochs
-    full = engine.full_state_dict() if is_best else None  # collective under ZeRO-3: every rank calls it
-    if not is_best:
-        return
-    state["best_epoch"] = epoch + 1
-    if spec.heldout:
-        state["best_loss"] = row["heldout_bt_loss"]
-    if rank == 0:
-        save_best(annotator, full, Path(config["staging"]), epoch + 1, state)
-
-
-def save_best(annotator, state_dict, staging: Path, epoch: int, state: dict) -> None:
-    """Replace the staged annotator (only rank 0 calls this). Its held-out figures: the held-out split's
-    at that epoch (folds 1) or every fold's held-out pairs pooled at the chosen epoch count."""
-    from cwpo_ray import calibration
-    from cwpo_ray.annotator import save_annotator
-
-    oof = state["oof"]
-    if "heldout" in oof:
-        margins = oof["heldout"][epoch - 1]
-    else:
-        margins = [m for v in oof.values() for m in v[epoch - 1]]
-    annotator.meta.metrics = {**calibration.summarize(margins), "epoch": epoch}
-    tmp = staging.with_name(staging.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_annotator(annotator, tmp, state_dict=state_dict)
-    (tmp / "eval.json").write_text(json.dumps({"best": annotator.meta.metrics, "history": state["history"],
-                                               "heldout_margins": margins}, indent=1))
-    shutil.rmtree(staging, ignore_errors=True)
-    tmp.rename(staging)
 
 
 # ----------------------------------------------------------------------------- the recipe
