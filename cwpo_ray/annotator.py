@@ -21,7 +21,6 @@ survives); only when the response alone does not fit is the response cut from th
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 from dataclasses import asdict, dataclass, field, fields
@@ -31,6 +30,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from cwpo_ray.engines import autocast
 from cwpo_ray.losses import confidence
 from cwpo_ray.models import ModelSource, is_encoder, load_backbone, load_tokenizer, plain_weights
 
@@ -250,18 +250,6 @@ def resolve_precision(precision: str, device: torch.device | str) -> str:
     return precision
 
 
-def autocast_for(precision: str, device: torch.device):
-    """The autocast context of a scoring precision: fp32 runs the model as stored (no autocast);
-    bf16 runs its matmuls in bfloat16 (on CPUs with AMX / AVX512-BF16 several times fp32's GEMM rate),
-    softmax and layer norms stay fp32; the reward head is a matmul too, so the rewards come out
-    of bf16 and are returned as fp32."""
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    if precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    raise ValueError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
-
-
 class Annotator:
     """A reward model with its tokenizer and metadata: scores texts and labels pairs.
 
@@ -292,7 +280,7 @@ class Annotator:
         for start in range(0, len(order), batch_size):
             idx = order[start: start + batch_size]
             batch = collate([seqs[i] for i in idx], self.tokenizer.pad_token_id)
-            with autocast_for(self.precision, device):
+            with autocast(self.precision, device):  # bf16: matmuls in bfloat16, the rewards returned as fp32
                 out = self.model(**{k: v.to(device) for k, v in batch.items()})
             out = out.float().cpu().tolist()
             for i, r in zip(idx, out):
