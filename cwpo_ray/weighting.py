@@ -8,14 +8,10 @@ confidence (T = 1) of an annotated table, to measure what calibration changes.
 
 from __future__ import annotations
 
+# Which arms train on weak labels is the arms registry's to say; re-exported for callers that import it from here.
+from cwpo_ray.arms import reads_weak_labels  # noqa: F401
+
 WEIGHTINGS = ("none", "confidence", "confidence_raw", "topk:F")
-
-
-def reads_weak_labels(arm: str) -> bool:
-    """Whether a pipeline arm trains on the annotator's labels: every arm but human* (human labels)
-    and gold (the gold judge's). The pipeline trains an annotator only if one does; compare shows
-    the annotator's accuracy only beside those."""
-    return not (arm.startswith("human") or arm == "gold")
 
 
 def parse_weighting(spec: str) -> tuple[str, float | None]:

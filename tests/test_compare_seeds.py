@@ -1,5 +1,6 @@
-"""Results over seeds: the hierarchical bootstrap (seeds, then prompts within a seed) in gra.py, and
-`cwpo compare` on a pipeline parent whose arm runs span several seeds (real MLflow server)."""
+"""Results over seeds: the hierarchical bootstrap (seeds, then prompts within a seed) in gra.py, compare's one
+path for any number of seeds (one seed: the numbers the single-seed tables always showed), and `cwpo compare`
+on a pipeline parent whose arm runs span several seeds (real MLflow server)."""
 
 from __future__ import annotations
 
@@ -241,7 +242,7 @@ def test_over_seeds_tables_from_rows_keep_the_newest_run_and_show_missing_seeds(
     """Pure: rows as collect_rows reads them. An arm that ran on one seed only shows "-" for the other;
     an arm without responses.parquet falls back to the mean of its logged GRAs, with no interval; of two
     runs of the same arm x loss x seed (a resumed pipeline) only the newest counts."""
-    from cwpo_ray.recipes import compare
+    from cwpo_ray.comparison import aggregate, collect, markdown
 
     def row(arm, seed, gra, start, run_id):
         return {"arm": arm, "loss": "dpo", "seed": seed, "run_id": run_id, "start_time": start, "gra": gra,
@@ -253,20 +254,158 @@ def test_over_seeds_tables_from_rows_keep_the_newest_run_and_show_missing_seeds(
             row("human", "0", 0.5, 4, "h0"), row("ws", "0", 0.25, 5, "w0"), row("ws", "1", 0.75, 6, "w1")]
     wins_ = {"new": [1, 1, 0.5, 0.5], "c1": [1, 0, 0.5, 0.5], "h0": [1, 0, 0.5, 0.5], "old": [0, 0, 0, 0]}
     table = {r: {"gold": {f"p{i}": w for i, w in enumerate(v)}} for r, v in wins_.items()}
-    kept = compare.latest_runs(rows)
+    kept = collect.latest_runs(rows)
     assert [r["run_id"] for r in kept] == ["new", "c1", "h0", "w0", "w1"]
-    agg = {r["arm"]: r for r in compare.rows_over_seeds(kept, lambda r: table.get(r["run_id"]))}
+    agg = {r["arm"]: r for r in aggregate.arm_rows(kept, lambda r: table.get(r["run_id"]))}
     assert agg["cw"]["gra"] == pytest.approx(0.625) and agg["cw"]["gra_lo"] <= 0.625 <= agg["cw"]["gra_hi"]
     assert agg["ws"]["gra"] == pytest.approx(0.5) and agg["ws"]["gra_lo"] is None  # no responses: no interval
-    seeds = compare.seeds_of(kept)
-    md = compare.markdown_over_seeds(list(agg.values()), seeds, "t")
+    seeds = aggregate.seeds_of(kept)
+    md = markdown.gra_table(list(agg.values()), seeds, "t")
     assert "| human | dpo | 1 | 0.500 |" in md and "| 0.500 / - |" in md
     assert "| ws | dpo | 2 | 0.500 | - | 0.250 / 0.750 |" in md
-    pairs = compare.paired_rows_over_seeds(kept, lambda r: table.get(r["run_id"]))
+    pairs = aggregate.paired_rows(kept, lambda r: table.get(r["run_id"]))
     cw_h = next(p for p in pairs if (p["a"], p["b"]) == ("cw", "human"))
     assert cw_h["n_seeds"] == 1 and cw_h["diff"] == pytest.approx(0.25)  # only seed 0 has both
     assert not any(p["b"] == "ws" for p in pairs)  # ws left no responses: no paired difference
-    assert "| +0.250 / - |" in compare.paired_markdown_over_seeds(pairs, seeds)
+    assert "| +0.250 / - |" in markdown.paired_table(pairs, seeds)
+
+
+# ----------------------------------------------------------------------------- one seed: the n = 1 case
+
+def one_seed_runs(seed="0"):
+    """Rows as collect_rows reads them for one seed, and each run's per-prompt wins under two judges (vader, the
+    main one, and textblob); every run's logged eval/* interval is its evaluation's own (n_boot 500, seed 3)."""
+    n = 80
+    salt = int(seed) if seed and seed != "0" else 0  # another seed: other prompts won
+    spec = {("human", "dpo"): (30, 10, 40), ("ws", "dpo"): (44, 6, 42), ("cw", "dpo"): (52, 8, 45),
+            ("human", "ipo"): (35, 0, 38), ("cw", "ipo"): (47, 4, 41)}  # (vader wins, vader ties, textblob wins)
+    rows, wins_ = [], {}
+    for k, ((arm, loss), (w, t, tb)) in enumerate(spec.items()):
+        rng = np.random.default_rng([k, salt] if salt else k)
+        vader = rng.permutation(np.array([1.0] * w + [0.5] * t + [0.0] * (n - w - t)))
+        textblob = rng.permutation(np.array([1.0] * tb + [0.5] * (n - tb)))
+
+        def logged(x):  # what the evaluation logs: wins of x against a constant 0.5 give back x's 1 / 0.5 / 0
+            m = gra_with_ci(x, np.full(n, 0.5), n_boot=500, seed=3)
+            return {**{key: m[key] for key in ("gra", "gra_lo", "gra_hi", "gra_strict", "gra_strict_lo",
+                                               "gra_strict_hi")}, "gold_policy": float(x.mean() - 0.1),
+                    "gold_reference": 0.25}
+
+        run_id = f"{arm}-{loss}" + (f"-{seed}" if salt else "")
+        rows.append({"split": "test", "arm": arm, "loss": loss, "seed": seed, "run_id": run_id, "start_time": k,
+                     **logged(vader), "judge": "vader", "judges": {"textblob": logged(textblob)}, "n": float(n),
+                     "pair_accuracy": 0.6 + 0.01 * k, "annotator_accuracy": None if arm == "human" else 0.7,
+                     "human_labels_used": 300.0 if arm == "human" else 90.0})
+        ids = [f"p{i:03d}" for i in range(n)]
+        wins_[run_id] = {"vader": dict(zip(ids, vader.tolist())), "textblob": dict(zip(ids, textblob.tolist()))}
+    return sorted(rows, key=by_loss_arm_seed), wins_
+
+
+def by_loss_arm_seed(row: dict) -> tuple:  # the order collect_rows gives
+    from cwpo_ray.arms import display_key
+
+    return row["loss"], display_key(row["arm"]), str(row["seed"])
+
+
+# compare.md of one_seed_runs() as the single-seed code path rendered it before one path served every number of
+# seeds (the intervals of the arms are their evaluations' own, the paired ones gra.paired_difference's).
+ONE_SEED_MD = """\
+### t
+
+Gold judge: vader. GRA counts a tie half; GRA strict counts only a higher score (the paper's definition).
+
+| arm | loss | GRA | 95% CI | GRA strict | strict 95% CI | gold (policy) | gold (SFT start) | pair acc. | annotator acc. | human labels | test prompts |
+|---|---|---|---|---|---|---|---|---|---|---|---|
+| human | dpo | 0.438 | [0.347, 0.537] | 0.375 | [0.275, 0.487] | 0.338 | 0.250 | 0.600 | - | 300 | 80 |
+| ws | dpo | 0.588 | [0.478, 0.694] | 0.550 | [0.438, 0.662] | 0.488 | 0.250 | 0.610 | 0.700 | 90 | 80 |
+| cw | dpo | 0.700 | [0.609, 0.787] | 0.650 | [0.543, 0.750] | 0.600 | 0.250 | 0.620 | 0.700 | 90 | 80 |
+| human | ipo | 0.438 | [0.338, 0.550] | 0.438 | [0.338, 0.550] | 0.338 | 0.250 | 0.630 | - | 300 | 80 |
+| cw | ipo | 0.613 | [0.506, 0.713] | 0.588 | [0.487, 0.688] | 0.513 | 0.250 | 0.640 | 0.700 | 90 | 80 |
+
+### GRA under every judge
+
+| arm | loss | judge | GRA | 95% CI | GRA strict | strict 95% CI | gold (policy) | gold (SFT start) |
+|---|---|---|---|---|---|---|---|---|
+| human | dpo | vader | 0.438 | [0.347, 0.537] | 0.375 | [0.275, 0.487] | 0.338 | 0.250 |
+| human | dpo | textblob | 0.750 | [0.694, 0.806] | 0.500 | [0.388, 0.613] | 0.650 | 0.250 |
+| ws | dpo | vader | 0.588 | [0.478, 0.694] | 0.550 | [0.438, 0.662] | 0.488 | 0.250 |
+| ws | dpo | textblob | 0.762 | [0.713, 0.819] | 0.525 | [0.425, 0.637] | 0.662 | 0.250 |
+| cw | dpo | vader | 0.700 | [0.609, 0.787] | 0.650 | [0.543, 0.750] | 0.600 | 0.250 |
+| cw | dpo | textblob | 0.781 | [0.731, 0.831] | 0.562 | [0.463, 0.662] | 0.681 | 0.250 |
+| human | ipo | vader | 0.438 | [0.338, 0.550] | 0.438 | [0.338, 0.550] | 0.338 | 0.250 |
+| human | ipo | textblob | 0.738 | [0.681, 0.787] | 0.475 | [0.362, 0.575] | 0.638 | 0.250 |
+| cw | ipo | vader | 0.613 | [0.506, 0.713] | 0.588 | [0.487, 0.688] | 0.513 | 0.250 |
+| cw | ipo | textblob | 0.756 | [0.700, 0.812] | 0.512 | [0.400, 0.625] | 0.656 | 0.250 |
+
+### Paired GRA differences (same prompts, same start responses; 95% bootstrap over prompts)
+
+| loss | contrast | judge | difference | 95% CI | interval excludes 0 | across judges | prompts |
+|---|---|---|---|---|---|---|---|
+| dpo | cw - human | vader | +0.263 | [+0.125, +0.388] | yes | judge-specific | 80 |
+| dpo | cw - human | textblob | +0.031 | [-0.050, +0.113] | no | judge-specific | 80 |
+| dpo | cw - ws | vader | +0.113 | [-0.025, +0.244] | no | none | 80 |
+| dpo | cw - ws | textblob | +0.019 | [-0.069, +0.106] | no | none | 80 |
+| dpo | ws - human | vader | +0.150 | [+0.000, +0.300] | no | none | 80 |
+| dpo | ws - human | textblob | +0.013 | [-0.069, +0.087] | no | none | 80 |
+| ipo | cw - human | vader | +0.175 | [+0.025, +0.325] | yes | judge-specific | 80 |
+| ipo | cw - human | textblob | +0.019 | [-0.075, +0.106] | no | judge-specific | 80 |
+
+across judges: *all judges* = the interval excludes 0 on the same side under every judge; *judge-specific* = it excludes 0 under some judges and not under others (the difference may come from how one judge scores); *judges disagree* = it excludes 0 on opposite sides; *none* = under no judge.
+"""
+
+
+def one_path_document(rows, wins_, title="t"):
+    from cwpo_ray.comparison import aggregate, markdown
+
+    seeds = aggregate.seeds_of(rows)
+    agg = aggregate.arm_rows(rows, lambda r: wins_.get(r["run_id"]))
+    pairs = aggregate.paired_rows(rows, lambda r: wins_.get(r["run_id"]))
+    return markdown.document(agg, pairs, rows, seeds, title), agg, pairs
+
+
+@pytest.mark.parametrize("seed", ["0", None])  # a tagged seed, or an older pipeline's untagged runs
+def test_one_seed_is_the_n_equals_1_case_with_the_single_seed_numbers(seed):
+    rows, wins_ = one_seed_runs(seed)
+    text, agg, pairs = one_path_document(rows, wins_)
+    assert text == ONE_SEED_MD
+    # The numbers, from gra.py: each arm shows its evaluation's own interval (a bootstrap over its prompts,
+    # which is what the interval over seeds reduces to with one seed), not one recomputed here ...
+    cw = next(r for r in rows if (r["arm"], r["loss"]) == ("cw", "dpo"))
+    x = np.array([wins_["cw-dpo"]["vader"][i] for i in sorted(wins_["cw-dpo"]["vader"])])
+    expected = gra_with_ci(x, np.full(x.size, 0.5), n_boot=500, seed=3)
+    assert (cw["gra_lo"], cw["gra_hi"]) == (expected["gra_lo"], expected["gra_hi"])
+    recomputed = gra_with_ci(x, np.full(x.size, 0.5))
+    assert (expected["gra_lo"], expected["gra_hi"]) != (recomputed["gra_lo"], recomputed["gra_hi"]), \
+        "the check below would not tell the logged interval from a recomputed one"
+    (cw_agg,) = [r for r in agg if (r["arm"], r["loss"]) == ("cw", "dpo")]
+    assert {k: cw_agg[k] for k in ("gra", "gra_lo", "gra_hi", "gra_strict", "gra_strict_lo", "gra_strict_hi")} == {
+        k: expected[k] for k in ("gra", "gra_lo", "gra_hi", "gra_strict", "gra_strict_lo", "gra_strict_hi")}
+    # ... and every paired difference is gra.paired_difference on the prompts both arms share.
+    for p in pairs:
+        a, b = (wins_[f"{arm}-{p['loss']}"][p["judge"]] for arm in (p["a"], p["b"]))
+        ids = sorted(a.keys() & b.keys())
+        plain = paired_difference([a[i] for i in ids], [b[i] for i in ids])
+        assert (p["diff"], p["lo"], p["hi"]) == pytest.approx((plain["diff"], plain["lo"], plain["hi"]), abs=1e-12)
+        assert p["n"] == {seed: plain["n"]} and p["n_seeds"] == 1
+
+
+def test_an_arm_on_one_seed_of_several_shows_its_own_interval():
+    """The n = 1 rule holds row by row: beside arms over two seeds, ws (seed 0 only) shows its evaluation's
+    interval, the one its row in the every-seed table shows; the two-seed arms get the hierarchical one."""
+    r0, w0 = one_seed_runs("0")
+    r1, w1 = one_seed_runs("1")
+    rows = sorted(r0 + [r for r in r1 if r["arm"] != "ws"], key=by_loss_arm_seed)
+    text, agg, _ = one_path_document(rows, {**w0, **w1})
+    ws = next(r for r in rows if r["arm"] == "ws")
+    (ws_agg,) = [r for r in agg if r["arm"] == "ws"]
+    assert (ws_agg["gra_lo"], ws_agg["gra_hi"]) == (ws["gra_lo"], ws["gra_hi"]) and ws_agg["seeds"] == ["0"]
+    assert ws_agg["judges"]["textblob"]["gra_lo"] == ws["judges"]["textblob"]["gra_lo"]
+    (cw_agg,) = [r for r in agg if (r["arm"], r["loss"]) == ("cw", "dpo")]
+    expected = gra_over_seeds([[w[s][i] for i in sorted(w[s])] for w, s in ((w0["cw-dpo"], "vader"),
+                                                                            (w1["cw-dpo-1"], "vader"))])
+    assert (cw_agg["gra_lo"], cw_agg["gra_hi"]) == (expected["gra_lo"], expected["gra_hi"])
+    assert "| ws | dpo | 1 | 0.588 | [0.478, 0.694] | 0.588 / - |" in text
+    assert "| ws | dpo | 0 | 0.588 | [0.478, 0.694] |" in text  # its own row in the every-seed table
 
 
 def test_compare_reads_the_split_it_is_asked_for(tmp_path, mlflow_server):

@@ -250,7 +250,7 @@ def test_every_arm_trains_on_its_table_with_its_weighting():
     used (the end-to-end runs take three of the arms: human in the two-seed test below,
     human_labeled_only and cw in tests/test_cluster.py)."""
     from cwpo_ray.recipes.pipeline import Config, arm_inputs, human_labels_used
-    from cwpo_ray.weighting import reads_weak_labels
+    from cwpo_ray.arms import reads_weak_labels
 
     tables = {"unlabeled_human": "H", "labeled": "L", "annotated": "A", "unlabeled_gold": "G",
               "n_labeled": 30, "n_unlabeled": 70}

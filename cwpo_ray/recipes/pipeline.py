@@ -36,6 +36,8 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, Optional
 
+from cwpo_ray import arms as arm_registry
+from cwpo_ray.arms import reads_weak_labels
 from cwpo_ray.config import option, to_dict
 from cwpo_ray.fingerprints import code_version, fingerprint, path_fingerprint
 from cwpo_ray.recipes import annotate as annotate_stage
@@ -43,7 +45,6 @@ from cwpo_ray.recipes import data as data_stage
 from cwpo_ray.recipes import evaluate as evaluate_stage
 from cwpo_ray.recipes import train_annotator as annotator_stage
 from cwpo_ray.recipes import train_policy as policy_stage
-from cwpo_ray.weighting import reads_weak_labels
 
 EPILOG = """examples:
   cwpo pipeline --config cwpo_ray/configs/quick.yaml            # the README's main command
@@ -52,8 +53,7 @@ EPILOG = """examples:
   cwpo pipeline --config my.yaml arms=[human,cw,topk:0.3] losses=[dpo,ipo] policy.lr=1e-5
 """
 
-BASE_ARMS = ("human", "human_labeled_only", "ws", "cw")
-EXTRA_ARMS = ("cw_raw", "gold")  # and topk:F
+BASE_ARMS = arm_registry.DEFAULT_ARMS  # what an arm reads and how it weighs: cwpo_ray/arms.py
 PACKAGE = Path(__file__).resolve().parent.parent
 BUILTIN_SOURCE = f"pairs:{PACKAGE / 'benchmark_data'}"
 # Pair accuracy scores test pairs as training tokenized them: these evaluate settings follow the policy's.
@@ -90,14 +90,12 @@ class Config:
 
     def validate(self) -> None:
         from cwpo_ray.losses import LOSS_TYPES
-        from cwpo_ray.weighting import parse_weighting
 
         for arm in self.arms:
-            if arm not in BASE_ARMS + EXTRA_ARMS:
-                if not arm.startswith("topk:"):
-                    raise ValueError(f"arms: unknown arm {arm!r} (known: {', '.join(BASE_ARMS + EXTRA_ARMS)}, "
-                                     "topk:F)")
-                parse_weighting(arm)
+            try:
+                arm_registry.spec(arm)
+            except ValueError as e:
+                raise ValueError(f"arms: {e}") from None
         for loss in self.losses:
             if loss not in LOSS_TYPES:
                 raise ValueError(f"losses: unknown loss {loss!r} (known: {', '.join(LOSS_TYPES)})")
@@ -293,31 +291,14 @@ def _evaluate_task(ecfg: evaluate_stage.Config) -> dict:
 
 
 def arm_inputs(arm: str, tables: dict) -> tuple[str, str]:
-    """(training table, weighting) of an arm."""
-    if arm == "human":
-        return tables["unlabeled_human"], "none"
-    if arm == "human_labeled_only":
-        return tables["labeled"], "none"
-    if arm == "ws":
-        return tables["annotated"], "none"
-    if arm == "gold":
-        return tables["unlabeled_gold"], "none"
-    if arm == "cw":
-        return tables["annotated"], "confidence"
-    if arm == "cw_raw":
-        return tables["annotated"], "confidence_raw"
-    return tables["annotated"], arm  # topk:F
+    """(training table, weighting) of an arm, as the arms registry says."""
+    spec = arm_registry.spec(arm)
+    return tables[spec.reads], spec.weighting
 
 
 def human_labels_used(arm: str, cfg: Config, tables: dict) -> int:
-    """Human labels an arm consumed: the labeled split (annotator or SFT/PO), plus the unlabeled
-    split's hidden labels for the human arm."""
-    n = tables["n_labeled"]
-    if arm == "gold":
-        return n if cfg.sft == "shared" else 0
-    if arm == "human":
-        return tables["n_unlabeled"] + (n if cfg.sft == "shared" else 0)
-    return n
+    """Human labels an arm consumed (arms.human_labels_used) with this seed's split and SFT setting."""
+    return arm_registry.human_labels_used(arm, tables["n_labeled"], tables["n_unlabeled"], cfg.sft == "shared")
 
 
 # ----------------------------------------------------------------------------- tables
@@ -633,7 +614,8 @@ def run_seed(cfg: Config, out: Path, runs: ArmRuns, start: str, fp_base: str) ->
     runs.log_parent({tag + k: v for k, v in {**weak_metrics, "pairs.labeled": tables["n_labeled"],
                                              "pairs.unlabeled": tables["n_unlabeled"]}.items()})
     test = resolve_test(cfg, tables)
-    if "gold" in cfg.arms:  # cheap, and a function of the split alone: rebuilt rather than staged
+    if any(arm_registry.spec(arm).reads == arm_registry.GOLD_LABELS for arm in cfg.arms):
+        # cheap, and a function of the split alone: rebuilt rather than staged
         path = out / "data" / "unlabeled_gold.parquet"
         tables = {**tables, "unlabeled_gold": str(path),
                   "n_gold": gold_table(Path(tables["unlabeled"]), resolve_source(cfg.source), path)}
