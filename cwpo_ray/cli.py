@@ -25,6 +25,7 @@ RECIPES: dict[str, tuple[str, str]] = {
     "evaluate": ("cwpo_ray.recipes.evaluate", "gold reward accuracy of a policy against its SFT start"),
     "serve": ("cwpo_ray.recipes.serve", "serve the annotator over HTTP with dynamic batching (Ray Serve)"),
     "pipeline": ("cwpo_ray.recipes.pipeline", "run every stage for every arm, one MLflow parent run"),
+    "preflight": ("cwpo_ray.recipes.preflight", "check the cluster for a pipeline config before running it"),
     "compare": ("cwpo_ray.recipes.compare", "table of arms x losses from MLflow, with intervals"),
     "build-benchmark": ("cwpo_ray.recipes.build_benchmark", "build the built-in benchmark tables"),
 }

@@ -145,7 +145,7 @@ def _import_callable(spec: str) -> Judge:
     return fn
 
 
-def _looks_like_callable(spec: str) -> bool:
+def looks_like_callable(spec: str) -> bool:
     # "pkg.mod:fn" (a Windows drive "C:\..." or an existing path is not a callable spec)
     module, sep, attr = spec.partition(":")
     return bool(sep and module and attr and not Path(spec).exists()
@@ -161,7 +161,7 @@ def load_judge(spec: str) -> Judge:
         return VaderJudge()
     if spec.lower() == "textblob":
         return TextBlobJudge()
-    if _looks_like_callable(spec):
+    if looks_like_callable(spec):
         return _import_callable(spec)
     if (Path(spec) / META_FILE).is_file():
         return AnnotatorJudge(spec)

@@ -9,7 +9,6 @@ confidence (T = 1) of an annotated table, to measure what calibration changes.
 from __future__ import annotations
 
 # Which arms train on weak labels is the arms registry's to say; re-exported for callers that import it from here.
-from cwpo_ray.arms import reads_weak_labels  # noqa: F401
 
 WEIGHTINGS = ("none", "confidence", "confidence_raw", "topk:F")
 

@@ -50,9 +50,7 @@ def test_weak_labels_display_order_and_human_labels():
     # Exactly the arms on the annotated table read weak labels: no annotator is trained for the others,
     # and compare shows the annotator's accuracy only beside these.
     assert [arms.reads_weak_labels(n) for n in names] == [False, False, True, True, True, False, True]
-    from cwpo_ray.weighting import reads_weak_labels
 
-    assert reads_weak_labels is arms.reads_weak_labels  # still importable from weighting
     # compare's order: the registry's, then topk:F and arms it does not know (older runs), by name
     assert sorted(["zz", "topk:0.3", "cw", "gold", "human"], key=arms.display_key) == [
         "human", "cw", "gold", "topk:0.3", "zz"]

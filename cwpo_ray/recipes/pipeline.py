@@ -79,6 +79,8 @@ class Config:
     run_name: str = option("pipeline", "MLflow parent run name")
     verbose: bool = option(False, "every stage's own output on the terminal (default: in OUT/pipeline.log, "
                                   "one line per stage here)")
+    preflight: bool = option(True, "check the cluster first (`cwpo preflight`: imports, shared storage, MLflow, "
+                                   "GPUs, inputs, disk on every node) and stop before any stage if a check fails")
     data: data_stage.Settings = option(factory=data_stage.Settings, flag=False)
     annotator: annotator_stage.Settings = option(factory=annotator_stage.Settings, flag=False)
     annotate: annotate_stage.Settings = option(factory=annotate_stage.Settings, flag=False)
@@ -419,7 +421,7 @@ class ArmRuns:
         self.cfg, self.path = cfg, out / "mlflow_runs.json"
         self.client = MlflowClient(tracking.tracking_uri())
         self.experiment_id = tracking.set_experiment(cfg.experiment).experiment_id
-        fp = fingerprint({k: v for k, v in to_dict(cfg).items() if k != "verbose"})
+        fp = fingerprint({k: v for k, v in to_dict(cfg).items() if k not in ("verbose", "preflight")})
         saved = json.loads(self.path.read_text()) if self.path.exists() else {}
         if saved.get("fingerprint") != fp or not self._alive(saved.get("parent")):
             saved = {"fingerprint": fp, "parent": self._create(cfg.run_name, {"stage": "pipeline"}), "children": {}}
@@ -551,6 +553,10 @@ def run_stages(cfg: Config, out: Path) -> int:
     from cwpo_ray.recipes import compare
 
     ray_env.init_ray()
+    if cfg.preflight:
+        from cwpo_ray.recipes import preflight
+
+        preflight.require(cfg)  # raises with the failed checks' table, before any stage
     warn_if_tracking_store_is_temporary()
     runs = ArmRuns(cfg, out)  # the MLflow parent run (reused on resume) and its children
     # The start model (a GGUF dequantized once) is the only thing the seeds share.
