@@ -3,7 +3,7 @@
 What `annotate.precision` defaults to is decided on this: bf16 only where its labels agree with
 fp32's on >= 99.5% of the pairs and its confidences are within 0.01 of fp32's (the bar).
 
-1. The pipeline's own stage functions (pipeline.run_data, pipeline.run_annotator) with a preset's
+1. The pipeline's own stage functions (stages.run_data, stages.run_annotator) with a preset's
    settings (``--preset full``: cwpo_ray/configs/full.yaml, what the pipeline would use; ``quick``
    the README's preset), seed ``--seed``: the split of the built-in benchmark and an annotator
    trained on its labeled pairs. Kept in ``--work``/PRESET-seedS/ and reused by a later run
@@ -53,6 +53,7 @@ def prepare(preset: str, seed: int, work: Path, retrain: bool):
     """(pipeline config, unlabeled table, annotator folder) of the preset and seed; trained once, then reused."""
     from cwpo_ray.config import load_config
     from cwpo_ray.recipes import pipeline
+    from cwpo_ray.orchestration import stages
 
     cfg = load_config(pipeline.Config, str(REPO / "cwpo_ray" / "configs" / f"{preset}.yaml"))
     cfg = replace(cfg, seed=seed, seeds=[], experiment="cwpo-annotate-precision")
@@ -61,8 +62,8 @@ def prepare(preset: str, seed: int, work: Path, retrain: bool):
     if retrain or not done.exists():
         shutil.rmtree(out, ignore_errors=True)
         t0 = time.time()
-        tables = pipeline.run_data(cfg, out / "data")
-        ann = pipeline.run_annotator(cfg, tables["labeled"], out, parent_run_id="")
+        tables = stages.run_data(cfg, out / "data")
+        ann = stages.run_annotator(cfg, tables["labeled"], out, parent_run_id="")
         done.write_text(json.dumps({"unlabeled": tables["unlabeled"], "annotator": ann["annotator"],
                                     "labeled_pairs": tables["n_labeled"], "metrics": ann["metrics"],
                                     "train_seconds": round(time.time() - t0, 1)}, indent=1))

@@ -6,8 +6,8 @@ preset pins the old behaviour: the epoch count chosen by 5-fold cross-validation
 pairs then a refit on all of them (folds 5), a temperature fitted on the out-of-fold margins
 (calibration temperature), and the data stage's default validation split (0.1 of the prompts
 held out, so fewer labeled pairs than the preset's 315). Per seed it runs the pipeline's own
-stage functions (pipeline.run_data, run_annotator, run_annotate), so "gold accuracy" is
-exactly the number the pipeline logs as annotator.gold_accuracy (pipeline.gold_accuracy: the
+stage functions (stages.run_data, run_annotator, run_annotate), so "gold accuracy" is
+exactly the number the pipeline logs as annotator.gold_accuracy (arm_tables.gold_accuracy: the
 annotator's label against VADER's on the unlabeled pairs VADER does not tie).
 
 Nothing here is chosen by gold accuracy: settings come from the preset and train-annotator's
@@ -59,6 +59,7 @@ def measure(seed: int, overrides: list[str], work: Path) -> dict:
     annotation of the unlabeled split, and the pipeline's own gold accuracy of it."""
     from cwpo_ray.config import load_config
     from cwpo_ray.recipes import pipeline
+    from cwpo_ray.orchestration import arm_tables, stages
 
     cfg = load_config(pipeline.Config, str(REPO / "cwpo_ray" / "configs" / "full_seed0.yaml"),
                       overrides=DEFAULTS + overrides)
@@ -66,10 +67,10 @@ def measure(seed: int, overrides: list[str], work: Path) -> dict:
     out = work / f"seed-{seed}"
     shutil.rmtree(out, ignore_errors=True)
     t0 = time.time()
-    tables = pipeline.run_data(cfg, out / "data")
-    ann = pipeline.run_annotator(cfg, tables["labeled"], out, parent_run_id="")
+    tables = stages.run_data(cfg, out / "data")
+    ann = stages.run_annotator(cfg, tables["labeled"], out, parent_run_id="")
     t_ann = time.time() - t0
-    labels = pipeline.run_annotate(cfg, tables["unlabeled"], ann["annotator"], out / "annotate")
+    labels = stages.run_annotate(cfg, tables["unlabeled"], ann["annotator"], out / "annotate")
     report = json.loads((Path(ann["annotator"]) / "eval.json").read_text())
     best, cal = report["best"], report["calibration"]
     folds = sorted({h["round"] for h in report["history"] if h["round"].startswith("fold-")})

@@ -155,8 +155,10 @@ cmd_up() {
     # Each node its own temp dir, as on separate machines: nodes sharing one would share
     # runtime_resources/, and a node's agent deleting its unused copy of a job's working_dir
     # would pull it from under a driver still running in it on the other node.
+    # A custom resource only worker nodes have, as a cloud cluster's GPU node type has its GPUs: a task
+    # that asks for it (e.g. evaluate.node_resource=cwpo_worker_node) runs on a worker, not the head.
     start_worker "$DIR/worker-$i.log" --address="127.0.0.1:$gcs" --temp-dir="$DIR/ray-w$i" "${common[@]}" \
-      $(node_ports "$i") 2>/dev/null \
+      --resources='{"cwpo_worker_node": 1}' $(node_ports "$i") 2>/dev/null \
       || grep -q "timed out during startup" "$DIR/worker-$i.log" \
       || { cat "$DIR/worker-$i.log" >&2; cmd_down >/dev/null 2>&1 || true; die "worker node $i did not start (log above)"; }
   done

@@ -118,7 +118,7 @@ def test_kfold_training_chooses_epochs_refits_calibrates_and_resumes(ray_cluster
 
 
 def test_pipeline_warns_loudly_when_the_annotator_has_not_learned(capsys):
-    from cwpo_ray.recipes.pipeline import warn_if_annotator_did_not_learn
+    from cwpo_ray.orchestration.stages import warn_if_annotator_did_not_learn
 
     learned = {"annotator.heldout_accuracy": 0.63, "annotator.heldout_accuracy_lo": 0.57,
                "annotator.heldout_accuracy_hi": 0.68}
@@ -132,7 +132,7 @@ def test_pipeline_warns_loudly_when_the_annotator_has_not_learned(capsys):
 
 
 def test_the_cw_raw_arm_weighs_by_the_uncalibrated_confidence():
-    from cwpo_ray.recipes.pipeline import arm_inputs
+    from cwpo_ray.orchestration.stages import arm_inputs
     from cwpo_ray.weighting import confidence_column, pair_weights, parse_weighting
 
     tables = {"annotated": "A.parquet"}

@@ -12,7 +12,8 @@ TABLES = (arms.HUMAN_LABELS, arms.LABELED, arms.WEAK_LABELS, arms.GOLD_LABELS)
 
 
 def test_every_arm_the_pipeline_accepts_is_in_the_registry():
-    from cwpo_ray.recipes.pipeline import Config, arm_inputs
+    from cwpo_ray.recipes.pipeline import Config
+    from cwpo_ray.orchestration.stages import arm_inputs
 
     names = [a.name for a in arms.ARMS] + ["topk:0.3", "topk:1"]
     Config(arms=names).validate()

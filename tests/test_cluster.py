@@ -254,7 +254,8 @@ def test_tiny_pipeline_job_on_a_two_node_cluster(local_cluster, mlflow_script_se
     preset = tiny_preset(tmp_path, bench, tiny_encoder, tiny_decoder)
     preset["annotator"]["num_workers"] = 2  # 1 CPU per node: the annotator's two workers span both nodes
     preset["annotator"]["folds"] = 2
-    preset["evaluate"].update(extra_judges=[], pair_accuracy=False)
+    # the evaluation task on the worker node, never beside the job's driver on the head (as on a GPU cluster)
+    preset["evaluate"].update(extra_judges=[], pair_accuracy=False, node_resource="cwpo_worker_node")
     preset["arms"] = ["human_labeled_only", "cw"]
     config = tmp_path / "tiny.yaml"
     config.write_text(yaml.safe_dump(preset))
@@ -274,6 +275,8 @@ def test_tiny_pipeline_job_on_a_two_node_cluster(local_cluster, mlflow_script_se
         assert {"eval/gra", "eval/gra_lo", "eval/gra_hi", "eval/gold_policy", "human_labels_used"} <= set(
             child.data.metrics)
         assert (run_dir / "arms" / f"{arm}-dpo" / "eval" / "eval.json").exists()
+        # evaluated on the other node, its metrics logged by the driver
+        assert child.data.tags["evaluated_on_node"] != child.data.tags["driver_node"]
     assert {"annotator.gold_accuracy", "annotator.heldout_accuracy"} <= set(parent.data.metrics)
     assert {"compare.md", "compare.png"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
     experiment = client.get_experiment_by_name("cwpo-tiny")

@@ -173,6 +173,7 @@ def test_the_evaluation_task_logs_nothing_and_the_driver_logs_its_report(tmp_pat
     from cwpo_ray import tracking
     from cwpo_ray.recipes import evaluate as ev
     from cwpo_ray.recipes import pipeline
+    from cwpo_ray.orchestration import stages
 
     driver_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", driver_uri)
@@ -198,7 +199,8 @@ def test_the_evaluation_task_logs_nothing_and_the_driver_logs_its_report(tmp_pat
                     m.setattr(target, name, no_mlflow_here)
                 return self.fn(ecfg)
 
-    fake_ray = types.SimpleNamespace(remote=lambda **opts: (lambda fn: FakeRemote(fn)), get=lambda x: x)
+    fake_ray = types.SimpleNamespace(remote=lambda **opts: (lambda fn: FakeRemote(fn)), get=lambda x: x,
+                                     get_runtime_context=lambda: types.SimpleNamespace(get_node_id=lambda: "node-1"))
     monkeypatch.setitem(sys.modules, "ray", fake_ray)
 
     from cwpo_ray.recipes.evaluate import Settings
@@ -207,7 +209,7 @@ def test_the_evaluation_task_logs_nothing_and_the_driver_logs_its_report(tmp_pat
                                                                     extra_judges=[], pair_accuracy=False))
     test = _eval_config(tmp_path, "x", "x").prompts
     out = tmp_path / "arm" / "eval"
-    metrics = pipeline.evaluate_policy(cfg, str(tiny_decoder), str(tiny_decoder), test, out, run_id)
+    metrics = stages.evaluate_policy(cfg, str(tiny_decoder), str(tiny_decoder), test, out, run_id)
 
     (ecfg,) = task_calls
     assert ecfg.run_id == ""  # the task is given no run to log to
@@ -243,6 +245,7 @@ def test_evaluate_policy_as_a_real_ray_task(ray_cluster, tiny_decoder, tmp_path,
     from mlflow.tracking import MlflowClient
 
     from cwpo_ray.recipes import pipeline
+    from cwpo_ray.orchestration import stages
     from cwpo_ray.recipes.evaluate import Settings
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -253,7 +256,7 @@ def test_evaluate_policy_as_a_real_ray_task(ray_cluster, tiny_decoder, tmp_path,
     cfg = pipeline.Config(evaluate=Settings(max_new_tokens=4, batch_size=4, engine="transformers", extra_judges=[],
                                             pair_accuracy=False, num_cpus=0.5))
     test = _eval_config(tmp_path, "x", "x").prompts
-    metrics = pipeline.evaluate_policy(cfg, str(tiny_decoder), str(tiny_decoder), test, tmp_path / "eval", run_id)
+    metrics = stages.evaluate_policy(cfg, str(tiny_decoder), str(tiny_decoder), test, tmp_path / "eval", run_id)
     assert metrics["gra"] == 0.5
     assert client.get_run(run_id).data.metrics["eval/gra"] == 0.5
 
@@ -262,14 +265,15 @@ def test_the_builtin_test_table_is_copied_next_to_the_split(tmp_path):
     """With the built-in benchmark, the evaluation task reads a copy on the run's storage, not the
     driver's package (under `ray job submit`, a temporary copy on the head node)."""
     from cwpo_ray.recipes import pipeline
+    from cwpo_ray.orchestration import stages
     from cwpo_ray.tables import read_table
 
     cfg = pipeline.Config(out=str(tmp_path), max_unlabeled=8)
-    tables = pipeline.run_data(cfg, tmp_path / "data")
+    tables = stages.run_data(cfg, tmp_path / "data")
     copy = Path(tables["builtin_test"])
     assert copy.parent == tmp_path / "data" and pipeline.resolve_test(cfg, tables) == str(copy)
-    assert read_table(copy).equals(read_table(pipeline.PACKAGE / "benchmark_data" / "test.parquet"))
-    assert pipeline.resolve_test(cfg, {"test": ""}).startswith(str(pipeline.PACKAGE))  # a marker from before
+    assert read_table(copy).equals(read_table(stages.PACKAGE / "benchmark_data" / "test.parquet"))
+    assert pipeline.resolve_test(cfg, {"test": ""}).startswith(str(stages.PACKAGE))  # a marker from before
 
 
 def test_the_vllm_generator_never_hands_vllm_a_gguf_file(monkeypatch, fake_dequantize):

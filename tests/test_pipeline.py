@@ -198,7 +198,7 @@ def tiny_preset(tmp_path, bench, tiny_encoder, tiny_decoder) -> dict:
 
 def test_a_stage_that_dies_midway_is_rerun_not_reused(tmp_path):
     """The result goes into the marker last: partial output is never taken as done."""
-    from cwpo_ray.recipes.pipeline import stage
+    from cwpo_ray.orchestration.markers import stage
 
     folder = tmp_path / "annotate"
     calls = []
@@ -224,7 +224,7 @@ def test_a_stage_that_dies_midway_is_rerun_not_reused(tmp_path):
 def test_a_stage_killed_midway_resumes_only_under_the_same_settings(tmp_path):
     """Half-done work is kept for a rerun with the same fingerprint (train-policy resumes from its
     checkpoints) and cleared before a rerun with other settings (it would resume stale work)."""
-    from cwpo_ray.recipes.pipeline import stage
+    from cwpo_ray.orchestration.markers import stage
 
     folder = tmp_path / "arm"
     seen = []
@@ -249,7 +249,8 @@ def test_every_arm_trains_on_its_table_with_its_weighting():
     """What makes one arm differ from another: the table it trains on, its weighting, the human labels it
     used (the end-to-end runs take three of the arms: human in the two-seed test below,
     human_labeled_only and cw in tests/test_cluster.py)."""
-    from cwpo_ray.recipes.pipeline import Config, arm_inputs, human_labels_used
+    from cwpo_ray.recipes.pipeline import Config
+    from cwpo_ray.orchestration.stages import arm_inputs, human_labels_used
     from cwpo_ray.arms import reads_weak_labels
 
     tables = {"unlabeled_human": "H", "labeled": "L", "annotated": "A", "unlabeled_gold": "G",
@@ -269,7 +270,7 @@ def test_a_stage_run_again_says_whether_code_or_settings_changed(tmp_path, capsy
     import json
 
     from cwpo_ray.fingerprints import code_version
-    from cwpo_ray.recipes.pipeline import stage
+    from cwpo_ray.orchestration.markers import stage
 
     folder = tmp_path / "annotator"
     stage(folder, "a", lambda: {"n": 1})
@@ -293,7 +294,7 @@ def test_gguf_start_model_is_dequantized_once_into_an_equal_folder(tmp_path):
 
     from cwpo_ray.generation import chat_texts
     from cwpo_ray.models import ModelSource, load_causal_lm, load_tokenizer, resolve_model
-    from cwpo_ray.recipes.pipeline import run_start_model
+    from cwpo_ray.orchestration.stages import run_start_model
 
     folder = Path(run_start_model("smollm2-135m", tmp_path)["model"])
     assert (folder / "config.json").exists() and not list(folder.glob("*.gguf"))
@@ -343,7 +344,8 @@ def test_a_resumed_run_moves_under_its_new_parent(mlflow_server):
 def test_gold_arm_table_follows_the_gold_scores(tmp_path):
     """The gold arm's pairs: chosen is the response with the higher gold score, ties left out,
     and a source without gold scores is refused with a clear error, not trained on."""
-    from cwpo_ray.recipes.pipeline import Config, gold_table
+    from cwpo_ray.recipes.pipeline import Config
+    from cwpo_ray.orchestration.arm_tables import gold_table
 
     bench = synthetic_benchmark(tmp_path / "bench", n_train=40)
     pairs = read_table(bench / "pairs.parquet").to_pylist()

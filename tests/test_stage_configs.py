@@ -15,6 +15,7 @@ import pytest
 
 from cwpo_ray.config import ConfigError, load_config
 from cwpo_ray.recipes import annotate, data, evaluate, pipeline, train_annotator, train_policy
+from cwpo_ray.orchestration import stages
 
 REPO = Path(__file__).resolve().parent.parent
 MEASURED = json.loads((Path(__file__).parent / "data" / "stage_configs_measured.json").read_text())
@@ -27,18 +28,18 @@ def resolved_stage_configs(preset: str) -> dict:
     out = Path("/OUT")
     as_dict = dataclasses.asdict
     return {
-        "data": as_dict(data.Config(**as_dict(cfg.data), source=pipeline.resolve_source(cfg.source),
+        "data": as_dict(data.Config(**as_dict(cfg.data), source=stages.resolve_source(cfg.source),
                                     out=str(out / "data"), seed=cfg.seed, progress=False)),
-        "annotator": as_dict(pipeline.annotator_config(cfg, "LABELED", out / "annotator", "")),
+        "annotator": as_dict(stages.annotator_config(cfg, "LABELED", out / "annotator", "")),
         "annotate": as_dict(annotate.Config(**as_dict(cfg.annotate), data="UNLABELED", annotator="ANN",
                                             out=str(out / "annotate"))),
-        "sft": as_dict(pipeline.policy_config(cfg, data="LABELED", model="START", out="/OUT/sft", loss=cfg.losses[0],
+        "sft": as_dict(stages.policy_config(cfg, data="LABELED", model="START", out="/OUT/sft", loss=cfg.losses[0],
                                               weighting="none", run_name="sft-shared", parent_run_id="PARENT")),
-        "arm": as_dict(pipeline.policy_config(cfg, data="DATA", model="START", out="/OUT/arm/train", loss="dpo",
+        "arm": as_dict(stages.policy_config(cfg, data="DATA", model="START", out="/OUT/arm/train", loss="dpo",
                                               weighting="confidence",
                                               sft_epochs=cfg.policy.sft_epochs if cfg.sft == "per-arm" else 0,
                                               run_name="train-arm", parent_run_id="RUN")),
-        "evaluate": as_dict(pipeline.evaluation_config(cfg, "POLICY", "REF", "/TEST", out / "arms" / "a" / "eval",
+        "evaluate": as_dict(stages.evaluation_config(cfg, "POLICY", "REF", "/TEST", out / "arms" / "a" / "eval",
                                                        "RUN")),
     }
 
@@ -90,7 +91,7 @@ def test_every_stage_option_is_reachable_from_the_pipeline():
                                                      "evaluate.num_gpus=1", "annotator.use_gpu=true"])
     assert loaded.policy.zero_stage == 3 and loaded.policy.use_gpu and loaded.policy.lora_r == 16
     assert loaded.annotate.gpus_per_actor == 0.5 and loaded.evaluate.num_gpus == 1 and loaded.annotator.use_gpu
-    arm = pipeline.policy_config(loaded, data="D", model="M", out="/O", loss="dpo", weighting="none")
+    arm = stages.policy_config(loaded, data="D", model="M", out="/O", loss="dpo", weighting="none")
     assert arm.zero_stage == 3 and arm.use_gpu and arm.lora_r == 16
 
 
@@ -100,7 +101,7 @@ def test_a_pipeline_setting_the_policy_decides_is_refused_in_evaluate():
                                                       "evaluate.max_length=300"])
     ok = load_config(pipeline.Config, overrides=["policy.max_length=96", "policy.max_prompt_length=48",
                                                  "evaluate.max_length=96"])
-    assert pipeline.evaluation_config(ok, "P", "R", "/T", Path("/O/arms/a/eval"), "").max_length == 96
+    assert stages.evaluation_config(ok, "P", "R", "/T", Path("/O/arms/a/eval"), "").max_length == 96
 
 
 def test_the_gpu_preset_is_accepted_and_asks_for_gpus():

@@ -71,6 +71,8 @@ class Settings:
                                 "evaluates on this split's table", choices=SPLITS)
     num_cpus: float = option(1.0, "pipeline: CPUs of the Ray task that evaluates (also its torch threads)")
     num_gpus: float = option(0.0, "pipeline: GPUs of the Ray task that evaluates (1 on a GPU cluster)")
+    node_resource: str = option("", "pipeline: a custom Ray resource of the nodes the evaluation may run on "
+                                    "(the task asks 0.01 of it), e.g. a node type's label; empty: any node")
 
     def validate(self) -> None:
         if self.max_new_tokens < 1 or self.batch_size < 1:

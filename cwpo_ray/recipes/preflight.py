@@ -35,6 +35,7 @@ from pathlib import Path
 from cwpo_ray.arms import reads_weak_labels
 from cwpo_ray.config import ConfigError, option
 from cwpo_ray.recipes import pipeline
+from cwpo_ray.orchestration import stages
 
 EPILOG = """examples:
   cwpo preflight --config cwpo_ray/configs/quick.yaml
@@ -172,7 +173,7 @@ def disk_needs(cfg: pipeline.Config) -> dict[str, tuple[int, str]]:
     seeds = len(cfg.seed_list())
     runs = len(cfg.arms) * len(cfg.losses) * (2 if cfg.sft == "per-arm" else 1) + (cfg.sft == "shared")
     saved = policy * (runs * seeds + gguf) + annotator * seeds  # gguf: the start model, dequantized once
-    tables = 4 * seeds * sum(size for _, size, _ in files_of(pipeline.resolve_source(cfg.source).partition(":")[2]))
+    tables = 4 * seeds * sum(size for _, size, _ in files_of(stages.resolve_source(cfg.source).partition(":")[2]))
     out = local_path(cfg.out)
     needs = {out: [saved + tables, f"{saved / GB:.2f} GB of models, {tables / GB:.2f} GB of tables"]}
     for key, ckpt in (("policy", 2 * (1 if cfg.policy.lora else 3) * policy), ("annotator", 6 * annotator)):
@@ -373,7 +374,7 @@ def driver_rows(cfg: pipeline.Config, plan: Plan, artifacts: str | None) -> list
 
     rows = []
     try:
-        kind, where = locate(parse_source(pipeline.resolve_source(cfg.source))[1])
+        kind, where = locate(parse_source(stages.resolve_source(cfg.source))[1])
         rows.append(Row("inputs", "driver", "ok" if kind == "local" else "skip", f"source: {where}"
                         + ("" if kind == "local" else ": hub dataset, not checked")))
     except ValueError as e:

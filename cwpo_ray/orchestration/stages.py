@@ -1,0 +1,182 @@
+"""Each pipeline stage as a call of its `cwpo` recipe with the settings the pipeline derives for it
+(data, the annotator, annotation, the start model, a policy's training, its evaluation as a Ray task),
+and what an arm reads."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Optional
+
+from cwpo_ray import arms as arm_registry
+from cwpo_ray.recipes import annotate as annotate_stage
+from cwpo_ray.recipes import data as data_stage
+from cwpo_ray.recipes import evaluate as evaluate_stage
+from cwpo_ray.recipes import train_annotator as annotator_stage
+from cwpo_ray.orchestration.arm_tables import gold_accuracy, human_table, take_first
+from cwpo_ray.recipes import train_policy as policy_stage
+
+
+PACKAGE = Path(__file__).resolve().parent.parent
+BUILTIN_SOURCE = f"pairs:{PACKAGE / 'benchmark_data'}"
+# Pair accuracy scores test pairs as training tokenized them: these evaluate settings follow the policy's.
+FROM_POLICY = ("max_length", "max_prompt_length", "chat_template")
+
+
+def resolve_source(source: str) -> str:
+    return BUILTIN_SOURCE if source == "builtin" else source
+
+
+def run_data(cfg, out: Path) -> dict:
+    """Normalize and split; then the tables the arms train on."""
+    data_stage.run(data_stage.Config(**asdict(cfg.data), source=resolve_source(cfg.source), out=str(out),
+                                     seed=cfg.seed, progress=False))
+    unlabeled = out / "unlabeled.parquet"
+    if cfg.max_unlabeled:
+        unlabeled = take_first(unlabeled, out / "unlabeled_used.parquet", cfg.max_unlabeled, cfg.seed)
+    counts = human_table(unlabeled, out / "unlabeled_human.parquet")
+    manifest = json.loads((out / "manifest.json").read_text())
+    builtin_test = {}
+    if cfg.source == "builtin":
+        # The shipped test table, copied next to the split: the evaluation task may run on another node,
+        # where the path of this process's package (under `ray job submit`, the job's temporary copy of
+        # the working dir on the head node) is not there.
+        shutil.copyfile(PACKAGE / "benchmark_data" / "test.parquet", out / "builtin_test.parquet")
+        builtin_test = {"builtin_test": str(out / "builtin_test.parquet")}
+    return {**builtin_test, "labeled": str(out / "labeled.parquet"), "unlabeled": str(unlabeled),
+            "unlabeled_human": str(out / "unlabeled_human.parquet"),
+            "test": str(out / "test.parquet") if (out / "test.parquet").exists() else "",
+            "validation": str(out / "validation.parquet") if (out / "validation.parquet").exists() else "",
+            "n_labeled": manifest["counts"]["labeled"], "n_unlabeled": counts}
+
+
+def annotator_config(cfg, labeled: str, out: Path, parent_run_id: str) -> annotator_stage.Config:
+    settings = {**asdict(cfg.annotator), "storage_path": cfg.annotator.storage_path or str(out / "ray")}
+    return annotator_stage.Config(**settings, data=labeled, out=str(out / "annotator"), seed=cfg.seed,
+                                  experiment=cfg.experiment, run_name="train-annotator", parent_run_id=parent_run_id,
+                                  progress=False)
+
+
+def run_annotator(cfg, labeled: str, out: Path, parent_run_id: str) -> dict:
+    annotator_stage.run(annotator_config(cfg, labeled, out, parent_run_id))
+    best = json.loads((out / "annotator" / "eval.json").read_text())["best"]
+    return {"annotator": str(out / "annotator"),
+            "metrics": {f"annotator.heldout_{k}": v for k, v in best.items() if isinstance(v, (int, float))}}
+
+
+def warn_if_annotator_did_not_learn(metrics: dict, seed: int) -> None:
+    """Loudly, on the terminal: an annotator whose held-out accuracy interval includes 0.5 labels at
+    chance, and every weak-label arm of this seed trains on noise."""
+    from cwpo_ray import console
+
+    lo, hi = metrics.get("annotator.heldout_accuracy_lo"), metrics.get("annotator.heldout_accuracy_hi")
+    if lo is not None and lo <= 0.5:
+        console.say(f"!!! WARNING (seed {seed}): the annotator has not learned: held-out accuracy "
+                    f"{metrics['annotator.heldout_accuracy']:.3f} [{lo:.3f}, {hi:.3f}] includes 0.5 (chance).\n"
+                    "!!! The ws / cw / topk arms of this seed train on labels close to noise; their results say "
+                    "little about the method.")
+
+
+def run_annotate(cfg, unlabeled: str, annotator: str, out: Path) -> dict:
+    annotate_stage.run(annotate_stage.Config(**asdict(cfg.annotate), data=unlabeled, annotator=annotator,
+                                             out=str(out)))
+    report = json.loads((out / "report.json").read_text())
+    metrics = {"annotator.mean_confidence": report.get("mean_confidence")}
+    human = report.get("human_agreement") or {}
+    metrics["annotator.human_agreement"] = human.get("accuracy")
+    metrics.update(gold_accuracy(out / "annotated.parquet", resolve_source(cfg.source)))
+    return {"annotated": str(out / "annotated.parquet"), "rows": report.get("annotated"),
+            "metrics": {k: v for k, v in metrics.items() if v is not None}}
+
+
+def run_start_model(model: str, out: Path, gguf_file: Optional[str] = None) -> dict:
+    """A GGUF start model dequantized once into a plain transformers folder.
+
+    Every arm's training, its final save and the evaluation of the start model load it; from
+    GGUF each load re-dequantizes the weights and rebuilds the tokenizer (~15 s on 2 cores).
+    The folder holds the same fp32 weights and tokenizer, so results do not change.
+    """
+    from cwpo_ray.models import load_causal_lm, load_tokenizer, resolve_model
+    from cwpo_ray.tables import atomic_path
+
+    source = resolve_model(model, gguf_file)
+    if not source.gguf_file:
+        return {"model": model}
+    with atomic_path(out / "model") as tmp:
+        load_causal_lm(source).save_pretrained(tmp)
+        load_tokenizer(source).save_pretrained(tmp)
+    return {"model": str(out / "model")}
+
+
+def policy_config(cfg, **kw) -> policy_stage.Config:
+    """train-policy's config for one run: the policy section, the pipeline's bookkeeping, then ``kw``
+    (data, model, out, loss, weighting, run names)."""
+    settings = {**asdict(cfg.policy), "gguf_file": None}  # the start model is a plain folder by now
+    return policy_stage.Config(**{**settings, **dict(
+        seed=cfg.seed, experiment=cfg.experiment, progress=False,
+        # the arms starting from one model score the same responses once
+        reference_cache=str(Path(cfg.out).resolve() / "reference_cache")), **kw})
+
+
+def evaluation_config(cfg, policy: str, reference: str, test: str, out: Path,
+                      run_id: str) -> evaluate_stage.Config:
+    settings = {**asdict(cfg.evaluate), **{k: getattr(cfg.policy, k) for k in FROM_POLICY}}
+    return evaluate_stage.Config(**settings, policy=policy, reference=reference, prompts=str(Path(test).resolve()),
+                                 out=str(out.resolve()), seed=cfg.seed, experiment=cfg.experiment, run_id=run_id,
+                                 cache_dir=str(out.resolve().parent.parent / "eval_cache"))
+
+
+def evaluate_policy(cfg, policy: str, reference: str, test: str, out: Path, run_id: str) -> dict:
+    """`cwpo evaluate` as a Ray task with the resources the evaluate section asks for (a GPU on a GPU
+    cluster), not in the job's driver, which on a cluster is usually a CPU head node.
+
+    The task logs nothing to MLflow: it returns its report and this driver logs it to the arm's run,
+    with the tracking URI this process resolved. Without MLFLOW_TRACKING_URI that URI is a SQLite
+    file under the driver's working dir on the head node (the job's temporary copy under
+    `ray job submit`), which a task on a GPU node cannot open: it used to fail there, after all
+    generation.
+    """
+    import ray
+    from mlflow.entities import RunTag
+    from mlflow.tracking import MlflowClient
+
+    from cwpo_ray import tracking
+
+    e = cfg.evaluate
+    pinned = {"resources": {e.node_resource: 0.01}} if e.node_resource else {}
+    task = ray.remote(num_cpus=e.num_cpus, num_gpus=e.num_gpus, max_retries=0, **pinned)(_evaluate_task)
+    ecfg = evaluation_config(cfg, policy, reference, test, out, run_id)
+    report, node = ray.get(task.remote(replace(ecfg, run_id="")))
+    evaluate_stage.log_report(run_id, report, out, tracking.tracking_uri())
+    # Where it ran, beside where the driver runs: what shows a GPU task really left the head node.
+    MlflowClient(tracking.tracking_uri()).log_batch(run_id, tags=[
+        RunTag("evaluated_on_node", node), RunTag("driver_node", ray.get_runtime_context().get_node_id())])
+    return report["metrics"]
+
+
+def _evaluate_task(ecfg: evaluate_stage.Config) -> tuple[dict, str]:
+    """The evaluation, wherever Ray placed it: eval.json and responses.parquet into ``ecfg.out``; the
+    report and the node it ran on returned (nothing logged: ``ecfg.run_id`` is empty and no MLflow
+    run is active here)."""
+    import torch
+
+    import ray
+
+    torch.set_num_threads(max(1, int(ecfg.num_cpus)))
+    evaluate_stage.run(ecfg)
+    return json.loads((Path(ecfg.out) / "eval.json").read_text()), ray.get_runtime_context().get_node_id()
+
+
+def arm_inputs(arm: str, tables: dict) -> tuple[str, str]:
+    """(training table, weighting) of an arm, as the arms registry says."""
+    spec = arm_registry.spec(arm)
+    return tables[spec.reads], spec.weighting
+
+
+def human_labels_used(arm: str, cfg, tables: dict) -> int:
+    """Human labels an arm consumed (arms.human_labels_used) with this seed's split and SFT setting."""
+    return arm_registry.human_labels_used(arm, tables["n_labeled"], tables["n_unlabeled"], cfg.sft == "shared")
+
+
