@@ -111,7 +111,7 @@ def log_arm(client, exp_id: str, parent: str, arm: str, seed, vader: list[float]
 
     from mlflow.entities import Metric
 
-    from cwpo_ray.recipes.evaluate import judge_metrics
+    from cwpo_ray.evaluation.scoring import judge_metrics
 
     n = len(vader)
     prefix = "eval" if split == "test" else split

@@ -171,7 +171,6 @@ def test_the_evaluation_task_logs_nothing_and_the_driver_logs_its_report(tmp_pat
     from mlflow.tracking import MlflowClient
 
     from cwpo_ray import tracking
-    from cwpo_ray.recipes import evaluate as ev
     from cwpo_ray.recipes import pipeline
     from cwpo_ray.orchestration import stages
 
@@ -225,7 +224,7 @@ def test_log_report_without_the_eval_folder_logs_the_report_itself(tmp_path, mon
     """A driver that does not see the task's output folder still logs eval.json (from the report)."""
     from mlflow.tracking import MlflowClient
 
-    from cwpo_ray.recipes import evaluate as ev
+    from cwpo_ray.evaluation import reporting as ev
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(uri)

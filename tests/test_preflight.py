@@ -22,6 +22,7 @@ import yaml
 
 from cwpo_ray import cli
 from cwpo_ray.config import load_config
+from cwpo_ray.cluster_checks import node, plan
 from cwpo_ray.recipes import preflight
 
 REPO = Path(__file__).resolve().parent.parent
@@ -39,12 +40,12 @@ def test_preflight_reads_the_pipeline_config_and_its_overrides(monkeypatch):
     gpu = load_config(preflight.Config, str(REPO / "jobs" / "configs" / "hh_pipeline_gpu.yaml"), {},
                       ["annotator.storage_path=s3://bucket/ckpt", "timeout_s=5"])
     assert gpu.preflight and gpu.timeout_s == 5
-    assert [(s, n) for s, n, _, _ in preflight.gpu_requests(gpu)] == [
+    assert [(s, n) for s, n, _, _ in plan.gpu_requests(gpu)] == [
         ("annotator", 4), ("annotate", 1.0), ("policy", 8), ("evaluate", 1.0)]
-    assert preflight.written_paths(gpu, None)["annotator.storage_path"] == "s3://bucket/ckpt"
-    assert ("policy.model", "model", "Qwen/Qwen2.5-1.5B", None) in preflight.read_inputs(gpu)
+    assert plan.written_paths(gpu, None)["annotator.storage_path"] == "s3://bucket/ckpt"
+    assert ("policy.model", "model", "Qwen/Qwen2.5-1.5B", None) in plan.read_inputs(gpu)
     quick = load_config(preflight.Config, str(REPO / "cwpo_ray" / "configs" / "quick.yaml"), {}, ["preflight=false"])
-    assert not quick.preflight and preflight.gpu_requests(quick) == []
+    assert not quick.preflight and plan.gpu_requests(quick) == []
     rows = preflight.gpu_resource_rows(gpu, {"CPU": 2.0}, [0.0])
     assert [r.status for r in rows] == ["FAIL"] * 4 and rows[2].fix.endswith("policy.use_gpu=false")
 
@@ -52,22 +53,22 @@ def test_preflight_reads_the_pipeline_config_and_its_overrides(monkeypatch):
 def test_a_closed_port_and_a_local_store_fail_the_mlflow_check():
     from conftest import free_port
 
-    row = preflight.check_tracking("n", f"http://127.0.0.1:{free_port()}", nodes=1)
+    row = node.check_tracking("n", f"http://127.0.0.1:{free_port()}", nodes=1)
     assert row.status == "FAIL" and "MLFLOW_TRACKING_URI" in row.fix
-    assert preflight.check_tracking("n", "sqlite:////tmp/x/mlflow.db", nodes=2).status == "FAIL"
-    assert preflight.check_tracking("n", "sqlite:////tmp/x/mlflow.db", nodes=1).status == "ok"
+    assert node.check_tracking("n", "sqlite:////tmp/x/mlflow.db", nodes=2).status == "FAIL"
+    assert node.check_tracking("n", "sqlite:////tmp/x/mlflow.db", nodes=1).status == "ok"
 
 
 def test_storage_and_disk_checks_on_real_files(tmp_path):
     token = tmp_path / ".cwpo-preflight-x"
     token.write_text("abc")
-    assert preflight.check_storage("n", {str(token): ("abc", ["out"])})[0].status == "ok"
-    assert preflight.check_storage("n", {str(token): ("other", ["out"])})[0].status == "FAIL"
-    missing = preflight.check_storage("n", {str(tmp_path / "gone" / "t"): ("abc", ["out"])})[0]
+    assert node.check_storage("n", {str(token): ("abc", ["out"])})[0].status == "ok"
+    assert node.check_storage("n", {str(token): ("other", ["out"])})[0].status == "FAIL"
+    missing = node.check_storage("n", {str(tmp_path / "gone" / "t"): ("abc", ["out"])})[0]
     assert missing.status == "FAIL" and "NFS" in missing.fix
     # A folder that does not exist yet is measured at its nearest existing parent.
-    (ok,) = preflight.check_disk("n", {str(tmp_path / "not" / "yet"): (1, "x")})
-    (full,) = preflight.check_disk("n", {str(tmp_path): (10**18, "x")})
+    (ok,) = node.check_disk("n", {str(tmp_path / "not" / "yet"): (1, "x")})
+    (full,) = node.check_disk("n", {str(tmp_path): (10**18, "x")})
     assert ok.status == "ok" and full.status == "FAIL" and "larger disk" in full.fix
 
 

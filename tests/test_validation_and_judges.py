@@ -279,7 +279,7 @@ def test_extra_judges_settings():
 
 def log_arm(client, exp_id: str, parent: str, arm: str, policy_vader, policy_textblob, tmp: Path) -> None:
     """An arm's child run as the pipeline leaves it: eval/* metrics and responses.parquet."""
-    from cwpo_ray.recipes.evaluate import judge_metrics
+    from cwpo_ray.evaluation.scoring import judge_metrics
 
     n = len(policy_vader)
     ref = [0.0] * n

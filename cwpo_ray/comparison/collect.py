@@ -48,7 +48,7 @@ def logged_by_judge(metrics: dict, prefix: str = "eval") -> tuple[dict, dict]:
 def collect_rows(client, exp, parent, split: str = "test") -> list[dict]:
     """One row per child (arm x loss x seed) run, sorted by loss, arm (display order) and seed; its metrics
     are those of the arm's evaluation on ``split``."""
-    from cwpo_ray.recipes.evaluate import metric_prefix
+    from cwpo_ray.evaluation.reporting import metric_prefix
 
     prefix = metric_prefix(split)
     children = client.search_runs([exp.experiment_id], filter_string=f"tags.mlflow.parentRunId = "
@@ -121,7 +121,7 @@ def per_prompt_wins(client, run_id: str, dst: Path, main_judge: str = "gold", sp
     under validation/); None when it is not there."""
     from mlflow.exceptions import MlflowException
 
-    from cwpo_ray.recipes.evaluate import artifact_dir
+    from cwpo_ray.evaluation.reporting import artifact_dir
     from cwpo_ray.tables import read_table
 
     dst.mkdir(parents=True, exist_ok=True)

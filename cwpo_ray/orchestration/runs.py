@@ -9,7 +9,7 @@ from typing import Optional
 
 from cwpo_ray.config import to_dict
 from cwpo_ray.fingerprints import fingerprint
-from cwpo_ray.recipes import evaluate as evaluate_stage
+from cwpo_ray.evaluation import reporting
 
 
 class ArmRuns:
@@ -99,10 +99,10 @@ class ArmRuns:
         key = self.key(arm, loss, seed)
         run_id = self.state["children"][key]["run_id"]
         if responses.exists():
-            self.client.log_artifact(run_id, str(responses), evaluate_stage.artifact_dir(split))
+            self.client.log_artifact(run_id, str(responses), reporting.artifact_dir(split))
         numeric = {k: float(v) for k, v in metrics.items()
                    if isinstance(v, (int, float)) and not isinstance(v, bool) and v == v}
-        prefix = evaluate_stage.metric_prefix(split)
+        prefix = reporting.metric_prefix(split)
         for k, v in numeric.items():
             self.client.log_metric(run_id, f"{prefix}/{k}", v)  # idempotent with evaluate's own logging
         name = key.replace(":", "").replace("/", ".") + ("" if split == "test" else f".{split}")

@@ -15,6 +15,7 @@ from cwpo_ray.recipes import annotate as annotate_stage
 from cwpo_ray.recipes import data as data_stage
 from cwpo_ray.recipes import evaluate as evaluate_stage
 from cwpo_ray.recipes import train_annotator as annotator_stage
+from cwpo_ray.evaluation import reporting
 from cwpo_ray.orchestration.arm_tables import gold_accuracy, human_table, take_first
 from cwpo_ray.recipes import train_policy as policy_stage
 
@@ -149,7 +150,7 @@ def evaluate_policy(cfg, policy: str, reference: str, test: str, out: Path, run_
     task = ray.remote(num_cpus=e.num_cpus, num_gpus=e.num_gpus, max_retries=0, **pinned)(_evaluate_task)
     ecfg = evaluation_config(cfg, policy, reference, test, out, run_id)
     report, node = ray.get(task.remote(replace(ecfg, run_id="")))
-    evaluate_stage.log_report(run_id, report, out, tracking.tracking_uri())
+    reporting.log_report(run_id, report, out, tracking.tracking_uri())
     # Where it ran, beside where the driver runs: what shows a GPU task really left the head node.
     MlflowClient(tracking.tracking_uri()).log_batch(run_id, tags=[
         RunTag("evaluated_on_node", node), RunTag("driver_node", ray.get_runtime_context().get_node_id())])

@@ -29,10 +29,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 import pyarrow as pa
 
 from cwpo_ray.config import option, to_dict
+from cwpo_ray.evaluation.scoring import cached, implicit_accuracy, judge_metrics
+from cwpo_ray.evaluation.reporting import log_to_mlflow
 
 EPILOG = """examples:
   cwpo evaluate --policy runs/cw-dpo/policy --reference runs/cw-dpo/sft --prompts runs/data/bench/test.parquet --out runs/cw-dpo/eval
@@ -176,142 +177,6 @@ def sample(cfg: Config, model: str, prompts: list[str]) -> list[str]:
     s = GenSettings(temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, n=1,
                     batch_size=cfg.batch_size, seed=cfg.seed, engine=cfg.engine)
     return [r[0] for r in generate(model, prompts, s)]
-
-
-def pair_logps(model_spec: str, rows: list[dict], cfg: Config) -> tuple[np.ndarray, np.ndarray]:
-    """Summed response log-probs of chosen and rejected under one model (logprobs.py's scorer)."""
-    import torch
-
-    from cwpo_ray.models import load_causal_lm, load_tokenizer, resolve_model
-    from cwpo_ray.logprobs import Lengths, reference_logps
-
-    from cwpo_ray.judges import model_device
-
-    source = resolve_model(model_spec)
-    tok = load_tokenizer(source)
-    model = load_causal_lm(source).to(model_device()).eval()  # the task's GPU when it holds one
-    lengths = Lengths(cfg.max_prompt_length, cfg.max_length, cfg.chat_template)
-    chosen, rejected = [], []
-    with torch.no_grad():
-        for i in range(0, len(rows), cfg.batch_size):
-            b = rows[i:i + cfg.batch_size]
-            out = reference_logps(model, tok, [r["prompt"] for r in b], [r["chosen"] for r in b],
-                                  [r["rejected"] for r in b], lengths)
-            chosen += out["ref_chosen_logps"]
-            rejected += out["ref_rejected_logps"]
-    return np.asarray(chosen), np.asarray(rejected)
-
-
-def implicit_accuracy(cfg: Config, rows: list[dict]) -> tuple[float, int]:
-    from cwpo_ray.gra import implicit_reward_accuracy
-
-    pairs = [r for r in rows if r.get("chosen") and r.get("rejected") and r["chosen"] != r["rejected"]
-             and r.get("gold_chosen", 1.0) != r.get("gold_rejected", 0.0)]
-    if not pairs:
-        return float("nan"), 0
-    pc, pr = pair_logps(cfg.policy, pairs, cfg)
-    rc, rr = cached(cfg, "logps", pairs, lambda: [x.tolist() for x in pair_logps(cfg.reference, pairs, cfg)])
-    return implicit_reward_accuracy(pc, pr, rc, rr), len(pairs)
-
-
-def cached(cfg: Config, what: str, rows: list, compute):
-    """The reference's outputs, from cfg.cache_dir when the same model, rows and settings made them."""
-    from cwpo_ray.fingerprints import path_fingerprint
-
-    if not cfg.cache_dir:
-        return compute()
-    key = path_fingerprint(cfg.reference, what, [r.get("prompt") for r in rows], [r.get("chosen") for r in rows],
-                           cfg.temperature, cfg.max_new_tokens, cfg.seed, cfg.batch_size, cfg.engine, cfg.max_length,
-                           cfg.max_prompt_length, cfg.chat_template)
-    path = Path(cfg.cache_dir) / f"{what}-{key}.json"
-    if path.exists():
-        return json.loads(path.read_text())
-    value = compute()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    from cwpo_ray.tables import atomic_path
-
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(value))
-    return value
-
-
-def metric_prefix(split: str) -> str:
-    """``eval`` for the test split (what `cwpo compare` reports), else the split's name."""
-    return "eval" if split == "test" else split
-
-
-def artifact_dir(split: str) -> Optional[str]:
-    """Where a split's eval.json and responses.parquet go in an arm's run: the root for the test split
-    (what `cwpo compare` pairs by default), else a folder named after the split."""
-    return None if split == "test" else split
-
-
-def mlflow_record(split: str, metrics: dict, judges: list[str]) -> tuple[dict, dict, Optional[str]]:
-    """What an evaluation logs to its run: the finite numeric metrics as ``eval/*`` (test split) or
-    ``validation/*``, the tags naming the main and the extra judges (compare reads them), and the
-    artifact folder of eval.json."""
-    prefix = metric_prefix(split)
-    numeric = {f"{prefix}/{k}": float(v) for k, v in metrics.items()
-               if isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)}
-    tags = {f"{prefix}/judge": judges[0], f"{prefix}/judges": ",".join(judges)}
-    return numeric, tags, artifact_dir(split)
-
-
-def log_to_mlflow(cfg: Config, metrics: dict, out: Path, judges: list[str]) -> Optional[str]:
-    """The active run if there is one, else --run-id; nothing when neither. A validation evaluation's
-    metrics and eval.json go under ``validation/``, a test evaluation's under ``eval/`` and the root."""
-    import mlflow
-
-    from cwpo_ray import tracking
-
-    numeric, tags, artifact_path = mlflow_record(cfg.split, metrics, judges)
-
-    def log():
-        mlflow.log_metrics(numeric)
-        mlflow.set_tags(tags)
-        mlflow.log_artifact(str(out / "eval.json"), artifact_path=artifact_path)
-
-    if mlflow.active_run() is not None:
-        log()
-        return mlflow.active_run().info.run_id
-    if cfg.run_id:
-        with tracking.start_run(cfg.experiment, run_id=cfg.run_id) as run:
-            log()
-            return run.info.run_id
-    return None
-
-
-def log_report(run_id: str, report: dict, out: Path, tracking_uri: str) -> None:
-    """Log an evaluation's report (eval.json's content, as ``run`` wrote it) to MLflow run ``run_id``,
-    from the process that holds the tracking URI: the pipeline's driver, after its evaluation task
-    (on a GPU node) returned. That task logs nothing itself: with no MLFLOW_TRACKING_URI the driver's
-    store is a SQLite file on the head node, which another node cannot open. Same metrics, tags and
-    artifact as ``log_to_mlflow``; eval.json from ``out`` when this process sees it, else from ``report``."""
-    import time
-
-    from mlflow.entities import Metric, RunTag
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri)
-    numeric, tags, artifact_path = mlflow_record(report["split"], report["metrics"], report["judges"])
-    now = int(time.time() * 1000)
-    client.log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in numeric.items()],
-                     tags=[RunTag(k, v) for k, v in tags.items()])
-    eval_json = Path(out) / "eval.json"
-    if eval_json.is_file():
-        client.log_artifact(run_id, str(eval_json), artifact_path)
-    else:
-        client.log_dict(run_id, report, f"{artifact_path}/eval.json" if artifact_path else "eval.json")
-
-
-def judge_metrics(policy_scores, reference_scores, cfg: Config) -> dict:
-    """GRA, strict GRA (each with its interval), tie rate, n, and both models' mean gold reward."""
-    from cwpo_ray.gra import gra_with_ci
-
-    m = gra_with_ci(policy_scores, reference_scores, n_boot=cfg.n_boot, seed=cfg.seed)
-    m.update(gold_policy=float(np.mean(policy_scores)) if len(policy_scores) else float("nan"),
-             gold_reference=float(np.mean(reference_scores)) if len(reference_scores) else float("nan"))
-    return m
 
 
 def run(cfg: Config) -> int:
