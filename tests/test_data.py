@@ -382,14 +382,14 @@ def test_a_run_that_fails_midway_leaves_the_previous_tables(tmp_path, capsys, mo
     write_jsonl(tmp_path / "x.jsonl", synthetic_pairs(300))
     assert run_data(capsys, f"pairs:{tmp_path / 'x.jsonl'}", tmp_path / "out")[0] == 0
     before = outputs(tmp_path / "out")
-    add = recipe._Stage.add
+    add = recipe.DataStage.add
 
     def failing_add(self, row, split):
         if self.counts["read"] == 200:
             raise OSError("disk went away")
         add(self, row, split)
 
-    monkeypatch.setattr(recipe._Stage, "add", failing_add)
+    monkeypatch.setattr(recipe.DataStage, "add", failing_add)
     with pytest.raises(OSError):
         main(["data", "--source", f"pairs:{tmp_path / 'x.jsonl'}", "--out", str(tmp_path / "out"), "--seed", "9",
               "--batch-size", "16"])

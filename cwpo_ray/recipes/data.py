@@ -33,20 +33,18 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import sys
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Optional
+from typing import Any, Optional
 
 import pyarrow as pa
 
-from cwpo_ray.config import ConfigError, option, to_dict
+from cwpo_ray.config import option, to_dict
+from cwpo_ray.source_reading import limit_rows, local_files, locate, open_source, parse_source, progress_bar
 from cwpo_ray.sources import (NORMALIZERS, Pair, Unjudged, a_is_chosen, gold_of, id_key, is_validation, pair_id,
                               prompt_key, quarantine_id, raw_json, split_of)
-from cwpo_ray.tables import (LABELED_SCHEMA, QUARANTINE_SCHEMA, TABLE_SUFFIXES, UNLABELED_SCHEMA, ParquetSink,
-                             atomic_path, table_files)
+from cwpo_ray.tables import LABELED_SCHEMA, QUARANTINE_SCHEMA, UNLABELED_SCHEMA, ParquetSink, atomic_path
 
 EPILOG = """examples:
   cwpo data --source hh-rlhf:Anthropic/hh-rlhf --out runs/data/hh
@@ -55,45 +53,10 @@ EPILOG = """examples:
   cwpo data --source pairs:cwpo_ray/benchmark_data --out runs/data/bench --validation-fraction 0.2
 """
 
-KINDS = tuple(NORMALIZERS)
-# kind -> (train split, test split, config name) when WHERE is a hub id.
-HUB_DEFAULTS = {
-    "hh-rlhf": ("train", "test", None),
-    "tldr": ("train", "validation", "comparisons"),
-    "ultrafeedback": ("train_prefs", "test_prefs", None),
-    "pairs": ("train", "test", None),
-}
 TABLES = ("labeled", "unlabeled", "validation", "test", "quarantine")
 # The test table's columns, and the gold scores of its two responses when the source has them.
 VALIDATION_SCHEMA = pa.schema([(c, pa.string()) for c in ("id", "prompt", "chosen", "rejected")]
                               + [("gold_chosen", pa.float64()), ("gold_rejected", pa.float64())])
-# A table with a prompt column and none of these holds prompts alone, not pairs.
-RESPONSE_COLUMNS = ("chosen", "rejected", "response_a", "response_b", "summaries")
-
-
-def parse_source(source: str) -> tuple[str, str]:
-    """``"KIND:WHERE"`` -> (kind, where); ValueError with one line on a mistake."""
-    kind, sep, where = source.partition(":")
-    kind = kind.strip().lower()
-    if not sep or kind not in KINDS:
-        raise ValueError(f"source: expected KIND:PATH_OR_HUB_ID with KIND one of {', '.join(KINDS)}, got {source!r}")
-    where = where.strip()
-    if not where:
-        raise ValueError(f"source: nothing after {kind + ':'!r} (give a local file/folder or a hub dataset id)")
-    return kind, where
-
-
-def locate(where: str) -> tuple[str, str]:
-    """("local", path) when WHERE exists here, ("hub", id) when it reads as a hub id;
-    ValueError when it reads as a local path that does not exist."""
-    path = os.path.expanduser(where)
-    if os.path.exists(path):
-        return "local", path
-    looks_local = (where.startswith(("/", ".", "~", "\\")) or where.lower().endswith(TABLE_SUFFIXES)
-                   or where.count("/") > 1 or "\\" in where)
-    if looks_local:
-        raise ValueError(f"source: file not found: {where}")
-    return "hub", where
 
 
 @dataclass
@@ -140,150 +103,9 @@ class Config(Settings):
         locate(where)
 
 
-# ----------------------------------------------------------------------------- reading
-
-@dataclass
-class Split:
-    name: str            # "train" or "test"
-    rows: Iterable[dict]  # lazily streamed
-    origin: Any           # files or hub split, for the manifest
-    total: Optional[int]  # row count when cheaply known (Parquet metadata), else None
-
-
-def _is_test_file(rel: str, kind: str) -> bool:
-    rel = rel.lower()
-    return "test" in rel or (kind == "tldr" and "valid" in rel)
-
-
-def _parquet_rows(files: list[Path]) -> Optional[int]:
-    if not all(f.name.endswith(".parquet") for f in files):
-        return None
-    import pyarrow.parquet as pq
-
-    return sum(pq.ParquetFile(f).metadata.num_rows for f in files)
-
-
-def _iter_files(files: list[Path], batch_size: int) -> Iterator[dict]:
-    from cwpo_ray.tables import iter_rows
-
-    for f in files:
-        yield from iter_rows(f, batch_size=batch_size)
-
-
-def prompts_only(f: Path) -> bool:
-    """Whether a Parquet file holds prompts alone (a prompt column, no response column): an
-    evaluation table such as the built-in benchmark's test_unseen.parquet, not pairs."""
-    if not f.name.endswith(".parquet"):
-        return False
-    import pyarrow.parquet as pq
-
-    names = set(pq.read_schema(f).names)
-    return "prompt" in names and not names & set(RESPONSE_COLUMNS)
-
-
-def local_files(path: str) -> tuple[list[Path], list[Path]]:
-    """(the source's table files, the prompts-only files of a folder that are skipped)."""
-    root = Path(path)
-    try:
-        files = table_files(root)
-    except FileNotFoundError as e:
-        raise ConfigError(f"source: {e}") from None
-    if root.is_file():
-        return files, []
-    skipped = [f for f in files if prompts_only(f)]
-    if skipped and len(skipped) == len(files):
-        raise ConfigError(f"source: {path} holds prompts only (no responses): nothing to split")
-    return [f for f in files if f not in skipped], skipped
-
-
-def local_splits(kind: str, path: str, batch_size: int) -> list[Split]:
-    """A file is all train; in a folder, files whose relative path says test (tldr: or valid) are test
-    (prompts-only files skipped)."""
-    root = Path(path)
-    files, _ = local_files(path)
-    if root.is_file():
-        groups = {"train": files}
-    else:
-        groups = {"test": [], "train": []}
-        for f in files:
-            groups["test" if _is_test_file(f.relative_to(root).as_posix(), kind) else "train"].append(f)
-        if not groups["test"]:
-            del groups["test"]
-    return [Split(name, _iter_files(fs, batch_size), [str(f) for f in fs], _parquet_rows(fs))
-            for name, fs in groups.items()]
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0] if text else ''}".rstrip(": ")
-
-
-def hub_splits(kind: str, hub_id: str, cfg: Config) -> list[Split]:
-    """Streaming splits of a hub dataset (test first). Needs network and the ``datasets`` package."""
-    try:
-        import datasets
-    except ImportError:
-        raise ConfigError(f"source: {hub_id!r} is not a local path, and reading a hub dataset needs the "
-                          "'datasets' package") from None
-    train, test, name = HUB_DEFAULTS[kind]
-    name = cfg.hub_config or name
-    train = cfg.train_split or train
-    explicit_test = bool(cfg.test_split)
-    test = None if cfg.test_split.lower() == "none" else (cfg.test_split or test)
-
-    def load(split: str):
-        return datasets.load_dataset(hub_id, name, split=split, streaming=True)
-
-    out = []
-    if test:
-        try:
-            out.append(Split("test", load(test), f"{hub_id}:{test}", None))
-        except Exception as e:  # noqa: BLE001 -- report any loader failure as one line
-            if explicit_test or "split" not in str(e).lower():
-                raise ConfigError(f"source: cannot read hub dataset {hub_id!r} split {test!r} "
-                                  f"(not a local path either): {_first_line(e)}") from None
-            print(f"cwpo data: note: {hub_id} has no split {test!r}; no test table", file=sys.stderr)
-    try:
-        out.append(Split("train", load(train), f"{hub_id}:{train}", None))
-    except Exception as e:  # noqa: BLE001
-        raise ConfigError(f"source: cannot read hub dataset {hub_id!r} split {train!r} "
-                          f"(not a local path either): {_first_line(e)}") from None
-    return out
-
-
-def open_source(cfg: Config) -> tuple[str, list[Split]]:
-    kind, where = parse_source(cfg.source)
-    try:
-        place, target = locate(where)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-    splits = local_splits(kind, target, cfg.batch_size) if place == "local" else hub_splits(kind, target, cfg)
-    order = {"test": 0, "train": 1}  # test first: a pair in both splits stays in test
-    return kind, sorted(splits, key=lambda s: order[s.name])
-
-
-def _limit(rows: Iterable[dict], n: Optional[int]) -> Iterator[dict]:
-    if n is None:
-        yield from rows
-        return
-    for i, row in enumerate(rows):
-        if i >= n:
-            return
-        yield row
-
-
-def _progress(total: Optional[int], enabled: bool):
-    try:
-        from tqdm import tqdm
-    except ImportError:  # tqdm is a dependency, but a missing progress bar must not stop a run
-        return contextlib.nullcontext(None)
-    return tqdm(total=total, unit=" rows", file=sys.stderr, disable=None if enabled else True,
-                desc="cwpo data", mininterval=0.5, dynamic_ncols=True)
-
-
 # ----------------------------------------------------------------------------- the stage
 
-class _Stage:
+class DataStage:
     """Routes each normalized row to its table; owns the dedup keys and the counts."""
 
     def __init__(self, cfg: Config, kind: str, sinks: dict[str, ParquetSink]):
@@ -379,7 +201,7 @@ def _tables(has_test: bool, has_validation: bool) -> list[str]:
     return [t for t in TABLES if (t != "test" or has_test) and (t != "validation" or has_validation)]
 
 
-def _report(stage: _Stage, out: Path, tables: list[str], skipped: list[Path]) -> None:
+def _report(stage: DataStage, out: Path, tables: list[str], skipped: list[Path]) -> None:
     c, w = stage.counts, 12
     kept = c["labeled"] + c["unlabeled"] + c["validation"] + c["test"]
     read_parts = f"train {c['read_train']}" + (f", test {c['read_test']}" if "test" in tables else "")
@@ -412,12 +234,12 @@ def run(cfg: Config) -> int:
     with contextlib.ExitStack() as stack:
         sinks = {t: stack.enter_context(ParquetSink(out / f"{t}.parquet", schemas[t], buffer_rows=cfg.batch_size))
                  for t in tables}
-        stage = _Stage(cfg, kind, sinks)
+        stage = DataStage(cfg, kind, sinks)
         known = [s.total for s in splits]
         total = None if None in known else sum(min(t, cfg.max_rows or t) for t in known)
-        with _progress(total, cfg.progress) as bar:
+        with progress_bar(total, cfg.progress) as bar:
             for split in splits:
-                for row in _limit(split.rows, cfg.max_rows):
+                for row in limit_rows(split.rows, cfg.max_rows):
                     stage.add(row, split.name)
                     if bar is not None:
                         bar.update(1)

@@ -61,7 +61,7 @@ def gpu_resource_rows(cfg: pipeline.Config, total: dict, per_node: list[float]) 
 
 def driver_rows(cfg: pipeline.Config, plan: Plan, artifacts: str | None) -> list[Row]:
     """On the driver: the data source (the data stage reads it here); a token in every folder written."""
-    from cwpo_ray.recipes.data import locate, parse_source
+    from cwpo_ray.source_reading import locate, parse_source
 
     rows = []
     try:
