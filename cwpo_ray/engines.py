@@ -153,6 +153,7 @@ class DeepSpeedEngine:
             model_parameters=[p for p in model.parameters() if p.requires_grad])
         self.module = self.engine.module
         self.device = self.engine.device
+        self.precision = precision
         self.zero_stage = dist.zero_stage
 
     def __call__(self, *args, **kwargs):
@@ -290,7 +291,6 @@ def setup_engine(model, optimizer, make_scheduler, dist: DistributedConfig, micr
     else:
         # On the worker's device before DDP wraps it (prepare_model moves it too, but only with 2+ workers).
         engine = DDPEngine(model.to(device), optimizer, make_scheduler, accumulation_steps, max_grad_norm, precision)
-    engine.precision = precision
     return engine
 
 

@@ -57,12 +57,13 @@ def log_to_mlflow(cfg, metrics: dict, out: Path, judges: list[str]) -> Optional[
     return None
 
 
-def log_report(run_id: str, report: dict, out: Path, tracking_uri: str) -> None:
+def log_report(run_id: str, report: dict, out: Path, tracking_uri: str, extra_tags: dict | None = None) -> None:
     """Log an evaluation's report (eval.json's content, as ``run`` wrote it) to MLflow run ``run_id``,
     from the process that holds the tracking URI: the pipeline's driver, after its evaluation task
     (on a GPU node) returned. That task logs nothing itself: with no MLFLOW_TRACKING_URI the driver's
     store is a SQLite file on the head node, which another node cannot open. Same metrics, tags and
-    artifact as ``log_to_mlflow``; eval.json from ``out`` when this process sees it, else from ``report``."""
+    artifact as ``log_to_mlflow`` (and ``extra_tags``); eval.json from ``out`` when this process sees it,
+    else from ``report``."""
     import time
 
     from mlflow.entities import Metric, RunTag
@@ -70,6 +71,7 @@ def log_report(run_id: str, report: dict, out: Path, tracking_uri: str) -> None:
 
     client = MlflowClient(tracking_uri)
     numeric, tags, artifact_path = mlflow_record(report["split"], report["metrics"], report["judges"])
+    tags.update(extra_tags or {})
     now = int(time.time() * 1000)
     client.log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in numeric.items()],
                      tags=[RunTag(k, v) for k, v in tags.items()])

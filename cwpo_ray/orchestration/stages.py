@@ -140,8 +140,6 @@ def evaluate_policy(cfg, policy: str, reference: str, test: str, out: Path, run_
     generation.
     """
     import ray
-    from mlflow.entities import RunTag
-    from mlflow.tracking import MlflowClient
 
     from cwpo_ray import tracking
 
@@ -150,10 +148,9 @@ def evaluate_policy(cfg, policy: str, reference: str, test: str, out: Path, run_
     task = ray.remote(num_cpus=e.num_cpus, num_gpus=e.num_gpus, max_retries=0, **pinned)(_evaluate_task)
     ecfg = evaluation_config(cfg, policy, reference, test, out, run_id)
     report, node = ray.get(task.remote(replace(ecfg, run_id="")))
-    reporting.log_report(run_id, report, out, tracking.tracking_uri())
     # Where it ran, beside where the driver runs: what shows a GPU task really left the head node.
-    MlflowClient(tracking.tracking_uri()).log_batch(run_id, tags=[
-        RunTag("evaluated_on_node", node), RunTag("driver_node", ray.get_runtime_context().get_node_id())])
+    where = {"evaluated_on_node": node, "driver_node": ray.get_runtime_context().get_node_id()}
+    reporting.log_report(run_id, report, out, tracking.tracking_uri(), extra_tags=where)
     return report["metrics"]
 
 
