@@ -90,8 +90,8 @@ class RewardModelJudge:
     """A sequence-classification reward model; logit 0 of the (prompt, response) text is the score."""
 
     def __init__(self, spec: str, batch_size: int = 16, max_length: int = 512):
-        from cwpo_ray.annotator import (Annotator, AnnotatorMeta, HF_POOLING, SequenceClassifierReward,
-                                        default_max_length, load_sequence_classifier, match_pad)
+        from cwpo_ray.annotator import Annotator, AnnotatorMeta, default_max_length
+        from cwpo_ray.reward_models import HF_POOLING, SequenceClassifierReward, load_sequence_classifier, match_pad
         from cwpo_ray.models import is_encoder, load_tokenizer, resolve_model
 
         source = resolve_model(spec)

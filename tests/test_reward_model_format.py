@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from cwpo_ray.annotator import (HEAD_FILE, META_FILE, RewardModel, collate, load_annotator, new_annotator,
-                                save_annotator)
+from cwpo_ray.annotator import HEAD_FILE, META_FILE, collate, load_annotator, new_annotator, save_annotator
 from cwpo_ray.judges import AnnotatorJudge, load_judge
 from cwpo_ray.models import ModelSource
+from cwpo_ray.reward_models import RewardModel
 from tiny_models import build_decoder_tokenizer, synthetic_pairs
 
 PROMPTS = ["Tell me about rain.", "Tell me about cats.", "Tell me a long story about bees. " * 12, "hi"]
@@ -217,7 +217,7 @@ def test_load_judge_on_an_annotator_folder_scores_like_the_annotator(tiny_encode
 # ----------------------------------------------------------------------------- (d) encoders keep their own layout
 
 def test_encoder_annotator_says_it_is_not_hf_loadable_and_round_trips(tiny_encoder, tmp_path):
-    from cwpo_ray.annotator import load_sequence_classifier
+    from cwpo_ray.reward_models import load_sequence_classifier
 
     torch.manual_seed(13)
     ann = new_annotator(ModelSource(str(tiny_encoder)), max_length=32)
