@@ -12,6 +12,7 @@ from cwpo_ray import calibration
 from cwpo_ray.annotator import load_annotator
 from cwpo_ray.cli import main
 from cwpo_ray.annotator_training.rounds import chosen_epochs, plan_rounds
+from cwpo_ray.config import ConfigError
 from cwpo_ray.recipes.train_annotator import Settings
 from cwpo_ray.tables import write_table
 
@@ -67,6 +68,15 @@ def test_folds_hold_every_pair_out_exactly_once():
     # the loss after a fitted temperature (what calibration leaves of it) prefers epoch 2.
     oof = {"fold-0": [[0.3, 0.3, 0.3, -0.3, -0.3], [8.0, 8.0, 8.0, 8.0, -8.0]]}
     assert chosen_epochs(oof) == 1 and chosen_epochs(oof, calibrated=True) == 2
+
+
+def test_a_round_smaller_than_one_batch_is_refused_before_training():
+    """An epoch drops its incomplete global batch (step_plan): a fold with fewer training pairs than
+    batch_size would train nothing, so the plan refuses it, naming the round, before any worker starts."""
+    rows = [{"id": f"p{i}"} for i in range(40)]
+    assert plan_rounds(rows, Settings(folds=5, batch_size=16), seed=0)  # ~32 training pairs per fold
+    with pytest.raises(ConfigError, match=r"round fold-\d has \d+ training pairs, fewer than one batch of 48"):
+        plan_rounds(rows, Settings(folds=5, batch_size=48), seed=0)
 
 
 def test_kfold_training_chooses_epochs_refits_calibrates_and_resumes(ray_cluster, mlflow_server, tiny_decoder,

@@ -254,6 +254,7 @@ def test_tiny_pipeline_job_on_a_two_node_cluster(local_cluster, mlflow_script_se
     preset = tiny_preset(tmp_path, bench, tiny_encoder, tiny_decoder)
     preset["annotator"]["num_workers"] = 2  # 1 CPU per node: the annotator's two workers span both nodes
     preset["annotator"]["folds"] = 2
+    preset["annotator"]["batch_size"] = 4  # a global batch of 2 per worker: each fold trains on ~7 pairs
     # the evaluation task on the worker node, never beside the job's driver on the head (as on a GPU cluster)
     preset["evaluate"].update(extra_judges=[], pair_accuracy=False, node_resource="cwpo_worker_node")
     preset["arms"] = ["human_labeled_only", "cw"]

@@ -54,7 +54,18 @@ class Round:
 
 def plan_rounds(rows: list[dict], cfg, seed: int) -> list[Round]:
     """folds 1: one round, the best held-out epoch saved. folds k: k rounds (fold f held out) and a
-    refit on all rows whose epoch count is chosen from the folds' held-out losses."""
+    refit on all rows whose epoch count is chosen from the folds' held-out losses. Refuses, before
+    any worker starts, a round with fewer training pairs than one global batch (its epoch would have
+    no step: ``step_plan`` drops an incomplete global batch)."""
+    rounds = _rounds(rows, cfg, seed)
+    for spec in rounds:  # batch_size is the global batch (validated a multiple of num_workers)
+        if len(spec.train) < cfg.batch_size:
+            raise ConfigError(f"round {spec.name} has {len(spec.train)} training pairs, fewer than one batch of "
+                              f"{cfg.batch_size}: lower batch_size or use more labeled pairs")
+    return rounds
+
+
+def _rounds(rows: list[dict], cfg, seed: int) -> list[Round]:
     if cfg.folds == 1:
         held = [i for i, r in enumerate(rows) if is_heldout(r["id"], seed, cfg.heldout_fraction)]
         train = [i for i, r in enumerate(rows) if not is_heldout(r["id"], seed, cfg.heldout_fraction)]
