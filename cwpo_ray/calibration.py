@@ -157,12 +157,42 @@ def top_fraction_accuracy(confidences, correct, fraction: float) -> float:
     return float(r[np.argsort(-c, kind="stable")[:k]].mean())
 
 
+def learned_p_value(margins) -> float:
+    """One-sided Wilcoxon signed-rank p-value of "the margins against the labels are not shifted above 0".
+
+    Why this test and not accuracy's interval: the labels themselves are noisy (crowd labels agree with
+    each other ~65-75% of the time), so even a good annotator's plain accuracy against them sits near
+    0.55, and its interval at a few hundred pairs includes 0.5. What a useless annotator cannot do is be
+    right more often on the pairs it is sure of; the signed-rank test weighs each call by the rank of
+    its |margin|, so it has that power, and needs no model of the label noise. nan below 10 pairs."""
+    from scipy.stats import wilcoxon
+
+    m = _array(margins)
+    m = m[m != 0]  # an exact tie says nothing either way
+    if m.size < 10:
+        return float("nan")
+    return float(wilcoxon(m, alternative="greater").pvalue)
+
+
+def confident_third_accuracy(margins) -> tuple[float, float]:
+    """Accuracy on the third of pairs with the largest |margin|, and on the other two thirds: the
+    figure that shows whether an annotator's confidence means something."""
+    m = _array(margins)
+    if m.size < 3:
+        return float("nan"), float("nan")
+    order = np.argsort(-np.abs(m), kind="stable")
+    k = int(round(m.size / 3))
+    right = correctness(m)
+    return float(right[order[:k]].mean()), float(right[order[k:]].mean())
+
+
 def summarize(margins, n_bins: int = 10) -> dict:
     """Every held-out figure of an annotator from its margins against the labels."""
     m = _array(margins)
     conf = confidence_of(m)
     right = correctness(m)
     lo, hi = wilson_interval(float(right.sum()), int(m.size))
+    third, rest = confident_third_accuracy(m)
     return {
         "n": int(m.size),
         "bt_loss": bt_loss(m),
@@ -174,4 +204,7 @@ def summarize(margins, n_bins: int = 10) -> dict:
         "confidence_weighted_accuracy": weighted_accuracy(conf, right),
         "top10_accuracy": top_fraction_accuracy(conf, right, 0.1),
         "top30_accuracy": top_fraction_accuracy(conf, right, 0.3),
+        "confident_third_accuracy": third,
+        "other_accuracy": rest,
+        "learned_p": learned_p_value(m),
     }

@@ -127,18 +127,34 @@ def test_kfold_training_chooses_epochs_refits_calibrates_and_resumes(ray_cluster
     assert run.data.metrics["resumed_after_epoch"] == 1
 
 
-def test_pipeline_warns_loudly_when_the_annotator_has_not_learned(capsys):
+def test_pipeline_warns_on_an_annotator_at_chance_not_on_one_that_beats_noisy_labels(capsys):
+    """A useful annotator scored against labels that are themselves ~67% right has plain accuracy near
+    0.55 (its Wilson interval includes 0.5 at 280 pairs), yet it is right more often where it is sure:
+    no warning. An annotator whose margins are unrelated to the labels gets the warning."""
     from cwpo_ray.orchestration.stages import warn_if_annotator_did_not_learn
 
-    learned = {"annotator.heldout_accuracy": 0.63, "annotator.heldout_accuracy_lo": 0.57,
-               "annotator.heldout_accuracy_hi": 0.68}
-    warn_if_annotator_did_not_learn(learned, seed=0)
-    assert "WARNING" not in capsys.readouterr().out
-    chance = {"annotator.heldout_accuracy": 0.58, "annotator.heldout_accuracy_lo": 0.40,
-              "annotator.heldout_accuracy_hi": 0.74}
+    rng = np.random.default_rng(0)
+    gold_margins = rng.normal(0.35, 1.0, 280)
+    noisy = np.where(rng.random(280) < 0.325, -gold_margins, gold_margins)  # the human label flipped 32.5%
+    summary = calibration.summarize(noisy)
+    assert summary["accuracy_lo"] <= 0.5 < summary["accuracy"] < 0.6  # the old warning's case
+    assert summary["confident_third_accuracy"] > summary["other_accuracy"] and summary["learned_p"] < 0.05
+    useful = {f"annotator.heldout_{k}": v for k, v in summary.items()}
+    warn_if_annotator_did_not_learn(useful, seed=0)
+    out = capsys.readouterr().out
+    assert "WARNING" not in out and "annotator (seed 0) learned" in out
+    chance = {f"annotator.heldout_{k}": v for k, v in calibration.summarize(rng.normal(0.0, 1.0, 280)).items()}
+    assert chance["annotator.heldout_learned_p"] > 0.05
     warn_if_annotator_did_not_learn(chance, seed=1)
     out = capsys.readouterr().out
-    assert "WARNING (seed 1): the annotator has not learned" in out and "[0.400, 0.740]" in out
+    assert "WARNING (seed 1): no evidence that the annotator learned" in out and "signed-rank p = " in out
+
+
+def test_the_signed_rank_test_rejects_chance_at_its_nominal_rate():
+    rng = np.random.default_rng(1)
+    p = np.array([calibration.learned_p_value(rng.normal(0.0, 1.0, 200)) for _ in range(400)])
+    assert 0.02 < (p < 0.05).mean() < 0.09
+    assert np.isnan(calibration.learned_p_value([1.0, -1.0, 2.0]))
 
 
 def test_the_cw_raw_arm_weighs_by_the_uncalibrated_confidence():

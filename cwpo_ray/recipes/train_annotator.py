@@ -207,9 +207,11 @@ def run(cfg: Config) -> int:
           f"[{best['accuracy_lo']:.3f}, {best['accuracy_hi']:.3f}] on {best['n']} pairs, mean confidence "
           f"{best['mean_confidence']:.3f}; temperature {cal['temperature']:.3f}: ECE {cal['ece_before']:.3f} -> "
           f"{cal['ece_after']:.3f}")
-    if best["accuracy_lo"] <= 0.5:
-        print(f"WARNING: the annotator has not shown that it learned: its {where} accuracy interval "
-              f"[{best['accuracy_lo']:.3f}, {best['accuracy_hi']:.3f}] includes 0.5 (chance). Its labels and "
-              "confidences are close to noise; more labeled pairs, another lr or backbone may help.")
+    print(f"  its most confident third: accuracy {best['confident_third_accuracy']:.3f} vs {best['other_accuracy']:.3f} "
+          f"on the rest; signed-rank test that its calls beat chance: p = {best['learned_p']:.3g}")
+    if not best["learned_p"] < 0.05:  # nan (too few pairs) warns too
+        print(f"WARNING: no evidence that the annotator learned: its {where} calls are not right more often than "
+              f"chance where it is sure (p = {best['learned_p']:.3g}). Its labels and confidences may be noise; "
+              "more labeled pairs, another lr or backbone may help.")
     print(f"wrote {out}")
     return 0
