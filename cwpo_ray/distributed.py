@@ -106,9 +106,10 @@ def run_trainer(loop_fn: Callable[[dict], None], loop_config: dict, dist: Distri
     Checkpoints go to ``dist.storage_path``, or to ``default_storage`` when that is empty.
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchTrainer
 
     from cwpo_ray.ray_env import before_train_on_local_node, init_ray
+    from cwpo_ray.torch_loopback import LoopbackTorchConfig
 
     init_ray()
     before_train_on_local_node()
@@ -126,7 +127,8 @@ def run_trainer(loop_fn: Callable[[dict], None], loop_config: dict, dist: Distri
     trainer = TorchTrainer(
         loop_fn,
         train_loop_config={**loop_config, "dist": dist.placement()},
-        torch_config=TorchConfig(backend="nccl" if dist.use_gpu else "gloo"),
+        # Ray's TorchConfig, but on a local run nothing of the process group listens beyond loopback.
+        torch_config=LoopbackTorchConfig(backend="nccl" if dist.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=dist.num_workers, use_gpu=dist.use_gpu,
                                      resources_per_worker={"CPU": dist.cpus_per_worker}),
         run_config=RunConfig(

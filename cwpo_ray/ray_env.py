@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
@@ -102,3 +103,44 @@ def quiet_local_cluster_loggers() -> None:
 
     for name in LOCAL_CLUSTER_QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def is_loopback(address: str) -> bool:
+    """127.0.0.0/8 or ::1, IPv4-mapped included (gRPC lists its 127.0.0.1 sockets as ::ffff:127.0.0.1)."""
+    try:
+        ip = ipaddress.ip_address(address.strip("[]").split("%")[0])
+    except ValueError:  # a host name
+        return False
+    return (getattr(ip, "ipv4_mapped", None) or ip).is_loopback
+
+
+def keep_serve_replica_grpc_on_loopback() -> None:
+    """In a Serve replica whose node is on loopback (a local `cwpo serve`): its inter-deployment gRPC
+    server, which Serve starts after the deployment's constructor, listens on the node IP only.
+
+    Serve binds that server to "[::]:0", every interface, with no setting to change it (Ray 2.60,
+    serve/_private/replica.py), while whatever calls it dials the node IP; on a local run nothing
+    else may reach it. The replica module's own binding function is wrapped: a Ray-internal name,
+    so nothing is done if it moves (tests/test_listening_sockets.py then fails).
+    """
+    import ray
+
+    node_ip = ray.util.get_node_ip_address()
+    if not is_loopback(node_ip):
+        return
+    try:
+        from ray.serve._private import replica
+        bind = replica.add_port_to_grpc_server
+    except (ImportError, AttributeError):
+        return
+    if getattr(bind, "on_loopback", False):  # a second replica in this process
+        return
+    host = f"[{node_ip}]" if ":" in node_ip else node_ip
+
+    def bind_on_loopback(server, address: str):
+        if address.startswith("[::]:"):
+            address = f"{host}:{address.rsplit(':', 1)[1]}"
+        return bind(server, address)
+
+    bind_on_loopback.on_loopback = True
+    replica.add_port_to_grpc_server = bind_on_loopback

@@ -303,7 +303,9 @@ class AnnotatorServer:
         import torch
 
         from cwpo_ray.annotator import load_annotator
+        from cwpo_ray.ray_env import keep_serve_replica_grpc_on_loopback
 
+        keep_serve_replica_grpc_on_loopback()  # before Serve starts the replica's gRPC server (after this)
         if settings.torch_threads:
             torch.set_num_threads(settings.torch_threads)
         self.settings = settings
