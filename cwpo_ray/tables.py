@@ -8,6 +8,7 @@ so a stage killed midway never leaves a half-written table a later stage would t
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -118,25 +119,61 @@ def require_columns(path, needed: tuple[str, ...]) -> list[str]:
     return names
 
 
+def fsync_path(path: str | os.PathLike) -> None:
+    """Flush a file's or a folder's entries to the disk (fsync is per inode: any descriptor will do)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        # some file systems (and platforms) refuse fsync on a folder; its entries then go when they go
+        if not (os.path.isdir(path) and e.errno in (errno.EINVAL, errno.ENOTSUP, errno.EBADF)):
+            raise
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(path: str | os.PathLike) -> None:
+    """fsync a file, or a folder's files and folders, before a rename makes them visible."""
+    p = Path(path)
+    if p.is_dir() and not p.is_symlink():
+        for child in p.iterdir():
+            fsync_tree(child)
+    if not p.is_symlink():
+        fsync_path(p)
+
+
+def durable_replace(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """``os.replace`` that survives a power loss in order: ``src``'s content is on disk before the
+    rename, and the rename is on disk (its folder flushed) before this returns."""
+    fsync_tree(src)
+    os.replace(src, dst)
+    fsync_path(Path(dst).parent)
+
+
 @contextlib.contextmanager
 def atomic_path(final: str | os.PathLike):
     """Yield a temporary sibling path; on success it replaces ``final`` in one rename.
 
     A crash leaves only the temporary (hidden, ignored by readers), never a partial
-    ``final``. An existing ``final`` is replaced, never appended to.
+    ``final``. An existing ``final`` is replaced, never appended to. The content is fsynced
+    before the rename and the folder after it: after a power loss ``final`` is the old
+    content or the whole new one, never a name pointing at unwritten blocks.
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
     try:
         yield tmp
+        fsync_tree(tmp)
         if final.is_dir() and not final.is_symlink():
             old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
             final.rename(old)
             tmp.rename(final)
+            fsync_path(final.parent)
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, final)
+            fsync_path(final.parent)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink()

@@ -1,17 +1,20 @@
 """The final files of an annotation run: unit files merged into output files of bounded rows and
-bytes, the least confident pairs, and the atomic publication of the whole set."""
+bytes, the least confident pairs, and the publication of the whole set, report.json last."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from cwpo_ray.tables import ANNOTATED_SCHEMA, QUARANTINE_SCHEMA, UNLABELED_SCHEMA, atomic_path
+from cwpo_ray.tables import ANNOTATED_SCHEMA, QUARANTINE_SCHEMA, UNLABELED_SCHEMA, atomic_path, fsync_path, fsync_tree
 from cwpo_ray.annotation.labeling import UNCERTAIN_SCHEMA, smallest
 
+TABLES = (("annotated.parquet", ANNOTATED_SCHEMA), ("quarantine.parquet", QUARANTINE_SCHEMA))
+UNCERTAIN, REPORT = "uncertain.parquet", "report.json"
 
 
 def plan_files(sizes: list[tuple[int, int]], max_rows: int, max_bytes: int) -> list[list[int]]:
@@ -34,9 +37,9 @@ def write_files(sources: list[str], folder: str, prefix: str, schema: pa.Schema,
     ``max_rows`` rows and about ``max_bytes`` bytes (a file is closed before the next row group
     would take it past the limit, judged by the bytes per row written so far). Returns rows per file.
 
-    Our own writer, not Ray Data's: write_parquet's min_rows_per_file / Datasink min_rows_per_write
-    only set a floor on rows (no ceiling on rows or bytes), and a whole-dataset repartition would
-    keep every block's metadata in the driver; here the unit files are already on disk, counted."""
+    Our own writer, not Ray Data's: write_parquet's max_rows_per_file is a hint, "not a strict
+    limit", and it has no byte ceiling (min_bytes_per_file is a floor); a whole-dataset repartition
+    would keep every block's metadata in the driver; here the unit files are already on disk, counted."""
     counts: list[int] = []
     state = {"writer": None, "sink": None, "rows": 0}
     chunk_rows, row_bytes = min(65_536, max_rows), None
@@ -92,13 +95,41 @@ def merge_uncertain(sources: list[str], k: int) -> pa.Table:
 
 
 def publish(staging: Path, out: Path) -> None:
-    """Each staged folder (made complete with an empty shard if nothing was written) replaces its final name."""
-    for name, schema in (("annotated.parquet", ANNOTATED_SCHEMA), ("quarantine.parquet", QUARANTINE_SCHEMA)):
+    """Put one run's outputs, all staged in ``staging`` (annotated.parquet/, quarantine.parquet/,
+    uncertain.parquet if exported, report.json), in place under ``out``.
+
+    They cannot move in one rename and keep their paths (OUT/annotated.parquet, ...), which
+    other stages read; so report.json is the run's commit record: it goes first and comes back
+    last. The old one is removed before any table is replaced, and the new one renamed in after
+    every table (and a stale uncertain.parquet removed), each step on disk before the next
+    (fsync). A kill or power loss midway leaves no report.json, never a report beside another
+    run's tables: report.json present = every output beside it is from the run it names
+    (``published_report``); absent = the same command again republishes from the work folder."""
+    for name, schema in TABLES:
         folder = staging / name
         folder.mkdir(parents=True, exist_ok=True)
         if not any(folder.glob("*.parquet")):  # readers need at least one file to know the schema
             pq.write_table(schema.empty_table(), folder / "part-empty.parquet")
+    fsync_tree(staging)
+    if (out / REPORT).exists():
+        (out / REPORT).unlink()
+        fsync_path(out)
+    for name, _ in TABLES:
         with atomic_path(out / name) as tmp:
-            os.rename(folder, tmp)
+            os.rename(staging / name, tmp)
+    if (staging / UNCERTAIN).exists():
+        with atomic_path(out / UNCERTAIN) as tmp:
+            os.rename(staging / UNCERTAIN, tmp)
+    elif (out / UNCERTAIN).exists():
+        (out / UNCERTAIN).unlink()  # a rerun replaces the whole output, a stale export included
+        fsync_path(out)
+    with atomic_path(out / REPORT) as tmp:
+        os.rename(staging / REPORT, tmp)
 
 
+def published_report(out: Path) -> dict | None:
+    """report.json of the run whose outputs are all in ``out``, or None where a publication was cut short."""
+    try:
+        return json.loads((out / REPORT).read_text())
+    except FileNotFoundError:
+        return None

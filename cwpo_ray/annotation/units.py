@@ -9,13 +9,13 @@ import hashlib
 import json
 import shutil
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, TypeVar
 
 import numpy as np
 import pyarrow.parquet as pq
 
 from cwpo_ray.config import ConfigError
-from cwpo_ray.tables import table_files
+from cwpo_ray.tables import atomic_path, table_files
 from cwpo_ray.annotation.rows import parse_line
 
 WORK = ".annotate-work"  # inside OUT: committed units and the fingerprint they belong to
@@ -207,13 +207,32 @@ def prepare_work(out: Path, fp: dict) -> tuple[Path, str]:
             shutil.rmtree(work)
     elif work.exists():
         shutil.rmtree(work)
-    for p in (work / "tmp", *work.glob("publish-*")):
-        shutil.rmtree(p, ignore_errors=True)
+    discard_unfinished(work)
     work.mkdir(parents=True, exist_ok=True)
     (work / "units").mkdir(exist_ok=True)
     if note != "resume":
-        marker.write_text(json.dumps(want))
+        with atomic_path(marker) as tmp:  # a torn marker would throw every committed unit away
+            tmp.write_text(json.dumps(want))
     return work, note
+
+
+def discard_unfinished(work: Path) -> None:
+    """Remove what no committed unit names: unit files being written (tmp/), unpublished outputs (publish-*)."""
+    for p in (work / "tmp", *work.glob("publish-*")):
+        shutil.rmtree(p, ignore_errors=True)
+
+
+T = TypeVar("T")
+
+
+def discarding_unfinished(work: Path, step: Callable[[], T]) -> T:
+    """``step()``; if it fails, ``discard_unfinished`` first: after a full disk those files hold the space
+    the rerun needs. Committed units stay, for the rerun to resume from."""
+    try:
+        return step()
+    except BaseException:
+        discard_unfinished(work)
+        raise
 
 
 def committed(work: Path) -> Iterator[dict]:

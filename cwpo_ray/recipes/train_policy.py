@@ -56,9 +56,11 @@ from typing import Optional
 from cwpo_ray.config import option
 from cwpo_ray.distributed import DistributedConfig
 from cwpo_ray.losses import LOSS_TYPES
+from cwpo_ray.out_lock import hold_out
 from cwpo_ray.policy.train_table import write_train_pairs
 from cwpo_ray.policy.worker import METRICS_FILE, SAVE_ERROR_FILE, Job, train_loop
 from cwpo_ray.step_plan import StepPlan
+from cwpo_ray.tables import atomic_path
 
 PACKING_CHOICES = ("auto", "shared_prefix", "separate")
 ATTENTION_CHOICES = ("sdpa", "eager", "flash_attention_2")
@@ -175,46 +177,49 @@ def run(cfg: Config) -> int:
     from cwpo_ray.ray_env import init_ray
 
     out = Path(cfg.out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    if not cfg.resume:
-        for stale in ("ray", "sft", "policy", "reference.parquet", "reference", "mlflow_run_id", METRICS_FILE):
-            _remove(out / stale)
-        _remove(tracking.relay_mark(out / METRICS_FILE))
-    _remove(out / SAVE_ERROR_FILE)
-    start = resolve_model(cfg.model, cfg.gguf_file)
-    n_pairs = write_train_pairs(cfg, out / "train_pairs.parquet")
-    init_ray(meanwhile=functools.partial(prepare_train_driver, cfg.experiment))
+    # One run per DIR, held by this driver (the Ray Train workers do not lock): a second one is
+    # refused, not mixed in (cwpo_ray/out_lock.py).
+    with hold_out(out, "train-policy"):
+        if not cfg.resume:
+            for stale in ("ray", "sft", "policy", "reference.parquet", "reference", "mlflow_run_id", METRICS_FILE):
+                _remove(out / stale)
+            _remove(tracking.relay_mark(out / METRICS_FILE))
+        _remove(out / SAVE_ERROR_FILE)
+        start = resolve_model(cfg.model, cfg.gguf_file)
+        n_pairs = write_train_pairs(cfg, out / "train_pairs.parquet")
+        init_ray(meanwhile=functools.partial(prepare_train_driver, cfg.experiment))
 
-    # A rerun into the same DIR continues the same MLflow run, as a restarted worker does.
-    run_id_file = out / "mlflow_run_id"
-    old_run_id = _existing_run(run_id_file, tracking.tracking_uri())
-    with tracking.start_run(cfg.experiment, cfg.run_name or f"train-policy-{cfg.loss}-{cfg.weighting}",
-                            run_id=old_run_id, parent_run_id=cfg.parent_run_id or None,
-                            tags={"stage": "train-policy"}) as mlrun:
-        run_id_file.write_text(mlrun.info.run_id)
-        if old_run_id is None:
-            tracking.log_config(cfg)
+        # A rerun into the same DIR continues the same MLflow run, as a restarted worker does.
+        run_id_file = out / "mlflow_run_id"
+        old_run_id = _existing_run(run_id_file, tracking.tracking_uri())
+        with tracking.start_run(cfg.experiment, cfg.run_name or f"train-policy-{cfg.loss}-{cfg.weighting}",
+                                run_id=old_run_id, parent_run_id=cfg.parent_run_id or None,
+                                tags={"stage": "train-policy"}) as mlrun:
+            run_id_file.write_text(mlrun.info.run_id)
+            if old_run_id is None:
+                tracking.log_config(cfg)
 
-        # SFT on (prompt, chosen): the PO start and its reference. Then confidence-weighted PO, whose
-        # workers first compute the reference log-probs once (DIR/reference.parquet), so PO never
-        # holds a second model. Both phases run in one Ray Train run, on one worker group.
-        jobs = []
-        if cfg.sft_epochs > 0:
-            jobs.append(make_job(cfg, "sft", start, out / "train_pairs.parquet", out / "sft", n_pairs))
-            start = ModelSource(str(out / "sft"))
-        jobs.append(make_job(cfg, "po", start, out / "train_pairs.parquet", out / "policy", n_pairs))
-        result = train_phases(cfg, jobs, mlrun.info.run_id)
-    if not cfg.keep_checkpoints and not cfg.storage_path:
-        # The saved model supersedes them; kept (weights and AdamW moments, ~3x the model per run), a
-        # pipeline's arms x seeds fill a disk.
-        _remove(out / "ray")
+            # SFT on (prompt, chosen): the PO start and its reference. Then confidence-weighted PO, whose
+            # workers first compute the reference log-probs once (DIR/reference.parquet), so PO never
+            # holds a second model. Both phases run in one Ray Train run, on one worker group.
+            jobs = []
+            if cfg.sft_epochs > 0:
+                jobs.append(make_job(cfg, "sft", start, out / "train_pairs.parquet", out / "sft", n_pairs))
+                start = ModelSource(str(out / "sft"))
+            jobs.append(make_job(cfg, "po", start, out / "train_pairs.parquet", out / "policy", n_pairs))
+            result = train_phases(cfg, jobs, mlrun.info.run_id)
+        if not cfg.keep_checkpoints and not cfg.storage_path:
+            # The saved model supersedes them; kept (weights and AdamW moments, ~3x the model per run), a
+            # pipeline's arms x seeds fill a disk.
+            _remove(out / "ray")
 
-    manifest = {"stage": "train-policy", "config": asdict(cfg), "pairs": n_pairs, "start": str(start),
-                "sft": str(out / "sft") if cfg.sft_epochs > 0 else None, "policy": str(out / "policy"),
-                "reference_table": str(out / "reference.parquet"), "mlflow_run_id": mlrun.info.run_id,
-                "final_metrics": {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}}
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-    print(f"train-policy: {n_pairs} pairs -> {out / 'policy'} (MLflow run {mlrun.info.run_id})")
+        manifest = {"stage": "train-policy", "config": asdict(cfg), "pairs": n_pairs, "start": str(start),
+                    "sft": str(out / "sft") if cfg.sft_epochs > 0 else None, "policy": str(out / "policy"),
+                    "reference_table": str(out / "reference.parquet"), "mlflow_run_id": mlrun.info.run_id,
+                    "final_metrics": {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}}
+        with atomic_path(out / "manifest.json") as tmp:  # never a manifest cut short by a full disk
+            tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+        print(f"train-policy: {n_pairs} pairs -> {out / 'policy'} (MLflow run {mlrun.info.run_id})")
     return 0
 
 

@@ -1,0 +1,159 @@
+"""One run per output folder (cwpo_ray/out_lock.py), with real `cwpo` processes: a second run into
+the OUT of a live one is refused with one line and the first completes; a SIGKILLed run leaves no
+stuck lock; within one process (the pipeline's stages) the lock is reentrant."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from cwpo_ray.annotation.outputs import published_report
+from cwpo_ray.annotator import new_annotator, save_annotator
+from cwpo_ray.cli import main
+from cwpo_ray.models import ModelSource
+from cwpo_ray.out_lock import LOCK_NAME, OutInUse, hold_out
+from cwpo_ray.tables import read_table
+from fixtures_data import write_jsonl
+from test_annotate_scale import BAD_LINES, pairs
+
+REPO = Path(__file__).resolve().parent.parent
+ROWS = 1200
+
+
+@pytest.fixture(scope="module")
+def job(ray_cluster, tiny_encoder, tmp_path_factory):
+    """A small input, an untrained tiny annotator, and the environment a `cwpo` child process joins
+    the test's Ray cluster with."""
+    root = tmp_path_factory.mktemp("out-lock")
+    annotator = save_annotator(new_annotator(ModelSource(str(tiny_encoder)), max_length=32), root / "annotator")
+    data = write_jsonl(root / "unlabeled.jsonl", pairs(ROWS), raw_lines=BAD_LINES)
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address,
+           "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
+    return {"data": data, "annotator": annotator, "env": env}
+
+
+def annotate_cmd(job: dict, out: Path) -> list[str]:
+    return [sys.executable, "-m", "cwpo_ray", "annotate", "--data", str(job["data"]), "--annotator",
+            str(job["annotator"]), "--out", str(out), "--num-actors", "1", "--unit-rows", "300"]
+
+
+def start(cmd: list[str], env: dict, log: Path) -> subprocess.Popen:
+    return subprocess.Popen(cmd, env=env, cwd=REPO, stdout=open(log, "w"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def wait_until_it_holds(proc: subprocess.Popen, out: Path, log: Path) -> dict:
+    """The lock file's note once it names ``proc`` (the run holds OUT from then on)."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"the run ended before it held {out}: {log.read_text()[-2000:]}"
+        try:
+            note = json.loads((out / LOCK_NAME).read_text())
+            if note["pid"] == proc.pid:
+                return note
+        except (FileNotFoundError, ValueError):
+            pass
+        time.sleep(0.02)
+    raise AssertionError(f"{out} was never locked by pid {proc.pid}")
+
+
+def assert_complete(out: Path) -> None:
+    """Every input row once: ROWS annotated + the bad lines quarantined, one run's report."""
+    annotated, quarantine = read_table(out / "annotated.parquet"), read_table(out / "quarantine.parquet")
+    ids = annotated["id"].to_pylist() + quarantine["id"].to_pylist()
+    assert annotated.num_rows == ROWS and quarantine.num_rows == len(BAD_LINES) and len(set(ids)) == len(ids)
+    report = published_report(out)
+    assert report["annotated"] == ROWS and report["quarantined"] == len(BAD_LINES)
+    assert not (out / LOCK_NAME).exists()  # a run that ends removes its lock file
+
+
+def test_a_second_annotate_into_a_running_ones_out_is_refused(job, tmp_path):
+    out = tmp_path / "out"
+    first = start(annotate_cmd(job, out), job["env"], tmp_path / "first.log")
+    try:
+        note = wait_until_it_holds(first, out, tmp_path / "first.log")
+        os.kill(first.pid, signal.SIGSTOP)  # paused while the second one tries: it is certainly alive
+        try:
+            started = time.monotonic()
+            second = subprocess.run(annotate_cmd(job, out), env=job["env"], cwd=REPO, capture_output=True,
+                                    text=True, timeout=120)
+            refused_in = time.monotonic() - started
+        finally:
+            os.kill(first.pid, signal.SIGCONT)
+        assert first.wait(timeout=300) == 0, (tmp_path / "first.log").read_text()[-3000:]
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+    lines = second.stderr.strip().splitlines()
+    assert second.returncode == 2 and len(lines) == 1, second.stdout + second.stderr
+    assert str(out.resolve()) in lines[0] and f"pid {first.pid} on {note['host']}" in lines[0]
+    assert lines[0].startswith("cwpo annotate: error: ") and "`cwpo annotate`" in lines[0]
+    assert_complete(out)  # the first run, undisturbed
+    print(f"reliability: second annotate refused in {refused_in:.1f}s (exit 2): {lines[0]!r}; the first "
+          f"completed: {ROWS} annotated + {len(BAD_LINES)} quarantined")
+
+
+def test_a_killed_run_leaves_no_stuck_lock(job, tmp_path):
+    out = tmp_path / "out"
+    log = tmp_path / "killed.log"
+    killed = start(annotate_cmd(job, out), job["env"], log)
+    wait_until_it_holds(killed, out, log)
+    os.killpg(killed.pid, signal.SIGKILL)
+    killed.wait()
+    assert json.loads((out / LOCK_NAME).read_text())["pid"] == killed.pid  # its note stays, its lock does not
+    again = subprocess.run(annotate_cmd(job, out), env=job["env"], cwd=REPO, capture_output=True, text=True,
+                           timeout=300)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert_complete(out)
+    print(f"reliability: annotate SIGKILLed while holding {LOCK_NAME} (pid {killed.pid}); the next run "
+          f"took the lock and completed: {ROWS} annotated + {len(BAD_LINES)} quarantined")
+
+
+def test_train_policy_and_pipeline_are_refused_too(tmp_path):
+    """Held here (a cheaper holder); the refused processes are the real CLI, before they start Ray."""
+    data = write_jsonl(tmp_path / "pairs.jsonl", [{"id": "1", "prompt": "p", "chosen": "a", "rejected": "b"}])
+    for command, args in (("train-policy", ["--data", str(data), "--out"]), ("pipeline", ["--out"])):
+        out = tmp_path / command
+        with hold_out(out, "annotate"):
+            refused = subprocess.run([sys.executable, "-m", "cwpo_ray", command, *args, str(out)], cwd=REPO,
+                                     capture_output=True, text=True, timeout=120)
+        lines = refused.stderr.strip().splitlines()
+        assert refused.returncode == 2 and len(lines) == 1, refused.stdout + refused.stderr
+        assert lines[0].startswith(f"cwpo {command}: error: {out.resolve()} is in use by `cwpo annotate` "
+                                   f"(pid {os.getpid()} on ")
+        assert not (out / "train_pairs.parquet").exists() and not (out / "pipeline.log").exists()
+
+
+def test_the_lock_is_reentrant_in_one_process_and_exclusive_across_processes(job, tmp_path):
+    """The pipeline's case: its driver holds OUT and runs a stage in-process into the same folder
+    (here a real annotate); another process is refused all along; the lock goes with the outer hold."""
+    out = tmp_path / "out"
+    probe = [sys.executable, "-c", "import sys; from cwpo_ray.out_lock import hold_out, OutInUse\n"
+             "try:\n  with hold_out(sys.argv[1], 'probe'): pass\nexcept OutInUse:\n  sys.exit(3)"]
+    with hold_out(out, "pipeline"):
+        assert main(["annotate", "--data", str(job["data"]), "--annotator", str(job["annotator"]), "--out",
+                     str(out), "--num-actors", "1", "--unit-rows", "300"]) == 0
+        assert (out / LOCK_NAME).exists()  # still the pipeline's
+        assert subprocess.run(probe + [str(out)], cwd=REPO).returncode == 3
+        with hold_out(out / "annotate", "annotate"):  # a stage's subfolder: its own lock
+            assert subprocess.run(probe + [str(out / "annotate")], cwd=REPO).returncode == 3
+    assert not (out / LOCK_NAME).exists() and subprocess.run(probe + [str(out)], cwd=REPO).returncode == 0
+    assert_complete(out)
+    with pytest.raises(OutInUse):  # and the same process is refused by another one's lock
+        holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from cwpo_ray.out_lock import hold_out\n"
+                                   "with hold_out(sys.argv[1], 'annotate'):\n  print('held', flush=True); "
+                                   "time.sleep(60)", str(out)], cwd=REPO, stdout=subprocess.PIPE, text=True)
+        try:
+            assert holder.stdout.readline().strip() == "held"
+            with hold_out(out, "pipeline"):
+                pass
+        finally:
+            holder.kill()
+            holder.wait()
