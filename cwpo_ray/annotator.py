@@ -38,6 +38,9 @@ from cwpo_ray.reward_models import (HF_POOLING, RewardModel, SequenceClassifierR
 
 HEAD_FILE = "reward_head.pt"
 META_FILE = "annotator.json"
+# train-annotator's keep_fold_models: the k fold models at the chosen epoch, FOLDS_DIR/fold-F/, each an
+# annotator folder of its own; annotator.json's "fold_models" names them (docs/ANNOTATOR_FORMAT.md)
+FOLDS_DIR = "folds"
 FORMAT_VERSION = 2  # 2: text_format and hf_sequence_classification recorded; 1 (no such keys) still loads
 DEFAULT_SEPARATOR = "\n"
 DEFAULT_MAX_LENGTH = 512
@@ -190,8 +193,14 @@ class Annotator:
     @torch.no_grad()
     def score(self, prompts: Sequence[str], responses: Sequence[str], batch_size: int = 64) -> tuple[list[float], list[bool]]:
         """Reward of each (prompt, response), batched with sequences sorted by length to cut padding."""
-        self.model.eval()
         seqs, truncated = self.encode(prompts, responses)
+        return self.score_ids(seqs, batch_size), truncated
+
+    @torch.no_grad()
+    def score_ids(self, seqs: list[list[int]], batch_size: int = 64) -> list[float]:
+        """Reward of each encoded sequence (``encode``'s ids); an ensemble of annotators with one text
+        format encodes once and scores the same ids with each."""
+        self.model.eval()
         order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
         rewards = [0.0] * len(seqs)
         device = next(self.model.parameters()).device
@@ -203,7 +212,7 @@ class Annotator:
             out = out.float().cpu().tolist()
             for i, r in zip(idx, out):
                 rewards[i] = r
-        return rewards, truncated
+        return rewards
 
     def label_pairs(self, prompts: Sequence[str], responses_a: Sequence[str], responses_b: Sequence[str],
                     batch_size: int = 64) -> dict[str, list]:
@@ -323,6 +332,17 @@ def save_annotator(annotator: Annotator, folder: str | Path, state_dict: dict | 
     meta.text_format = text_format(annotator.tokenizer, meta)
     (folder / META_FILE).write_text(json.dumps(asdict(meta), indent=2))
     return folder
+
+
+def fold_model_dirs(folder: str | Path) -> list[Path]:
+    """The fold models an annotator folder keeps (train-annotator's keep_fold_models), in fold order, as
+    its annotator.json's "fold_models" names them; [] for a folder without them."""
+    folder = Path(folder)
+    meta = folder / META_FILE
+    info = json.loads(meta.read_text()).get("fold_models") if meta.is_file() else None
+    if not info:
+        return []
+    return [folder / info.get("folder", FOLDS_DIR) / name for name in info["folds"]]
 
 
 def _load_saved_backbone(source: ModelSource):

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 HUMAN_LABELS = "unlabeled_human"  # the unlabeled split with its hidden human labels
 LABELED = "labeled"               # the labeled split alone (the human labels the annotator learns from)
 WEAK_LABELS = "annotated"         # the unlabeled split labeled by the annotator, with its confidences
+ENSEMBLE_LABELS = "annotated_ensemble"  # the same split labeled by the annotator's k fold models together
 GOLD_LABELS = "unlabeled_gold"    # the unlabeled split labeled by the source's gold scores (ties dropped)
 
 TOPK = "topk:"  # topk:F, a family of arms: the annotator's labels, only the fraction F most confident pairs
@@ -30,7 +31,17 @@ class Arm:
 
     @property
     def reads_weak_labels(self) -> bool:
-        return self.reads == WEAK_LABELS
+        return self.reads in (WEAK_LABELS, ENSEMBLE_LABELS)
+
+    @property
+    def needs_ensemble(self) -> bool:
+        """Trains on the fold ensemble's labels: the annotator must keep its fold models."""
+        return self.reads == ENSEMBLE_LABELS
+
+    @property
+    def annotator_metrics(self) -> str:
+        """The prefix of the pipeline's metrics of the labels this arm reads (accuracy against gold, ...)."""
+        return "annotator_ensemble" if self.needs_ensemble else "annotator"
 
 
 ARMS = (  # in display order; what each one is: the arms list in cwpo_ray/recipes/pipeline.py's docstring
@@ -39,14 +50,16 @@ ARMS = (  # in display order; what each one is: the arms list in cwpo_ray/recipe
     Arm("ws", WEAK_LABELS, "none", True),
     Arm("cw", WEAK_LABELS, "confidence", True),  # CW-PO
     Arm("cw_raw", WEAK_LABELS, "confidence_raw", False),  # what calibrating the confidence changes
+    Arm("cw_ens", ENSEMBLE_LABELS, "confidence", False),  # the k fold models' mean margin, the same T
     Arm("gold", GOLD_LABELS, "none", False),  # the noise-free ceiling, for a source with gold scores
 )
 DEFAULT_ARMS = tuple(a.name for a in ARMS if a.default)
 
 # The differences the paper's claim is about, as (a, b): GRA(a) - GRA(b), each shown when both arms ran.
-# cw - cw_raw: the calibrated confidence as weight against the uncalibrated one.
+# cw - cw_raw: the calibrated confidence as weight against the uncalibrated one; cw_ens - cw: the fold
+# ensemble's labels and confidences against the refit annotator's.
 CONTRASTS = (("cw", "human"), ("cw", "ws"), ("cw", "cw_raw"), ("ws", "human"), ("cw", "human_labeled_only"),
-             ("gold", "human"))
+             ("gold", "human"), ("cw_ens", "cw"))
 
 
 def spec(name: str) -> Arm:
@@ -71,9 +84,15 @@ def find(name: str) -> Arm | None:
 
 
 def reads_weak_labels(name: str) -> bool:
-    """Whether an arm trains on the annotator's labels: the pipeline trains an annotator only if one
-    does, and compare shows the annotator's accuracy only beside those."""
+    """Whether an arm trains on the annotator's labels (its own or its fold models'): the pipeline trains
+    an annotator only if one does, and compare shows the annotator's accuracy only beside those."""
     return spec(name).reads_weak_labels
+
+
+def needs_ensemble(name: str) -> bool:
+    """Whether an arm trains on the fold ensemble's labels: the pipeline then keeps the fold models and
+    runs a second annotate stage (annotate-ensemble)."""
+    return spec(name).needs_ensemble
 
 
 def display_key(name: str) -> tuple[int, str]:
@@ -87,5 +106,5 @@ def human_labels_used(name: str, n_labeled: int, n_unlabeled: int, shared_sft: b
     arms), when PO trained on them (human_labeled_only), or when the shared SFT start did (every arm).
     The unlabeled split's hidden labels: only for the arm that trains on them (human)."""
     reads = spec(name).reads
-    labeled = n_labeled if shared_sft or reads in (LABELED, WEAK_LABELS) else 0
+    labeled = n_labeled if shared_sft or reads in (LABELED, WEAK_LABELS, ENSEMBLE_LABELS) else 0
     return labeled + (n_unlabeled if reads == HUMAN_LABELS else 0)

@@ -8,7 +8,7 @@ import pytest
 from cwpo_ray import arms
 from cwpo_ray.weighting import parse_weighting
 
-TABLES = (arms.HUMAN_LABELS, arms.LABELED, arms.WEAK_LABELS, arms.GOLD_LABELS)
+TABLES = (arms.HUMAN_LABELS, arms.LABELED, arms.WEAK_LABELS, arms.ENSEMBLE_LABELS, arms.GOLD_LABELS)
 
 
 def test_every_arm_the_pipeline_accepts_is_in_the_registry():
@@ -47,14 +47,18 @@ def test_contrasts_name_known_arms():
 
 
 def test_weak_labels_display_order_and_human_labels():
-    names = ("human", "human_labeled_only", "ws", "cw", "cw_raw", "gold", "topk:0.3")
-    # Exactly the arms on the annotated table read weak labels: no annotator is trained for the others,
-    # and compare shows the annotator's accuracy only beside these.
-    assert [arms.reads_weak_labels(n) for n in names] == [False, False, True, True, True, False, True]
+    names = ("human", "human_labeled_only", "ws", "cw", "cw_raw", "gold", "topk:0.3", "cw_ens")
+    # Exactly the arms on an annotated table (the annotator's or its fold ensemble's) read weak labels: no
+    # annotator is trained for the others, and compare shows the annotator's accuracy only beside these.
+    assert [arms.reads_weak_labels(n) for n in names] == [False, False, True, True, True, False, True, True]
+    # Only cw_ens needs the fold models kept, and compare shows the ensemble's accuracy beside it.
+    assert [arms.needs_ensemble(n) for n in names] == [False] * 7 + [True]
+    assert [arms.spec(n).annotator_metrics for n in ("cw", "cw_ens")] == ["annotator", "annotator_ensemble"]
+    assert arms.spec("cw_ens").weighting == arms.spec("cw").weighting and ("cw_ens", "cw") in arms.CONTRASTS
 
     # compare's order: the registry's, then topk:F and arms it does not know (older runs), by name
     assert sorted(["zz", "topk:0.3", "cw", "gold", "human"], key=arms.display_key) == [
         "human", "cw", "gold", "topk:0.3", "zz"]
     # 30 labeled, 70 unlabeled pairs: the shared SFT start consumed the labeled split's labels for every arm
     used = {sft: [arms.human_labels_used(n, 30, 70, shared_sft=sft) for n in names] for sft in (True, False)}
-    assert used == {True: [100, 30, 30, 30, 30, 30, 30], False: [70, 30, 30, 30, 30, 0, 30]}
+    assert used == {True: [100, 30, 30, 30, 30, 30, 30, 30], False: [70, 30, 30, 30, 30, 0, 30, 30]}

@@ -13,9 +13,11 @@ from cwpo_ray.tables import ANNOTATED_SCHEMA, HUMAN_CHOICE
 
 TEXT_FIELDS = ("prompt", "response_a", "response_b")
 # What labeling a batch gives: the annotated columns plus what is needed to split, report
-# and export (dropped before anything is written).
+# and export (dropped before anything is written); the folds' disagreement only under confidence ensemble.
 BATCH_SCHEMA = pa.schema(list(ANNOTATED_SCHEMA) + [
-    ("reason", pa.string()), ("raw", pa.string()), ("preferred", pa.string()), (HUMAN_CHOICE, pa.string())])
+    ("reason", pa.string()), ("raw", pa.string()), ("preferred", pa.string()), (HUMAN_CHOICE, pa.string()),
+    ("fold_disagreement", pa.float64()), ("fold_margin_std", pa.float64())])
+ENSEMBLE_FIELDS = ("fold_disagreement", "fold_margin_std")
 
 
 def check_pair(row: Any) -> tuple[str, str, str, str, str | None] | str:
@@ -64,7 +66,8 @@ def label_rows(annotator, name: str, rows: list, model_batch_size: int) -> pa.Ta
         values = dict(id=rid, prompt=prompt, chosen=a if first else b, rejected=b if first else a,
                       reward_chosen=ra if first else rb, reward_rejected=rb if first else ra,
                       confidence=labels["confidence"][j], confidence_raw=labels["confidence_raw"][j], annotator=name,
-                      preferred=labels["preferred"][j], **{HUMAN_CHOICE: human})
+                      preferred=labels["preferred"][j], **{HUMAN_CHOICE: human},
+                      **{k: labels[k][j] for k in ENSEMBLE_FIELDS if k in labels})
         for k, v in values.items():
             out[k][i] = v
     for i, c in enumerate(checked):

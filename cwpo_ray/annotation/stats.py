@@ -14,6 +14,9 @@ HIST_BINS = 20
 # (a relative width of ~1.4% per bin), so memory does not grow with the pairs; the deciles
 # are cut at its bin edges.
 AGREE_BINS, AGREE_LOG_MIN = 1024, -6.0
+# confidence ensemble: pairs, sum of the share of folds against the ensemble's choice, pairs no fold was
+# against, sum of the fold margins' standard deviation
+FOLD_KEYS = ("fold_pairs", "fold_disagreement_sum", "fold_unanimous", "fold_margin_std_sum")
 
 
 def new_stats() -> dict:
@@ -21,7 +24,8 @@ def new_stats() -> dict:
             "histogram": np.zeros(HIST_BINS, dtype=np.int64),
             "agree_n": np.zeros(AGREE_BINS, dtype=np.int64), "agree_right": np.zeros(AGREE_BINS, dtype=np.int64),
             "agree_sum": np.zeros(AGREE_BINS), "agree_right_conf": np.zeros(AGREE_BINS),
-            "agree_min": np.full(AGREE_BINS, np.inf), "agree_max": np.full(AGREE_BINS, -np.inf)}
+            "agree_min": np.full(AGREE_BINS, np.inf), "agree_max": np.full(AGREE_BINS, -np.inf),
+            **{k: 0 for k in FOLD_KEYS}}
 
 
 def agree_bin(conf: np.ndarray) -> np.ndarray:
@@ -50,8 +54,16 @@ def add_stats(stats: dict, conf: np.ndarray, reasons: list[str], right: np.ndarr
         np.maximum.at(stats["agree_max"], idx, judged_conf)
 
 
+def add_fold_stats(stats: dict, disagreement: np.ndarray, margin_std: np.ndarray) -> None:
+    """Fold in the ensemble's per-pair disagreement (share of folds against its choice) and fold margin std."""
+    stats["fold_pairs"] += len(disagreement)
+    stats["fold_disagreement_sum"] += float(disagreement.sum())
+    stats["fold_unanimous"] += int((disagreement == 0).sum())
+    stats["fold_margin_std_sum"] += float(margin_std.sum())
+
+
 def merge_stats(total: dict, part: dict) -> None:
-    for key in ("annotated", "quarantined", "confidence_sum"):
+    for key in ("annotated", "quarantined", "confidence_sum", *FOLD_KEYS):
         total[key] += part[key]
     total["reasons"].update(part["reasons"])
     for key in ("histogram", "agree_n", "agree_right", "agree_sum", "agree_right_conf"):
@@ -65,7 +77,7 @@ def stats_to_json(stats: dict) -> dict:
     nz = np.flatnonzero(stats["agree_n"])
     return {"annotated": stats["annotated"], "quarantined": stats["quarantined"],
             "reasons": dict(stats["reasons"]), "confidence_sum": stats["confidence_sum"],
-            "histogram": stats["histogram"].tolist(),
+            "histogram": stats["histogram"].tolist(), **{k: stats[k] for k in FOLD_KEYS},
             "agreement": {"bin": nz.tolist(), **{k: stats[f"agree_{k}"][nz].tolist()
                                                  for k in ("n", "right", "sum", "right_conf", "min", "max")}}}
 
@@ -73,7 +85,8 @@ def stats_to_json(stats: dict) -> dict:
 def stats_from_json(d: dict) -> dict:
     stats = new_stats()
     stats.update(annotated=d["annotated"], quarantined=d["quarantined"], confidence_sum=d["confidence_sum"],
-                 reasons=Counter(d["reasons"]), histogram=np.array(d["histogram"], dtype=np.int64))
+                 reasons=Counter(d["reasons"]), histogram=np.array(d["histogram"], dtype=np.int64),
+                 **{k: d.get(k, 0) for k in FOLD_KEYS})  # a sidecar from before the ensemble has none
     nz = np.array(d["agreement"]["bin"], dtype=np.int64)
     for k in ("n", "right", "sum", "right_conf", "min", "max"):
         stats[f"agree_{k}"][nz] = d["agreement"][k]
@@ -119,6 +132,13 @@ def build_report(stats: dict, seconds: float, annotator: str, run_info: dict) ->
                                  "counts": stats["histogram"].tolist()},
         **run_info,
     }
+    if stats["fold_pairs"]:
+        k = stats["fold_pairs"]
+        report["ensemble"] = {
+            "pairs": k, "mean_fold_disagreement": stats["fold_disagreement_sum"] / k,
+            "unanimous_share": stats["fold_unanimous"] / k, "mean_fold_margin_std": stats["fold_margin_std_sum"] / k,
+            "note": "fold_disagreement: the share of the fold models whose own margin favours the response the "
+                    "ensemble rejected; unanimous: pairs where none does"}
     judged = int(stats["agree_n"].sum())
     if judged:
         csum = float(stats["agree_sum"].sum())
@@ -142,6 +162,10 @@ def print_report(report: dict, out: Path) -> None:
              if report.get("resumed_units") else ""))
     for reason, count in report["quarantine_reasons"].items():
         print(f"  quarantine: {count:>8}  {reason}")
+    ens = report.get("ensemble")
+    if ens:
+        print(f"fold models: {ens['unanimous_share']:.1%} of pairs unanimous; on average {ens['mean_fold_disagreement']:.1%} "
+              f"of folds against the ensemble's choice; fold margin std {ens['mean_fold_margin_std']:.3f}")
     human = report.get("human_agreement")
     if human:
         print(f"agreement with human_choice: {human['accuracy']:.3f} on {human['pairs']} pairs "

@@ -51,6 +51,11 @@ class Round:
     epochs: int             # 0: decided when the folds are done (the refit)
     saves: bool             # its model is the annotator written to OUT
 
+    @property
+    def is_fold(self) -> bool:
+        """One of the k fold models (keep_fold_models saves these after every epoch)."""
+        return self.name.startswith("fold-")
+
 
 def plan_rounds(rows: list[dict], cfg, seed: int) -> list[Round]:
     """folds 1: one round, the best held-out epoch saved. folds k: k rounds (fold f held out) and a

@@ -9,7 +9,9 @@ import shutil
 from pathlib import Path
 
 
+from cwpo_ray.annotator_training.fold_models import save_fold_epoch
 from cwpo_ray.annotator_training.rounds import Round, chosen_epochs, encode_pairs, plan_rounds
+
 
 def heldout_margins(engine, chosen, rejected, pad_id: int, batch_size: int) -> list[float]:
     """r(chosen) - r(rejected) of every held-out pair; sequences sorted by length to cut padding.
@@ -86,6 +88,9 @@ def train_loop(config: dict) -> None:
                                           cfg.eval_batch_size)
                 row.update({f"heldout_{k}": v for k, v in calibration.summarize(margins).items() if k != "n"})
                 state["oof"].setdefault(spec.name, []).append(margins)
+                if config.get("fold_models") and spec.is_fold:  # keep_fold_models: every epoch, E not known yet
+                    save_fold_epoch(engine, annotator, spec.name, epoch + 1, [rows[i]["id"] for i in spec.heldout],
+                                    margins, rank, config["fold_models"])
             state["history"].append(row)
             if spec.saves:
                 _maybe_save(spec, epoch, row, state, engine, annotator, rank, config)

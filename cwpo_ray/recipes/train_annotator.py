@@ -18,8 +18,14 @@ sequence-classification model; an encoder: backbone + reward_head.pt; see docs/A
 tokenizer, annotator.json, eval.json, reliability.png, confidence_hist.png)
 and logs metrics, plots and the folder to MLflow.
 
+--keep-fold-models (folds > 1): the k fold models that chose the epoch count are kept too, each at
+that count, in OUT/folds/fold-F/ (annotator folders, with the annotator's temperature: it was fit on
+their held-out margins), for `cwpo annotate --confidence ensemble`; annotator.json and eval.json
+name them under "fold_models". MLflow gets that list, not their weights.
+
 The data plan (held-out split, k folds, the refit's epochs) is ``cwpo_ray.annotator_training.rounds``;
-what each Ray Train worker runs is ``cwpo_ray.annotator_training.worker``.
+what each Ray Train worker runs is ``cwpo_ray.annotator_training.worker``; the kept fold models are
+``cwpo_ray.annotator_training.fold_models``.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from cwpo_ray.annotator_training.fold_models import keep_chosen
 from cwpo_ray.annotator_training.rounds import fingerprint, load_pairs, plan_rounds
 from cwpo_ray.annotator_training.worker import train_loop
 from cwpo_ray.config import option
@@ -106,6 +113,13 @@ class Config(Settings):
     run_name: str = option("train-annotator", "MLflow run name")
     parent_run_id: str = option("", "MLflow parent run id (the pipeline's)")
     progress: bool = option(True, "progress bar (rank 0)")
+    # Not a Settings option: the pipeline sets it when an arm needs the ensemble (cw_ens), and the
+    # annotator stage of a pipeline without one keeps its fingerprint.
+    keep_fold_models: bool = option(False, "folds > 1: also keep the k fold models at the chosen epoch count, in "
+                                           "OUT/folds/fold-F/ (calibrated by the same temperature), for `cwpo "
+                                           "annotate --confidence ensemble`; no extra training, but every fold's "
+                                           "model is saved after every epoch until the count is chosen "
+                                           "(k x epochs copies on disk at the peak)")
     fail_at_epoch: Optional[int] = option(None, "testing: kill one worker once, after this many epochs",
                                           flag=False)
 
@@ -113,6 +127,8 @@ class Config(Settings):
         super().validate()
         if not self.out.strip():
             raise ValueError("out: an output folder is required")
+        if self.keep_fold_models and self.folds < 2:
+            raise ValueError(f"keep_fold_models needs folds > 1 (there are no fold models with folds {self.folds})")
 
 
 # ----------------------------------------------------------------------------- the recipe
@@ -146,8 +162,11 @@ def calibrate(folder: Path, cfg: Settings) -> dict:
 
 
 def log_results(out: Path, report: dict) -> None:
-    """Best-epoch metrics, the plots and the whole annotator folder to the active MLflow run."""
+    """Best-epoch metrics, the plots and the annotator folder (its fold models by name only) to the active
+    MLflow run."""
     import mlflow
+
+    from cwpo_ray.annotator import FOLDS_DIR
 
     best = report["best"]
     mlflow.log_metrics({f"best_heldout_{k}": float(v) for k, v in best.items() if k not in ("n", "epoch")})
@@ -157,7 +176,14 @@ def log_results(out: Path, report: dict) -> None:
     mlflow.log_artifact(str(out / "reliability.png"))
     mlflow.log_artifact(str(out / "reliability_calibrated.png"))
     mlflow.log_artifact(str(out / "confidence_hist.png"))
-    mlflow.log_artifacts(str(out), "annotator")
+    # The annotator folder, but not its k fold models (k more copies of the model); what they are is logged.
+    for part in sorted(out.iterdir()):
+        if part.name == FOLDS_DIR:
+            mlflow.log_dict(report["fold_models"], "annotator/fold_models.json")
+        elif part.is_dir():
+            mlflow.log_artifacts(str(part), f"annotator/{part.name}")
+        else:
+            mlflow.log_artifact(str(part), "annotator")
 
 
 def run(cfg: Config) -> int:
@@ -179,6 +205,7 @@ def run(cfg: Config) -> int:
     out = Path(cfg.out).resolve()
     staging = out.parent / f".{out.name}.staging-{uuid.uuid4().hex[:8]}"
     metrics_file = staging.with_name(staging.name + ".metrics.jsonl")  # rank 0's, relayed to the run
+    fold_store = staging.with_name(staging.name + ".folds")  # keep_fold_models: every fold's every epoch
     init_ray(meanwhile=functools.partial(prepare_train_driver, cfg.experiment))
     with tracking.start_run(cfg.experiment, cfg.run_name, parent_run_id=cfg.parent_run_id or None,
                             tags={"stage": "train-annotator"}) as run_:
@@ -187,17 +214,20 @@ def run(cfg: Config) -> int:
             "cfg": cfg, "fingerprint": fingerprint(rows), "staging": str(staging),
             "rows_ref": ray.put(rows),
             "metrics_file": str(metrics_file),
+            "fold_models": str(fold_store) if cfg.keep_fold_models else "",
         }
         try:
             with tracking.relay_metrics(metrics_file, run_.info.run_id):
                 run_trainer(train_loop, loop_config, cfg, name=f"train-annotator-{uuid.uuid4().hex[:8]}",
                             default_storage=str(out.parent / "ray"))
             report = calibrate(staging, cfg)
+            if cfg.keep_fold_models:
+                report = keep_chosen(fold_store, staging, cfg.folds)
             with atomic_path(out) as tmp:
                 staging.rename(tmp)
         finally:
             for leftover in (staging, staging.with_name(staging.name + ".tmp"),
-                             staging.with_name(staging.name + ".failed-once"), metrics_file,
+                             staging.with_name(staging.name + ".failed-once"), metrics_file, fold_store,
                              tracking.relay_mark(metrics_file)):
                 shutil.rmtree(leftover, ignore_errors=True) if leftover.is_dir() else leftover.unlink(missing_ok=True)
         log_results(out, report)
@@ -213,5 +243,8 @@ def run(cfg: Config) -> int:
         print(f"WARNING: no evidence that the annotator learned: its {where} calls are not right more often than "
               f"chance where it is sure (p = {best['learned_p']:.3g}). Its labels and confidences may be noise; "
               "more labeled pairs, another lr or backbone may help.")
+    if cfg.keep_fold_models:
+        print(f"kept the {cfg.folds} fold models at {best['epoch']} epochs in {out / report['fold_models']['folder']} "
+              "(for `cwpo annotate --confidence ensemble`)")
     print(f"wrote {out}")
     return 0
