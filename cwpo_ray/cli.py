@@ -122,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="dotted overrides applied last, e.g. train.lr=1e-5")
     args = parser.parse_args(rest)
+    cfg = None
     try:
         cfg = load_config(recipe.Config, args.config, {n: getattr(args, n) for n in names}, args.overrides)
         code = recipe.run(cfg)
@@ -131,7 +132,25 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"cwpo {command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        # A full disk, however deep in Ray it was met, is one line: the folder, the need, the free space.
+        from cwpo_ray.disk_space import command_error
+
+        full = command_error(e, command, cfg)
+        if full is None:
+            raise
+        stop_ray_logs()
+        print(f"cwpo {command}: error: {full}", file=sys.stderr)
+        return 2
     return int(code or 0)
+
+
+def stop_ray_logs() -> None:
+    """Disconnect from Ray if connected: the log lines of its failed workers would otherwise keep coming,
+    after the one line that says what went wrong (Ray would be shut down at exit anyway)."""
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
 
 
 if __name__ == "__main__":

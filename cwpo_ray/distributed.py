@@ -108,11 +108,16 @@ def run_trainer(loop_fn: Callable[[dict], None], loop_config: dict, dist: Distri
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from cwpo_ray.checkpoint_guard import drop_torn_checkpoint_list
+    from cwpo_ray.disk_space import CHECKPOINTS_KEPT
     from cwpo_ray.ray_env import before_train_on_local_node, init_ray
     from cwpo_ray.torch_loopback import LoopbackTorchConfig
 
     init_ray()
     before_train_on_local_node()
+    storage = storage_uri(dist.storage_path or default_storage)
+    if "://" not in storage:  # a list a full disk cut short would stop this run from ever starting
+        drop_torn_checkpoint_list(Path(storage) / name)
     # Ray Train's controller sees that the workers finished (or failed) on its next poll, every 2 s
     # by default: on average 1 s of every stage's wall time. Ray passes this on to the controller.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
@@ -133,9 +138,9 @@ def run_trainer(loop_fn: Callable[[dict], None], loop_config: dict, dist: Distri
                                      resources_per_worker={"CPU": dist.cpus_per_worker}),
         run_config=RunConfig(
             name=name,
-            storage_path=storage_uri(dist.storage_path or default_storage),
+            storage_path=storage,
             failure_config=FailureConfig(max_failures=dist.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            checkpoint_config=CheckpointConfig(num_to_keep=CHECKPOINTS_KEPT),
             worker_runtime_env={"env_vars": env},
         ),
     )
@@ -234,6 +239,8 @@ def report(metrics: dict, engine=None, client_state: dict | None = None, phase: 
     """
     import ray.train
 
+    from cwpo_ray.checkpoint_guard import upload_kwargs
+
     if engine is None:
         ray.train.report(metrics)
         return
@@ -244,7 +251,8 @@ def report(metrics: dict, engine=None, client_state: dict | None = None, phase: 
         checkpoint = ray.train.Checkpoint.from_directory(directory) if has_files else None
         if checkpoint is not None and phase:
             checkpoint.set_metadata({"phase": phase})
-        ray.train.report(metrics, checkpoint=checkpoint)
+        # a checkpoint is uploaded only where it fits, and undone if its copy fails (checkpoint_guard)
+        ray.train.report(metrics, checkpoint=checkpoint, **(upload_kwargs() if checkpoint is not None else {}))
     finally:
         shutil.rmtree(directory, ignore_errors=True)
 

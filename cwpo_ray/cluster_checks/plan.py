@@ -8,9 +8,9 @@ import os
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from cwpo_ray.arms import reads_weak_labels
+from cwpo_ray.arms import needs_ensemble, reads_weak_labels
+from cwpo_ray.disk_space import checkpoint_bytes, model_bytes
 from cwpo_ray.orchestration import stages
 from cwpo_ray.recipes import pipeline
 
@@ -107,31 +107,10 @@ def gpu_precisions(cfg: pipeline.Config) -> list[tuple[str, str]]:
     return [(k, v) for k, v, on_gpu in out if on_gpu and v in ("bf16", "auto")]
 
 
-def model_bytes(spec: str, gguf_file: str | None) -> tuple[int, bool]:
-    """(fp32 bytes, is GGUF) of a model as the driver finds it (0: a hub id, a missing folder): from the
-    safetensors headers' shapes, else the .bin files' sizes; GGUF ~6x its file (4-5 bit weights)."""
-    import math
-
-    from cwpo_ray.models import resolve_model
-
-    try:
-        source = resolve_model(spec, gguf_file)
-    except (FileNotFoundError, OSError):
-        return 0, False
-    folder = Path(source.path)
-    if source.gguf_file:
-        return 6 * (folder / source.gguf_file).stat().st_size, True
-    total = 0
-    for f in folder.glob("*.safetensors") if folder.is_dir() else ():
-        with open(f, "rb") as fh:
-            header = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
-        total += sum(4 * math.prod(t["shape"]) for name, t in header.items() if name != "__metadata__")
-    return total or sum(f.stat().st_size for f in folder.glob("*.bin")), False
-
-
 def disk_needs(cfg: pipeline.Config) -> dict[str, tuple[int, str]]:
-    """Rough bytes each local folder receives: the saved models; Ray Train's checkpoints (num_to_keep=2
-    of weights + AdamW moments, ~3x the model each, LoRA's ~1x); the tables (~4x a local source a seed)."""
+    """Rough bytes each local folder receives: the saved models; Ray Train's checkpoints of one training
+    run at their peak (disk_space.checkpoint_bytes, the estimate the pipeline checks each stage by); the
+    tables (~4x a local source a seed)."""
     from cwpo_ray.fingerprints import files_of
 
     policy, gguf = model_bytes(cfg.policy.model, cfg.policy.gguf_file)
@@ -139,10 +118,13 @@ def disk_needs(cfg: pipeline.Config) -> dict[str, tuple[int, str]]:
     seeds = len(cfg.seed_list())
     runs = len(cfg.arms) * len(cfg.losses) * (2 if cfg.sft == "per-arm" else 1) + (cfg.sft == "shared")
     saved = policy * (runs * seeds + gguf) + annotator * seeds  # gguf: the start model, dequantized once
+    if any(needs_ensemble(arm) for arm in cfg.arms):  # keep_fold_models: k kept a seed, k x epochs at the peak
+        saved += annotator * cfg.annotator.folds * (seeds + cfg.annotator.epochs)
     tables = 4 * seeds * sum(size for _, size, _ in files_of(stages.resolve_source(cfg.source).partition(":")[2]))
     out = local_path(cfg.out)
     needs = {out: [saved + tables, f"{saved / GB:.2f} GB of models, {tables / GB:.2f} GB of tables"]}
-    for key, ckpt in (("policy", 2 * (1 if cfg.policy.lora else 3) * policy), ("annotator", 6 * annotator)):
+    checkpoints = {"policy": checkpoint_bytes(policy, cfg.policy.lora), "annotator": checkpoint_bytes(annotator)}
+    for key, ckpt in checkpoints.items():
         where = getattr(cfg, key).storage_path or out
         if ckpt and not is_uri(where):
             entry = needs.setdefault(local_path(where), [0, ""])
