@@ -59,7 +59,7 @@ def measure(seed: int, overrides: list[str], work: Path) -> dict:
     annotation of the unlabeled split, and the pipeline's own gold accuracy of it."""
     from cwpo_ray.config import load_config
     from cwpo_ray.recipes import pipeline
-    from cwpo_ray.orchestration import arm_tables, stages
+    from cwpo_ray.orchestration import stages
 
     cfg = load_config(pipeline.Config, str(REPO / "cwpo_ray" / "configs" / "full_seed0.yaml"),
                       overrides=DEFAULTS + overrides)

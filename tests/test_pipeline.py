@@ -385,9 +385,15 @@ def test_pipeline_over_two_seeds_aggregates_in_compare(ray_cluster, mlflow_serve
     from cwpo_ray.gra import gra_over_seeds, wins
 
     bench = synthetic_benchmark(tmp_path / "bench", n_train=32, n_test=12)
+    # A second test set of prompts alone (as the built-in test_unseen.parquet): ids that collide with the
+    # test set's on purpose, which the pooled comparison must keep apart.
+    test_ids = sorted(r["id"] for r in read_table(bench / "test.parquet").to_pylist())
+    unseen = tmp_path / "unseen.parquet"
+    write_table(pa.Table.from_pylist([{"id": test_ids[i], "prompt": f"Tell me about unseen topic {i}."}
+                                      for i in range(8)]), unseen)
     out = tmp_path / "run"
     assert cli.main(["pipeline", f"out={out}", f"source=pairs:{bench}", f"test={bench / 'test.parquet'}",
-                     "experiment=cwpo-two-seeds", "run_name=two-seeds", "seeds=[0,1]", "arms=[human]", "losses=[dpo]",
+                     f"evaluate.unseen_prompts={unseen}", "experiment=cwpo-two-seeds", "run_name=two-seeds", "seeds=[0,1]", "arms=[human]", "losses=[dpo]",
                      "sft=none", "data.labeled_fraction=0.4", "data.validation_fraction=0",
                      f"policy.model={tiny_decoder}", "policy.epochs=1", "policy.lr=5e-3", "policy.warmup_steps=0",
                      "policy.batch_size=4", "policy.max_length=32", "policy.max_prompt_length=16",
@@ -439,3 +445,24 @@ def test_pipeline_over_two_seeds_aggregates_in_compare(ray_cluster, mlflow_serve
     assert expected["gra_lo"] <= expected["gra"] <= expected["gra_hi"]
     # Each seed's own numbers follow the aggregate.
     assert f"| human | dpo | 0 | {gra0:.3f} |" in table and f"| human | dpo | 1 | {gra1:.3f} |" in table
+
+    # The second test set: each seed's policy evaluated on it too (test_unseen/* on the child), compared
+    # alone and pooled with the test prompts (20 prompts a seed, the hierarchical interval over both).
+    pooled = {}
+    for seed in (0, 1):
+        rows = read_table(out / f"seed-{seed}" / "arms" / "human-dpo" / "eval_test_unseen" / "responses.parquet")
+        rows = sorted(rows.to_pylist(), key=lambda r: r["id"])
+        assert len(rows) == 8
+        won = wins([r["policy_score"] for r in rows], [r["reference_score"] for r in rows])
+        child = client.get_run(runs["children"][f"seed{seed}/human/dpo"]["run_id"])
+        assert child.data.metrics["test_unseen/gra"] == pytest.approx(float(np.mean(won)))
+        assert child.data.metrics["eval/gra"] == pytest.approx((gra0, gra1)[seed])  # the test figure stays
+        # compare orders the pooled prompts by "split:id"
+        pooled[seed] = [*per_seed[seed], *won]
+    assert (out / "compare" / "compare_test_unseen.md").exists()
+    both = gra_over_seeds([pooled[0], pooled[1]])
+    pm = client.get_run(runs["parent"]).data.metrics
+    assert pm["seeds.test_and_test_unseen.human.dpo.gra"] == pytest.approx(both["gra"])
+    assert (pm["seeds.test_and_test_unseen.human.dpo.gra_lo"], pm["seeds.test_and_test_unseen.human.dpo.gra_hi"]) \
+        == pytest.approx((both["gra_lo"], both["gra_hi"]))
+    assert "test+test_unseen prompts" in (out / "compare" / "compare_test_and_test_unseen.md").read_text()

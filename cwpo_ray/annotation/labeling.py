@@ -15,10 +15,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from cwpo_ray.tables import ANNOTATED_COLUMNS, ANNOTATED_SCHEMA, HUMAN_CHOICE, QUARANTINE_SCHEMA, UNLABELED_SCHEMA
-from cwpo_ray.annotation.rows import label_rows
+from cwpo_ray.tables import (ANNOTATED_COLUMNS, ANNOTATED_SCHEMA, HUMAN_CHOICE, QUARANTINE_SCHEMA, UNLABELED_SCHEMA,
+                             durable_replace)
+from cwpo_ray.annotation.rows import ENSEMBLE_FIELDS, label_rows
 from cwpo_ray.annotation.units import iter_unit_rows
-from cwpo_ray.annotation.stats import add_stats, new_stats, stats_to_json
+from cwpo_ray.annotation.stats import add_fold_stats, add_stats, new_stats, stats_to_json
 
 UNCERTAIN_SCHEMA = pa.schema(list(UNLABELED_SCHEMA) + [("confidence", pa.float64())])
 
@@ -43,7 +44,11 @@ def annotate_unit(unit: dict, work: Path, label: Callable[[list], pa.Table], bat
                   keep_uncertain: int) -> dict:
     """Label one unit into temporary files, rename them into ``work/units/`` and commit the unit
     by renaming its sidecar in last. Names are the unit's own, so a retried unit replaces what
-    an attempt before it may have renamed in: never written twice."""
+    an attempt before it may have renamed in: never written twice.
+
+    Every rename is durable (tables.durable_replace: content fsynced before, folder after), and
+    the data files' renames come before the sidecar is even written: after a crash or a power
+    loss, a sidecar on disk names only complete files."""
     units, tmp = work / "units", work / "tmp"
     units.mkdir(parents=True, exist_ok=True)
     tmp.mkdir(parents=True, exist_ok=True)
@@ -66,6 +71,8 @@ def annotate_unit(unit: dict, work: Path, label: Callable[[list], pa.Table], bat
         right = (pc.fill_null(pc.equal(good["preferred"], human), False).to_numpy(zero_copy_only=False)
                  [judged].astype(np.int64))
         add_stats(stats, conf, quarantined["reason"].to_pylist(), right, conf[judged])
+        if good.num_rows and not good["fold_disagreement"].null_count:  # confidence ensemble
+            add_fold_stats(stats, *(good[c].to_numpy(zero_copy_only=False) for c in ENSEMBLE_FIELDS))
         if keep_uncertain and good.num_rows:  # only this batch's k least confident can be among the k overall
             best = uncertain_rows(smallest(good, keep_uncertain))
             candidates = best if candidates is None else smallest(pa.concat_tables([candidates, best]), keep_uncertain)
@@ -73,33 +80,40 @@ def annotate_unit(unit: dict, work: Path, label: Callable[[list], pa.Table], bat
     for kind, writer in writers.items():
         writer.close()
         final = units / f"{key}.{kind}.parquet"
-        os.replace(tmp / f"{key}.{tag}.{kind}.parquet", final)
+        durable_replace(tmp / f"{key}.{tag}.{kind}.parquet", final)
         files[kind] = {"path": final.name, "rows": stats["annotated" if kind == "annotated" else "quarantined"],
                        "bytes": final.stat().st_size}
     if candidates is not None:
         final = units / f"{key}.uncertain.parquet"
         pq.write_table(candidates, tmp / f"{key}.{tag}.uncertain.parquet")
-        os.replace(tmp / f"{key}.{tag}.uncertain.parquet", final)
+        durable_replace(tmp / f"{key}.{tag}.uncertain.parquet", final)
         files["uncertain"] = {"path": final.name, "rows": candidates.num_rows, "bytes": final.stat().st_size}
     sidecar = {"unit": unit, "files": files, "stats": stats_to_json(stats), "pid": os.getpid(),
                "seconds": round(time.perf_counter() - began, 3), "started": started}
     (tmp / f"{key}.{tag}.json").write_text(json.dumps(sidecar))
-    os.replace(tmp / f"{key}.{tag}.json", units / f"{key}.json")
+    durable_replace(tmp / f"{key}.{tag}.json", units / f"{key}.json")  # the commit
     return {"key": key, "annotated": stats["annotated"], "quarantined": stats["quarantined"]}
 
 
 class LabelUnits:
-    """Ray Data callable class: loads the annotator once per actor, then labels unit after unit."""
+    """Ray Data callable class: loads the annotator once per actor (``confidence`` ensemble: its k fold
+    models, ``cwpo_ray.annotation.ensemble``), then labels unit after unit."""
 
     def __init__(self, annotator_dir: str, work: str, batch_size: int, model_batch_size: int, threads: int,
-                 use_gpu: bool, keep_uncertain: int, precision: str = "fp32"):
+                 use_gpu: bool, keep_uncertain: int, precision: str = "fp32", confidence: str = "single"):
         import torch
 
         from cwpo_ray.annotator import load_annotator
+        from cwpo_ray.annotation.ensemble import ensemble_name, load_ensemble
 
         torch.set_num_threads(threads)
-        self.annotator = load_annotator(annotator_dir, device="cuda" if use_gpu else "cpu", precision=precision)
-        self.name = str(Path(annotator_dir).resolve())
+        device = "cuda" if use_gpu else "cpu"
+        if confidence == "ensemble":
+            self.annotator = load_ensemble(annotator_dir, device=device, precision=precision)
+            self.name = ensemble_name(annotator_dir, len(self.annotator.members))
+        else:
+            self.annotator = load_annotator(annotator_dir, device=device, precision=precision)
+            self.name = str(Path(annotator_dir).resolve())
         self.work, self.batch_size, self.model_batch_size = Path(work), batch_size, model_batch_size
         self.keep_uncertain = keep_uncertain
 

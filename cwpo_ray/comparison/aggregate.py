@@ -40,12 +40,13 @@ def mean(values) -> float | None:
     return sum(xs) / len(xs) if xs else None
 
 
-def judge_over_seeds(logged: list[dict], outcomes: list[dict | None]) -> dict:
+def judge_over_seeds(logged: list[dict], outcomes: list[dict | None], pooled: bool = False) -> dict:
     """One judge's GRA and strict GRA for an arm x loss over the seeds that ran it, from each seed's logged
-    metrics and its per-prompt wins (prompt id -> win; None where its responses file is missing)."""
+    metrics and its per-prompt wins (prompt id -> win; None where its responses file is missing). ``pooled``:
+    the prompts of several evaluated splits together, which no logged figure covers: always from the wins."""
     from cwpo_ray.gra import gra_over_seeds
 
-    if len(logged) == 1:
+    if len(logged) == 1 and not pooled:
         # One seed (n = 1): the hierarchical bootstrap draws that seed every time, so its interval is the
         # percentile bootstrap over the seed's prompts (draw for draw) and carries prompt noise only: one seed
         # cannot show the between-seed spread. The seed's evaluation computed that same interval (with its own
@@ -75,8 +76,10 @@ def arm_rows(rows: list[dict], outcomes: Outcomes) -> list[dict]:
         seeds = list(by_seed)
         runs = [by_seed[s] for s in seeds]
         found = [outcomes(r) for r in runs]
-        agg = judge_over_seeds(runs, [w.get(r["judge"]) if w else None for r, w in zip(runs, found)])
-        judges = {j: judge_over_seeds([r["judges"][j] for r in runs], [w.get(j) if w else None for w in found])
+        pooled = "+" in runs[0]["split"]
+        agg = judge_over_seeds(runs, [w.get(r["judge"]) if w else None for r, w in zip(runs, found)], pooled)
+        judges = {j: judge_over_seeds([r["judges"][j] for r in runs], [w.get(j) if w else None for w in found],
+                                      pooled)
                   for j in runs[0]["judges"] if all(j in r["judges"] for r in runs)}
         for m in [agg, *judges.values()]:
             m["gra_per_seed"] = dict(zip(seeds, m["gra_per_seed"]))
@@ -129,7 +132,7 @@ def seed_metrics(agg: list[dict], pairs: list[dict], split: str = "test") -> dic
     """The aggregated main-judge numbers as parent-run metrics: seeds.ARM.LOSS.gra ..., seeds.A-B.LOSS.diff ...
     (the pipeline logs each seed's as seedS.ARM.LOSS.gra ...); seeds.validation.ARM... for the validation split."""
     out = {}
-    base = "seeds" if split == "test" else f"seeds.{split}"
+    base = "seeds" if split == "test" else f"seeds.{split.replace('+', '_and_')}"  # MLflow names take no '+'
     for r in agg:
         name = f"{base}.{r['arm'].replace(':', '')}.{r['loss']}"
         for k in INTERVAL_KEYS:

@@ -50,15 +50,16 @@ def collect_rows(client, exp, parent, split: str = "test") -> list[dict]:
     are those of the arm's evaluation on ``split``."""
     from cwpo_ray.evaluation.reporting import metric_prefix
 
-    prefix = metric_prefix(split)
+    prefix = metric_prefix(split_parts(split)[0])  # a pooled split's logged figures are its first part's
     children = client.search_runs([exp.experiment_id], filter_string=f"tags.mlflow.parentRunId = "
                                                                     f"'{parent.info.run_id}' and tags.stage = 'arm'")
     pm = parent.data.metrics
 
-    def annotator_accuracy(seed):
-        # The pipeline prefixes a seed's annotator metrics with "seedS." when it runs several seeds.
+    def annotator_accuracy(seed, labels: str):
+        # The pipeline prefixes a seed's annotator metrics with "seedS." when it runs several seeds;
+        # ``labels``: "annotator", or "annotator_ensemble" for an arm on the fold ensemble's labels.
         for prefix in ([f"seed{seed}."] if seed is not None else []) + [""]:
-            for k in ("annotator.gold_accuracy", "annotator.human_agreement"):
+            for k in (f"{labels}.gold_accuracy", f"{labels}.human_agreement"):
                 if prefix + k in pm:
                     return pm[prefix + k]
         return None
@@ -76,12 +77,19 @@ def collect_rows(client, exp, parent, split: str = "test") -> list[dict]:
             "start_time": run.info.start_time or 0, **main,
             # runs evaluated before the judge was tagged: "gold"
             "judge": tags.get(f"{prefix}/judge", "gold"), "judges": extra,
-            "n": m.get(f"{prefix}/n"), "pair_accuracy": m.get(f"{prefix}/pair_accuracy"),
+            "n": (sum(m.get(f"{metric_prefix(p)}/n") or 0 for p in split_parts(split)) or None),
+            "pair_accuracy": m.get(f"{prefix}/pair_accuracy"),
             # Only the weak-label arms rest on the annotator's labels.
-            "annotator_accuracy": annotator_accuracy(seed) if known and known.reads_weak_labels else None,
+            "annotator_accuracy": (annotator_accuracy(seed, known.annotator_metrics)
+                                   if known and known.reads_weak_labels else None),
             "human_labels_used": m.get("human_labels_used"),
         })
     return sorted(rows, key=lambda r: (r["loss"], display_key(r["arm"]), seed_key(r["seed"])))
+
+
+def split_parts(split: str) -> list[str]:
+    """The evaluated splits a compared split pools: "test+test_unseen" is both sets' prompts together."""
+    return split.split("+")
 
 
 def latest_runs(rows: list[dict]) -> list[dict]:
@@ -134,6 +142,15 @@ def per_prompt_wins(client, run_id: str, dst: Path, main_judge: str = "gold", sp
     return wins_by_judge(read_table(path).to_pylist(), main_judge)
 
 
+def pooled_wins(splits: list[str], parts: list[dict | None]) -> dict | None:
+    """One judge -> prompt -> win map from each split's (ids prefixed by their split, so two sets' ids never
+    meet); None when a split left no responses, or when the splits do not share a judge."""
+    if len(parts) == 1 or not all(parts):
+        return parts[0] if len(parts) == 1 else None
+    judges = set.intersection(*(set(p) for p in parts))
+    return {j: {f"{s}:{i}": w for s, p in zip(splits, parts) for i, w in p[j].items()} for j in judges} or None
+
+
 @contextmanager
 def outcomes_of(client) -> Iterator[Callable[[dict], dict | None]]:
     """``outcomes(row)``: the row's run's per-prompt wins (per_prompt_wins), each run's file downloaded
@@ -142,8 +159,9 @@ def outcomes_of(client) -> Iterator[Callable[[dict], dict | None]]:
     with tempfile.TemporaryDirectory() as tmp:
         def outcomes(row: dict) -> dict | None:
             if row["run_id"] not in found:
-                found[row["run_id"]] = per_prompt_wins(client, row["run_id"], Path(tmp) / row["run_id"],
-                                                       row["judge"], row["split"])
+                parts = [per_prompt_wins(client, row["run_id"], Path(tmp) / row["run_id"] / part, row["judge"], part)
+                         for part in split_parts(row["split"])]
+                found[row["run_id"]] = pooled_wins(split_parts(row["split"]), parts)
             return found[row["run_id"]]
 
         yield outcomes

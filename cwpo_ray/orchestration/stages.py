@@ -45,7 +45,9 @@ def run_data(cfg, out: Path) -> dict:
         # where the path of this process's package (under `ray job submit`, the job's temporary copy of
         # the working dir on the head node) is not there.
         shutil.copyfile(PACKAGE / "benchmark_data" / "test.parquet", out / "builtin_test.parquet")
-        builtin_test = {"builtin_test": str(out / "builtin_test.parquet")}
+        shutil.copyfile(PACKAGE / "benchmark_data" / "test_unseen.parquet", out / "builtin_test_unseen.parquet")
+        builtin_test = {"builtin_test": str(out / "builtin_test.parquet"),
+                        "builtin_test_unseen": str(out / "builtin_test_unseen.parquet")}
     return {**builtin_test, "labeled": str(out / "labeled.parquet"), "unlabeled": str(unlabeled),
             "unlabeled_human": str(out / "unlabeled_human.parquet"),
             "test": str(out / "test.parquet") if (out / "test.parquet").exists() else "",
@@ -53,15 +55,17 @@ def run_data(cfg, out: Path) -> dict:
             "n_labeled": manifest["counts"]["labeled"], "n_unlabeled": counts}
 
 
-def annotator_config(cfg, labeled: str, out: Path, parent_run_id: str) -> annotator_stage.Config:
+def annotator_config(cfg, labeled: str, out: Path, parent_run_id: str,
+                     keep_fold_models: bool = False) -> annotator_stage.Config:
     settings = {**asdict(cfg.annotator), "storage_path": cfg.annotator.storage_path or str(out / "ray")}
     return annotator_stage.Config(**settings, data=labeled, out=str(out / "annotator"), seed=cfg.seed,
                                   experiment=cfg.experiment, run_name="train-annotator", parent_run_id=parent_run_id,
-                                  progress=False)
+                                  progress=False, keep_fold_models=keep_fold_models)
 
 
-def run_annotator(cfg, labeled: str, out: Path, parent_run_id: str) -> dict:
-    annotator_stage.run(annotator_config(cfg, labeled, out, parent_run_id))
+def run_annotator(cfg, labeled: str, out: Path, parent_run_id: str, keep_fold_models: bool = False) -> dict:
+    """``keep_fold_models``: an arm trains on the fold ensemble's labels (cw_ens)."""
+    annotator_stage.run(annotator_config(cfg, labeled, out, parent_run_id, keep_fold_models))
     best = json.loads((out / "annotator" / "eval.json").read_text())["best"]
     return {"annotator": str(out / "annotator"),
             "metrics": {f"annotator.heldout_{k}": v for k, v in best.items() if isinstance(v, (int, float))}}
@@ -88,14 +92,21 @@ def warn_if_annotator_did_not_learn(metrics: dict, seed: int) -> None:
                     "say little about the method.")
 
 
-def run_annotate(cfg, unlabeled: str, annotator: str, out: Path) -> dict:
+def run_annotate(cfg, unlabeled: str, annotator: str, out: Path, confidence: str = "single") -> dict:
+    """The annotate stage; ``confidence`` ensemble: labeled by the annotator's fold models (the
+    annotate-ensemble stage), its metrics named annotator_ensemble.* (``Arm.annotator_metrics``)."""
     annotate_stage.run(annotate_stage.Config(**asdict(cfg.annotate), data=unlabeled, annotator=annotator,
-                                             out=str(out)))
+                                             out=str(out), confidence=confidence))
     report = json.loads((out / "report.json").read_text())
     metrics = {"annotator.mean_confidence": report.get("mean_confidence")}
     human = report.get("human_agreement") or {}
     metrics["annotator.human_agreement"] = human.get("accuracy")
     metrics.update(gold_accuracy(out / "annotated.parquet", resolve_source(cfg.source)))
+    if confidence == "ensemble":
+        ens = report.get("ensemble") or {}
+        metrics.update({"annotator.fold_disagreement": ens.get("mean_fold_disagreement"),
+                        "annotator.fold_unanimous_share": ens.get("unanimous_share")})
+        metrics = {k.replace("annotator.", "annotator_ensemble.", 1): v for k, v in metrics.items()}
     return {"annotated": str(out / "annotated.parquet"), "rows": report.get("annotated"),
             "metrics": {k: v for k, v in metrics.items() if v is not None}}
 

@@ -25,7 +25,9 @@ identical responses go to quarantine with a reason; every input row ends up in e
 of the two outputs. A row without an id gets one derived from its text (as `cwpo data` does).
 
 Writes, each a folder of Parquet files (at most --max-rows-per-file rows and about
---max-bytes-per-file bytes each) that replaces the previous one in one rename:
+--max-bytes-per-file bytes each; our own writer: Ray Data's write_parquet takes
+max_rows_per_file only as a hint and has no byte ceiling) that replaces the previous one in
+one rename:
   OUT/annotated.parquet/   id, prompt, chosen, rejected, reward_chosen, reward_rejected,
                            confidence, annotator, confidence_raw
   OUT/quarantine.parquet/  id, reason, raw
@@ -33,7 +35,11 @@ and OUT/report.json (counts, pairs/s, confidence histogram; accuracy against hum
 overall and by confidence decile when the input has it: the deciles are cut at the edges of
 a fixed log-scale histogram, so they are approximate, and the report says so). --export-uncertain
 N also writes the N least-confident pairs, unlabeled, to OUT/uncertain.parquet (one file) for
-relabeling. On a multi-node cluster DATA and OUT must be on storage every node sees.
+relabeling. report.json is removed before the other outputs are replaced and written after
+them: present, it and every output beside it are from one run (the run id it holds); absent
+after a killed run, the same command again publishes them. On a multi-node cluster DATA and
+OUT must be on storage every node sees. One run per OUT: a second run into it is refused while
+the first is alive (cwpo_ray/out_lock.py).
 
 A killed run resumes: run the same command again. How (and why not Ray Data's checkpoints):
 the input is cut into deterministic work units (a Parquet file's row groups, or a byte range
@@ -41,18 +47,22 @@ of lines of a JSONL file, about --unit-rows rows each, fewer for an input under 
 rows so that it still makes 16 units and every actor gets work; a .gz file is one unit). An actor
 labels a whole unit, writes its annotated / quarantine rows and a small JSON sidecar of its
 statistics into OUT/.annotate-work/units/, and the sidecar, renamed into place last, commits
-the unit. A rerun whose input files (paths, sizes, mtimes), annotator folder (file sizes,
-mtimes) and output-changing settings (unit_rows, export_uncertain, precision) match the fingerprint
-in OUT/.annotate-work/ skips the committed units; otherwise it starts over and says so. The
-fingerprint holds the precision the actors run in (auto resolved), so a resumed run never mixes
-fp32 and bf16 units: a run resumed with auto on a machine where it resolves otherwise starts over.
+the unit (each file fsynced before its rename, the folder after: a sidecar that survives a
+power loss names only complete files). A rerun whose input files (paths, sizes, mtimes),
+annotator folder (file sizes, mtimes) and output-changing settings (unit_rows, export_uncertain,
+precision) match the fingerprint in OUT/.annotate-work/ skips the committed units; otherwise it
+starts over and says so. The fingerprint holds the precision the actors run in (auto resolved),
+so a resumed run never mixes fp32 and bf16 units: a run resumed with auto on a machine where it
+resolves otherwise starts over.
 When every unit is committed the unit files are rewritten into the final files (one Ray task
 per output file) and the report is merged from the sidecars, so it covers the killed run's
-rows too; then the work folder is removed. Ray Data's CheckpointConfig was not used: it
-keeps every checkpointed id in memory (the driver would grow with the corpus) and needs
-the id column at read time, while JSONL ids are parsed and derived inside the actors.
-The driver holds only the list of units and fixed-size statistics: its memory does not
-grow with the number of rows.
+rows too; then the work folder is removed. Ray Data's CheckpointConfig (Ray 2.60) was not
+used: it filters rows by an id column at read time, while JSONL ids are parsed (or derived)
+inside the actors; it keeps every checkpointed id, sorted, in the object store and a copy in
+each of its filter actors, a memory that grows with the corpus; and it applies only to a plan
+that ends in a write (or a streaming split), into one sink, while a unit here makes two tables,
+uncertain candidates and statistics. The driver holds only the list of units and fixed-size
+statistics: its memory does not grow with the number of rows.
 """
 
 from __future__ import annotations
@@ -65,9 +75,14 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Optional
 
+import pyarrow.parquet as pq
+
 from cwpo_ray.config import option
-from cwpo_ray.tables import ANNOTATED_SCHEMA, QUARANTINE_SCHEMA, atomic_path, write_table
-from cwpo_ray.annotation.units import committed, fingerprint, input_files, plan_units, prepare_work
+from cwpo_ray.out_lock import hold_out
+from cwpo_ray.tables import ANNOTATED_SCHEMA, QUARANTINE_SCHEMA
+from cwpo_ray.annotation.units import (committed, discarding_unfinished, fingerprint, input_files, plan_units,
+                                       prepare_work)
+from cwpo_ray.annotation.ensemble import CONFIDENCES, fold_folders
 from cwpo_ray.annotation.stats import build_report, merge_stats, new_stats, print_report, stats_from_json
 from cwpo_ray.annotation.labeling import LabelUnits
 from cwpo_ray.annotation.outputs import merge_uncertain, plan_files, publish, write_files
@@ -127,9 +142,17 @@ class Config(Settings):
     annotator: str = option(help="annotator folder written by `cwpo train-annotator`, or a one-label HF "
                                  "reward-model folder (docs/ANNOTATOR_FORMAT.md)", must_exist=True)
     out: str = option(help="output folder (annotated.parquet/, quarantine.parquet/, report.json)")
+    # Not a Settings option: the pipeline sets it on a stage of its own (annotate-ensemble, for cw_ens).
+    confidence: str = option("single", "single: the annotator's own margin; ensemble: the mean margin of the k fold "
+                                       "models train-annotator kept (--keep-fold-models), calibrated by the same "
+                                       "temperature (fit on their held-out margins); k forward passes per response. "
+                                       "report.json then says how often the folds disagree",
+                             choices=CONFIDENCES)
 
     def validate(self) -> None:
         super().validate()
+        if self.confidence not in CONFIDENCES:
+            raise ValueError(f"confidence must be one of {', '.join(CONFIDENCES)}, got {self.confidence!r}")
         if not self.out.strip():
             raise ValueError("out: an output folder is required")
 
@@ -173,7 +196,8 @@ def label_units(cfg: Config, todo: list[dict], work: Path) -> int:
         fn_constructor_kwargs=dict(annotator_dir=str(Path(cfg.annotator).resolve()), work=str(work),
                                    batch_size=cfg.batch_size, model_batch_size=cfg.model_batch_size,
                                    threads=threads, use_gpu=cfg.gpus_per_actor > 0,
-                                   keep_uncertain=cfg.export_uncertain, precision=cfg.precision),
+                                   keep_uncertain=cfg.export_uncertain, precision=cfg.precision,
+                                   confidence=cfg.confidence),
         # one unit in flight per actor: a unit is long, and a queue behind a busy actor idles the others
         compute=ray.data.ActorPoolStrategy(min_size=min(cfg.min_actors or actors, actors), max_size=actors,
                                            max_tasks_in_flight_per_actor=1),
@@ -187,9 +211,9 @@ def label_units(cfg: Config, todo: list[dict], work: Path) -> int:
     return annotated
 
 
-def publish_outputs(cfg: Config, work: Path, out: Path) -> tuple[dict, dict, int]:
-    """Merge the sidecars, rewrite the unit files into the final tables and publish them.
-    Returns (merged statistics, files per table, units)."""
+def stage_outputs(cfg: Config, work: Path, staging: Path) -> tuple[dict, dict, int]:
+    """Merge the sidecars and rewrite the unit files into the final tables under ``staging`` (published
+    later, with report.json, by outputs.publish). Returns (merged statistics, files per table, units)."""
     import ray
 
     stats, parts = new_stats(), {"annotated": [], "quarantine": [], "uncertain": []}
@@ -199,7 +223,6 @@ def publish_outputs(cfg: Config, work: Path, out: Path) -> tuple[dict, dict, int
         merge_stats(stats, stats_from_json(side["stats"]))
         for kind, f in side["files"].items():
             parts[kind].append((str(work / "units" / f["path"]), f["rows"], f["bytes"]))
-    staging = work / f"publish-{uuid.uuid4().hex[:8]}"
     task = ray.remote(num_cpus=1)(write_files)
     jobs = {}
     for kind, schema in (("annotated", ANNOTATED_SCHEMA), ("quarantine", QUARANTINE_SCHEMA)):
@@ -213,50 +236,62 @@ def publish_outputs(cfg: Config, work: Path, out: Path) -> tuple[dict, dict, int
         uncertain = ray.remote(num_cpus=1)(merge_uncertain).remote([p for p, _, _ in parts["uncertain"]],
                                                                    cfg.export_uncertain)
     files = {kind: sum(len(c) for c in ray.get(refs)) for kind, refs in jobs.items()}
-    publish(staging, out)
     if uncertain is not None:
-        write_table(ray.get(uncertain), out / "uncertain.parquet")
-    elif (out / "uncertain.parquet").exists():
-        (out / "uncertain.parquet").unlink()  # a rerun replaces the whole output, a stale export included
+        pq.write_table(ray.get(uncertain), staging / "uncertain.parquet")
     return stats, files, n_units
+
+
+def run_fingerprint(cfg: Config, files: list[Path]) -> dict:
+    """units.fingerprint and, when not single, the confidence: an ensemble run never resumes a single
+    one's units (nor the other way); a work folder from before the option still resumes."""
+    fp = fingerprint(cfg, files)
+    if cfg.confidence != "single":
+        fp["settings"]["confidence"] = cfg.confidence
+    return fp
 
 
 def run(cfg: Config) -> int:
     from cwpo_ray.ray_env import init_ray
 
-    init_ray()
-    # auto resolved once: the fingerprint, the actors and report.json's settings all get fp32 or bf16
-    requested, cfg = cfg.precision, replace(cfg, precision=actor_precision(cfg))
+    if cfg.confidence == "ensemble":
+        fold_folders(cfg.annotator)  # an annotator without its fold models: refused in one line, before Ray
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    files = input_files(cfg.data)
-    work, note = prepare_work(out, fingerprint(cfg, files))
-    units = plan_units(files, cfg.unit_rows)
-    done = {side["unit"]["key"] for side in committed(work)}
-    todo = [u for u in units if u["key"] not in done]
-    if note == "resume":
-        print(f"annotate: resuming: {len(done)} of {len(units)} units already committed in {work}", flush=True)
-    elif note != "fresh":
-        print(f"annotate: {note}", flush=True)
-    start, start_wall = time.perf_counter(), time.time()
-    annotated_now = label_units(cfg, todo, work) if todo else 0
-    labeled_at = time.perf_counter()
-    # start-up: from the job's start to the first unit this run began labeling (Ray Data's plan,
-    # actors importing torch and loading the annotator); wall clock, as the actors' sidecars record it
-    began = [side["started"] for side in committed(work) if side.get("started", 0) >= start_wall]
-    stats, out_files, n_units = publish_outputs(cfg, work, out)
-    seconds = time.perf_counter() - start
-    if n_units != len(units):
-        raise RuntimeError(f"{n_units} units committed of {len(units)}; rerun to finish")
-    report = build_report(stats, seconds, str(Path(cfg.annotator).resolve()), {
-        "annotated_this_run": annotated_now, "units": len(units), "resumed_units": len(done),
-        "label_seconds": round(labeled_at - start, 3), "write_seconds": round(seconds - (labeled_at - start), 3),
-        "startup_seconds": round(min(began) - start_wall, 3) if began else None,
-        "precision": cfg.precision, "precision_requested": requested,
-        "output_files": out_files, "settings": asdict(Settings(**{k: getattr(cfg, k) for k in
-                                                                 Settings.__dataclass_fields__}))})
-    with atomic_path(out / "report.json") as tmp:
-        Path(tmp).write_text(json.dumps(report, indent=2))
-    shutil.rmtree(work, ignore_errors=True)
+    # One run per OUT, held until its outputs are published: a second one is refused (cwpo_ray/out_lock.py).
+    with hold_out(out, "annotate"):
+        init_ray()
+        # auto resolved once: the fingerprint, the actors and report.json's settings all get fp32 or bf16
+        requested, cfg = cfg.precision, replace(cfg, precision=actor_precision(cfg))
+        files = input_files(cfg.data)
+        work, note = prepare_work(out, run_fingerprint(cfg, files))
+        units = plan_units(files, cfg.unit_rows)
+        done = {side["unit"]["key"] for side in committed(work)}
+        todo = [u for u in units if u["key"] not in done]
+        if note == "resume":
+            print(f"annotate: resuming: {len(done)} of {len(units)} units already committed in {work}", flush=True)
+        elif note != "fresh":
+            print(f"annotate: {note}", flush=True)
+        start, start_wall = time.perf_counter(), time.time()
+        annotated_now = discarding_unfinished(work, lambda: label_units(cfg, todo, work)) if todo else 0
+        labeled_at = time.perf_counter()
+        # start-up: from the job's start to the first unit this run began labeling (Ray Data's plan,
+        # actors importing torch and loading the annotator); wall clock, as the actors' sidecars record it
+        began = [side["started"] for side in committed(work) if side.get("started", 0) >= start_wall]
+        run_id = uuid.uuid4().hex[:12]
+        staging = work / f"publish-{run_id}"
+        stats, out_files, n_units = discarding_unfinished(work, lambda: stage_outputs(cfg, work, staging))
+        seconds = time.perf_counter() - start
+        if n_units != len(units):
+            raise RuntimeError(f"{n_units} units committed of {len(units)}; rerun to finish")
+        report = build_report(stats, seconds, str(Path(cfg.annotator).resolve()), {
+            "annotated_this_run": annotated_now, "units": len(units), "resumed_units": len(done),
+            "label_seconds": round(labeled_at - start, 3), "write_seconds": round(seconds - (labeled_at - start), 3),
+            "startup_seconds": round(min(began) - start_wall, 3) if began else None,
+            "precision": cfg.precision, "precision_requested": requested, "run": run_id,
+            "confidence": cfg.confidence,
+            "output_files": out_files, "settings": asdict(Settings(**{k: getattr(cfg, k) for k in
+                                                                     Settings.__dataclass_fields__}))})
+        (staging / "report.json").write_text(json.dumps(report, indent=2))
+        publish(staging, out)  # report.json last: present, it vouches for the outputs beside it
+        shutil.rmtree(work, ignore_errors=True)
     print_report(report, out)
     return 0

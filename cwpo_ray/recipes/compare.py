@@ -53,14 +53,16 @@ class Config:
     parent_run_id: str = option("", "pipeline parent run (default: the latest pipeline run of the experiment)")
     out: str = option("runs/compare", "folder for compare.md and compare.png")
     log: bool = option(True, "also log the table and chart to the parent run")
-    split: str = option("test", "which evaluation of the arms: test (the measurement) or validation (the prompts "
-                                "settings are chosen on)", choices=("test", "validation"))
+    split: str = option("test", "which evaluation of the arms: test (the measurement), validation (the prompts "
+                                "settings are chosen on), test_unseen (evaluate.unseen_prompts) or "
+                                "test+test_unseen (both sets' prompts pooled, each seed's intervals over all)",
+                        choices=("test", "validation", "test_unseen", "test+test_unseen"))
 
 
 def split_file(name: str, split: str) -> str:
     """compare.md for the test split, compare_validation.md for the validation split."""
     stem, dot, ext = name.partition(".")
-    return name if split == "test" else f"{stem}_{split}{dot}{ext}"
+    return name if split == "test" else f"{stem}_{split.replace('+', '_and_')}{dot}{ext}"
 
 
 def run(cfg: Config) -> int:

@@ -17,8 +17,9 @@ one, so a gain that shows under one judge only can be told from one that shows u
 Writes OUT/eval.json and OUT/responses.parquet (per prompt: both responses, ``policy_score`` /
 ``reference_score`` under the main judge and ``policy_score_<judge>`` / ``reference_score_<judge>``
 under every judge); logs the metrics to the active MLflow run, or to --run-id when given, as
-``eval/*`` for the test split and ``validation/*`` for the validation split, so numbers that
-selected a model never mix with the numbers reported for it.
+``eval/*`` for the test split, ``validation/*`` for the validation split (so numbers that
+selected a model never mix with the numbers reported for it) and ``test_unseen/*`` for a second
+test set (the pipeline's ``evaluate.unseen_prompts``).
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ EPILOG = """examples:
   cwpo evaluate --policy P --reference R --prompts cwpo_ray/benchmark_data/test_unseen.parquet --out E
 """
 
-SPLITS = ("test", "validation")
+SPLITS = ("test", "validation", "test_unseen")
 
 
 @dataclass
@@ -67,9 +68,12 @@ class Settings:
     extra_judges: list[str] = option(help="judges that score the same responses beside the main one (every GRA "
                                           "metric per judge, as JUDGE.gra ...); the default, textblob, made no "
                                           "label of the built-in benchmark", factory=lambda: ["textblob"])
-    split: str = option("test", "which split the prompts are: test (metrics logged as eval/*) or validation "
-                                "(validation/*; for choosing a model, never for reporting); the pipeline "
-                                "evaluates on this split's table", choices=SPLITS)
+    split: str = option("test", "which split the prompts are: test (metrics logged as eval/*), validation "
+                                "(validation/*; for choosing a model, never for reporting) or test_unseen "
+                                "(test_unseen/*: prompts of topics the training data never had); the pipeline "
+                                "evaluates on the test or validation table", choices=SPLITS)
+    unseen_prompts: str = option("", "pipeline: also evaluate every arm on these prompts as the test_unseen split "
+                                     "(`builtin`: the benchmark's test_unseen.parquet); empty: not at all")
     num_cpus: float = option(1.0, "pipeline: CPUs of the Ray task that evaluates (also its torch threads)")
     num_gpus: float = option(0.0, "pipeline: GPUs of the Ray task that evaluates (1 on a GPU cluster)")
     node_resource: str = option("", "pipeline: a custom Ray resource of the nodes the evaluation may run on "

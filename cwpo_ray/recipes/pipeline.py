@@ -6,6 +6,9 @@ Arms (each crossed with every loss in `losses`):
   ws                  PO on the unlabeled split with the annotator's labels, uniform weights
   cw                  the same with confidence weights (CW-PO; calibrated when the annotator is)
   cw_raw              the same with the uncalibrated confidence (T = 1): what calibration changes
+  cw_ens              cw with the labels and confidences of the annotator's k fold models together: the
+                      mean of their margins, calibrated by the same temperature (the annotator keeps its
+                      fold models and a second stage, annotate-ensemble, labels; compare: cw_ens - cw)
   topk:F              the annotator's labels, only the fraction F most confident pairs
   gold                the unlabeled split labeled by the source's gold scores (ties dropped): the
                       noise-free ceiling, for a benchmark that has them (the built-in one does).
@@ -36,6 +39,7 @@ from pathlib import Path
 from cwpo_ray import arms as arm_registry
 from cwpo_ray.arms import reads_weak_labels
 from cwpo_ray.config import option, to_dict
+from cwpo_ray.disk_space import annotator_bytes, input_bytes, policy_bytes, tables_bytes
 from cwpo_ray.fingerprints import code_version, fingerprint
 from cwpo_ray.orchestration.arm_tables import gold_table
 from cwpo_ray.orchestration.markers import source_fingerprint, stage
@@ -43,6 +47,7 @@ from cwpo_ray.orchestration.runs import ArmRuns
 from cwpo_ray.orchestration.stages import (FROM_POLICY, PACKAGE, arm_inputs, evaluate_policy, human_labels_used,
                                            policy_config, resolve_source, run_annotate, run_annotator, run_data,
                                            run_start_model, warn_if_annotator_did_not_learn)
+from cwpo_ray.out_lock import hold_out
 from cwpo_ray.recipes import annotate as annotate_stage
 from cwpo_ray.recipes import data as data_stage
 from cwpo_ray.recipes import evaluate as evaluate_stage
@@ -131,23 +136,35 @@ def resolve_test(cfg: Config, tables: dict) -> str:
     return tables["test"]
 
 
+def resolve_unseen(cfg: Config, tables: dict) -> str:
+    """The second test set (evaluate.unseen_prompts), evaluated as the test_unseen split; "" for none."""
+    spec = cfg.evaluate.unseen_prompts
+    if spec != "builtin":
+        return spec
+    if "builtin_test_unseen" not in tables:
+        raise ValueError("evaluate.unseen_prompts=builtin: only with source builtin (give a prompts table instead)")
+    return tables["builtin_test_unseen"]
+
+
 def run(cfg: Config) -> int:
     from cwpo_ray import console
 
     out = Path(cfg.out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    if cfg.verbose:
-        return run_stages(cfg, out)
-    log = out / "pipeline.log"
-    print(f"pipeline: {len(cfg.arms)} arm(s) x {len(cfg.losses)} loss(es) -> {out}; every stage's own output "
-          f"goes to {log}", flush=True)
-    try:
-        with console.log_to(log):
+    # One pipeline per OUT: a second one is refused before it clears any stage folder. Its stages,
+    # run in this process, lock their own subfolders (cwpo_ray/out_lock.py).
+    with hold_out(out, "pipeline"):
+        if cfg.verbose:
             return run_stages(cfg, out)
-    except BaseException:  # the traceback follows on the terminal; the rest of the story is in the log
-        print(f"pipeline: stopped by the error below; every stage's own output is in {log}", file=sys.stderr,
-              flush=True)
-        raise
+        log = out / "pipeline.log"
+        print(f"pipeline: {len(cfg.arms)} arm(s) x {len(cfg.losses)} loss(es) -> {out}; every stage's own output "
+              f"goes to {log}", flush=True)
+        try:
+            with console.log_to(log):
+                return run_stages(cfg, out)
+        except BaseException:  # the traceback follows on the terminal; the rest of the story is in the log
+            print(f"pipeline: stopped by the error below; every stage's own output is in {log}", file=sys.stderr,
+                  flush=True)
+            raise
 
 
 def run_stages(cfg: Config, out: Path) -> int:
@@ -172,8 +189,12 @@ def run_stages(cfg: Config, out: Path) -> int:
         run_seed(replace(cfg, seed=seed), out if len(seeds) == 1 else out / f"seed-{seed}", runs, start, fp_base)
 
     with console.timed_stage("compare") as done:
-        compare.run(compare.Config(experiment=cfg.experiment, parent_run_id=runs.parent_id, out=str(out / "compare"),
-                                   split=cfg.evaluate.split))
+        compared = [cfg.evaluate.split]
+        if cfg.evaluate.unseen_prompts and cfg.evaluate.split == "test":
+            compared += ["test_unseen", "test+test_unseen"]
+        for split in compared:
+            compare.run(compare.Config(experiment=cfg.experiment, parent_run_id=runs.parent_id,
+                                       out=str(out / "compare"), split=split))
         done({})
     runs.close()
     # The terminal gets the main judge's table and the paired differences; compare.md has every judge.
@@ -198,23 +219,46 @@ def warn_if_tracking_store_is_temporary() -> None:
                     "env_vars or in the nodes' environment (mlflow/README.md).")
 
 
+def run_weak_label_stages(cfg: Config, out: Path, tables: dict, fp_data: str,
+                          parent_run_id: str) -> tuple[dict, dict, dict]:
+    """The annotator and the annotate stages the arms read: annotate (the annotator's labels) when an arm
+    reads those, annotate-ensemble (its k fold models' mean margin) when one needs that (cw_ens). The
+    annotator keeps its fold models only then, and only then does keep_fold_models enter its fingerprint:
+    a pipeline without cw_ens reuses the stages it ran before. Returns the tables with the labeled ones
+    added, the fingerprint of each labeled table, and the annotator's metrics."""
+    ensemble = any(arm_registry.needs_ensemble(arm) for arm in cfg.arms)
+    single = any(arm_registry.spec(arm).reads == arm_registry.WEAK_LABELS for arm in cfg.arms)
+    fp_ann = fingerprint("annotator", fp_data, to_dict(cfg.annotator), *(["keep_fold_models"] if ensemble else []))
+    ann = stage(out / "annotator", fp_ann, lambda: run_annotator(cfg, tables["labeled"], out / "annotator",
+                                                                 parent_run_id, keep_fold_models=ensemble),
+                need=lambda: annotator_bytes(cfg.annotator.model, cfg.annotator.gguf_file, tables["labeled"],
+                                             cfg.annotator.folds * cfg.annotator.epochs if ensemble else 0,
+                                             cfg.annotator.storage_path))
+    warn_if_annotator_did_not_learn(ann["metrics"], cfg.seed)
+    fps, metrics = {}, dict(ann["metrics"])
+    for table, folder, confidence, wanted in ((arm_registry.WEAK_LABELS, "annotate", "single", single),
+                                              (arm_registry.ENSEMBLE_LABELS, "annotate-ensemble", "ensemble", ensemble)):
+        if not wanted:
+            continue
+        fps[table] = fingerprint(folder, fp_ann, to_dict(cfg.annotate))
+        labels = stage(out / folder, fps[table], lambda folder=folder, confidence=confidence: run_annotate(
+            cfg, tables["unlabeled"], ann["annotator"], out / folder, confidence=confidence),
+            need=lambda: tables_bytes(input_bytes(tables["unlabeled"])))
+        tables = {**tables, table: labels["annotated"]}
+        metrics.update(labels["metrics"])
+    return tables, fps, metrics
+
+
 def run_seed(cfg: Config, out: Path, runs: ArmRuns, start: str, fp_base: str) -> None:
     """Every stage of one seed: its split, annotator, annotation, SFT and arms, under ``out``."""
     tag = f"seed{cfg.seed}." if len(runs.cfg.seed_list()) > 1 else ""
     fp_data = fingerprint("data", code_version(), cfg.source, source_fingerprint(resolve_source(cfg.source)),
                           to_dict(cfg.data), cfg.max_unlabeled, cfg.seed)
-    tables = stage(out / "data", fp_data, lambda: run_data(cfg, out / "data"))
-    fp_lab, weak_metrics = None, {}
+    tables = stage(out / "data", fp_data, lambda: run_data(cfg, out / "data"),
+                   need=lambda: tables_bytes(input_bytes(resolve_source(cfg.source).partition(":")[2])))
+    fp_labels_of, weak_metrics = {}, {}
     if any(reads_weak_labels(arm) for arm in cfg.arms):
-        fp_ann = fingerprint("annotator", fp_data, to_dict(cfg.annotator))
-        ann = stage(out / "annotator", fp_ann, lambda: run_annotator(cfg, tables["labeled"], out / "annotator",
-                                                                     runs.parent_id))
-        warn_if_annotator_did_not_learn(ann["metrics"], cfg.seed)
-        fp_lab = fingerprint("annotate", fp_ann, to_dict(cfg.annotate))
-        labels = stage(out / "annotate", fp_lab, lambda: run_annotate(cfg, tables["unlabeled"], ann["annotator"],
-                                                                      out / "annotate"))
-        tables = {**tables, "annotated": labels["annotated"]}
-        weak_metrics = {**ann["metrics"], **labels["metrics"]}
+        tables, fp_labels_of, weak_metrics = run_weak_label_stages(cfg, out, tables, fp_data, runs.parent_id)
     else:
         from cwpo_ray import console
 
@@ -235,20 +279,22 @@ def run_seed(cfg: Config, out: Path, runs: ArmRuns, start: str, fp_base: str) ->
         fp_start = fingerprint("sft", fp_base, fp_data, policy_fp, cfg.losses[0])
         stage(out / "sft", fp_start, lambda: {"code": policy_stage.run(policy_config(
             cfg, data=tables["labeled"], model=start, out=str(out / "sft"), loss=cfg.losses[0], weighting="none",
-            run_name="sft-shared", parent_run_id=runs.parent_id))})
+            run_name="sft-shared", parent_run_id=runs.parent_id))},
+              need=lambda: policy_bytes(start, None, cfg.policy.lora, True, tables["labeled"], cfg.policy.storage_path))
         start, shared_po = str(out / "sft" / "sft"), str(out / "sft" / "policy")
 
-    split = cfg.evaluate.split
+    split, unseen = cfg.evaluate.split, resolve_unseen(cfg, tables)
     for loss in cfg.losses:
         for arm in cfg.arms:
             name = f"{arm.replace(':', '')}-{loss}"
             folder = out / "arms" / name
             data, weighting = arm_inputs(arm, tables)
             # The human and gold arms do not read the annotator's labels: a new annotator leaves them done.
-            fp_labels = fp_lab if reads_weak_labels(arm) else fp_data
+            fp_labels = fp_labels_of.get(arm_registry.spec(arm).reads, fp_data)
             fp_train = fingerprint("train", arm, loss, fp_start, fp_labels, policy_fp, cfg.seed)
             # Evaluation is its own stage: a validation pass and then the test pass share the training.
-            fp_eval = fingerprint("eval", fp_train, to_dict(cfg.evaluate), test, cfg.seed)
+            eval_settings = {k: v for k, v in to_dict(cfg.evaluate).items() if k != "unseen_prompts"}
+            fp_eval = fingerprint("eval", fp_train, eval_settings, test, cfg.seed)
             run_id = runs.child(arm, loss, cfg.seed, fp_train, human_labels_used(arm, cfg, tables))
             if arm == "human_labeled_only" and loss == cfg.losses[0] and shared_po:
                 policy, reference = shared_po, start  # the shared SFT run trained exactly this arm
@@ -257,7 +303,9 @@ def run_seed(cfg: Config, out: Path, runs: ArmRuns, start: str, fp_base: str) ->
                       folder=folder, loss=loss: {"policy": policy_stage.run(policy_config(
                           cfg, data=data, model=start, out=str(folder / "train"), loss=loss, weighting=weighting,
                           sft_epochs=cfg.policy.sft_epochs if cfg.sft == "per-arm" else 0,
-                          run_name=f"train-{name}", parent_run_id=run_id))}, label=f"{name} train")
+                          run_name=f"train-{name}", parent_run_id=run_id))}, label=f"{name} train",
+                      need=lambda data=data: policy_bytes(start, None, cfg.policy.lora, cfg.sft == "per-arm", data,
+                                                          cfg.policy.storage_path))
                 policy = str(folder / "train" / "policy")
                 reference = str(folder / "train" / "sft") if cfg.sft == "per-arm" else start
             eval_dir = folder / ("eval" if split == "test" else f"eval_{split}")
@@ -265,3 +313,11 @@ def run_seed(cfg: Config, out: Path, runs: ArmRuns, start: str, fp_base: str) ->
                             eval_dir=eval_dir: evaluate_policy(cfg, policy, reference, test, eval_dir, run_id),
                             label=f"{name} {'evaluate' if split == 'test' else split}")
             runs.finish_child(arm, loss, cfg.seed, metrics, eval_dir / "responses.parquet", split)
+            if unseen and split == "test":  # the same policy on prompts of topics no training pair had
+                unseen_cfg = replace(cfg, evaluate=replace(cfg.evaluate, split="test_unseen"))
+                unseen_dir = folder / "eval_test_unseen"
+                metrics = stage(unseen_dir, fingerprint("eval", fp_train, eval_settings, unseen, cfg.seed, "unseen"),
+                                lambda policy=policy, reference=reference, run_id=run_id, unseen_dir=unseen_dir:
+                                evaluate_policy(unseen_cfg, policy, reference, unseen, unseen_dir, run_id),
+                                label=f"{name} test_unseen")
+                runs.finish_child(arm, loss, cfg.seed, metrics, unseen_dir / "responses.parquet", "test_unseen")
