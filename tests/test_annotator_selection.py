@@ -82,8 +82,8 @@ def test_a_round_smaller_than_one_batch_is_refused_before_training():
 def test_kfold_training_chooses_epochs_refits_calibrates_and_resumes(ray_cluster, mlflow_server, tiny_decoder,
                                                                      tmp_path):
     """k-fold under DeepSpeed ZeRO-2 on two workers with a decoder backbone (last-token pooling), one
-    worker killed in fold 0: the annotator's DeepSpeed path, its restart and the epoch choice in one
-    run (the learning bar is the DDP test's, in test_annotator.py)."""
+    worker killed in fold 0: the annotator's DeepSpeed path, its restart, the epoch choice and the fold
+    models kept for the ensemble in one run (the learning bar is the DDP test's, in test_annotator.py)."""
     from test_annotator import close_pairs
     from tiny_models import synthetic_pairs
 
@@ -97,7 +97,7 @@ def test_kfold_training_chooses_epochs_refits_calibrates_and_resumes(ray_cluster
     assert main(["train-annotator", "--data", str(data), "--model", str(tiny_decoder), "--out", str(out),
                  "--lr", "2e-3", "--batch-size", "16", "--num-workers", "2", "--strategy", "deepspeed",
                  "--zero-stage", "2", "--epochs", "2", "--folds", "3", "--storage-path", str(tmp_path / "ray"),
-                 "--no-progress", "--run-name", "kfold-test",
+                 "--no-progress", "--run-name", "kfold-test", "--keep-fold-models",
                  "fail_at_epoch=1"]) == 0  # a worker dies once, in the middle of fold 0
     report = json.loads((out / "eval.json").read_text())
     rounds = [(h["round"], h["epoch"]) for h in report["history"]]
@@ -125,6 +125,10 @@ def test_kfold_training_chooses_epochs_refits_calibrates_and_resumes(ray_cluster
     (run,) = client.search_runs([client.get_experiment_by_name("cwpo").experiment_id],
                                 "tags.mlflow.runName = 'kfold-test'")
     assert run.data.metrics["resumed_after_epoch"] == 1
+    # the fold models kept for `confidence: ensemble`, saved under ZeRO-2 and through the restart
+    from test_ensemble_confidence import check_kept_fold_models
+
+    check_kept_fold_models(out, rows, 3, client, run)
 
 
 def test_pipeline_warns_on_an_annotator_at_chance_not_on_one_that_beats_noisy_labels(capsys):

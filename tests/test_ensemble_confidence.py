@@ -107,9 +107,13 @@ def test_annotate_ensemble_is_the_mean_of_the_fold_annotators(ray_cluster, tiny_
                      for m in members])
     ra, rb = both[:, :n], both[:, n:]
     margin = (ra - rb).mean(axis=0)
-    assert np.abs(margin).min() > 1e-4  # no near-tie whose label float rounding could flip
-    for r, m, a, b in zip(rows, margin, ra.mean(axis=0), rb.mean(axis=0)):
+    clear = np.abs(margin) > 1e-4  # a near-tie's label may flip with float rounding: its margin is checked
+    assert clear.sum() >= n - 2
+    for r, m, a, b, sure in zip(rows, margin, ra.mean(axis=0), rb.mean(axis=0), clear):
         g = got[r["id"]]
+        if not sure:
+            assert g["reward_chosen"] - g["reward_rejected"] == pytest.approx(abs(m), abs=1e-5)
+            continue
         assert g["chosen"] == (r["response_a"] if m >= 0 else r["response_b"])
         assert g["reward_chosen"] - g["reward_rejected"] == pytest.approx(abs(m), abs=1e-5)
         assert (g["reward_chosen"], g["reward_rejected"]) == pytest.approx((a, b) if m >= 0 else (b, a), abs=1e-5)
@@ -118,7 +122,8 @@ def test_annotate_ensemble_is_the_mean_of_the_fold_annotators(ray_cluster, tiny_
         assert "ensemble" in g["annotator"] and str(folder.resolve()) in g["annotator"]
     report = json.loads((out / "report.json").read_text())
     fold = ra - rb
-    against = np.where(margin >= 0, fold < 0, fold > 0).mean(axis=0)
+    chose_a = np.array([got[r["id"]]["chosen"] == r["response_a"] for r in rows])  # the actor's call, near-ties too
+    against = np.where(chose_a, fold < 0, fold > 0).mean(axis=0)
     assert report["confidence"] == "ensemble" and report["ensemble"]["pairs"] == len(rows)
     assert report["ensemble"]["mean_fold_disagreement"] == pytest.approx(against.mean(), abs=1e-6)
     assert report["ensemble"]["unanimous_share"] == pytest.approx((against == 0).mean(), abs=1e-6)
@@ -155,35 +160,24 @@ def test_keep_fold_models_needs_folds():
 
 # ----------------------------------------------------------------------------- train-annotator --keep-fold-models
 
-def test_kfold_training_keeps_each_fold_model_at_the_chosen_epoch(ray_cluster, mlflow_server, tiny_encoder,
-                                                                  tmp_path):
-    """DDP on two workers, an encoder (own layout), one worker killed in fold 0 after its first epoch's
-    model was saved: exactly k fold models are kept, each at the chosen epoch count, and each scores its
-    held-out fold as the out-of-fold margins that chose the epoch count and fit T recorded."""
-    from test_annotator import close_pairs
-    from tiny_models import synthetic_pairs
-
+def check_kept_fold_models(out, rows: list[dict], k: int, client, run) -> None:
+    """What train-annotator --keep-fold-models leaves (called by test_annotator_selection's k-fold test,
+    whose one run under DeepSpeed with a killed worker covers this too): exactly k fold models, each at
+    the chosen epoch count, each scoring its held-out fold as the out-of-fold margins that chose the
+    epoch count and fit T recorded; the per-epoch store gone; MLflow gets the list, not the weights."""
     from cwpo_ray.annotator_training.rounds import plan_rounds
     from cwpo_ray.recipes.train_annotator import Settings
 
-    rows = synthetic_pairs(60, seed=1) + close_pairs(60, seed=2)
-    rows = [{**r, "chosen": r["rejected"], "rejected": r["chosen"]} if i % 6 == 0 else r for i, r in enumerate(rows)]
-    data = tmp_path / "labeled.parquet"
-    write_table(pa.Table.from_pylist(rows), data)
-    out = tmp_path / "annotator"
-    assert main(["train-annotator", "--data", str(data), "--model", str(tiny_encoder), "--out", str(out),
-                 "--lr", "2e-3", "--batch-size", "16", "--num-workers", "2", "--strategy", "ddp", "--epochs", "2",
-                 "--folds", "3", "--max-length", "32", "--storage-path", str(tmp_path / "ray"), "--no-progress",
-                 "--run-name", "keep-folds-test", "--keep-fold-models", "fail_at_epoch=1"]) == 0
     report = json.loads((out / "eval.json").read_text())
     epoch, t = report["best"]["epoch"], report["calibration"]["temperature"]
-    assert sorted(p.name for p in (out / "folds").iterdir()) == ["fold-0", "fold-1", "fold-2"]
-    assert not list(tmp_path.glob(".annotator.staging-*"))  # the per-epoch store is gone
+    names = [f"fold-{f}" for f in range(k)]
+    assert sorted(p.name for p in (out / "folds").iterdir()) == names
+    assert not list(out.parent.glob(".annotator.staging-*"))  # the per-epoch store is gone
     meta = json.loads((out / "annotator.json").read_text())
     assert meta["fold_models"] == report["fold_models"]
-    assert meta["fold_models"]["folds"] == ["fold-0", "fold-1", "fold-2"] and meta["fold_models"]["epoch"] == epoch
+    assert meta["fold_models"]["folds"] == names and meta["fold_models"]["epoch"] == epoch
 
-    heldout = [spec.heldout for spec in plan_rounds(rows, Settings(folds=3), seed=0)[:3]]
+    heldout = [spec.heldout for spec in plan_rounds(rows, Settings(folds=k), seed=0)[:k]]
     pooled, start = report["heldout_margins"], 0  # fold 0's held-out pairs, then fold 1's, ...
     for f, idx in enumerate(heldout):
         folder = out / "folds" / f"fold-{f}"
@@ -200,13 +194,6 @@ def test_kfold_training_keeps_each_fold_model_at_the_chosen_epoch(ray_cluster, m
         assert margins == pytest.approx(fold_eval["heldout_margins"], abs=1e-5)
         start += len(idx)
     assert start == len(pooled) == len(rows)
-
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(mlflow_server)
-    (run,) = client.search_runs([client.get_experiment_by_name("cwpo").experiment_id],
-                                "tags.mlflow.runName = 'keep-folds-test'")
-    assert run.data.metrics["resumed_after_epoch"] == 1  # the restart, mid fold 0
     logged = {a.path for a in client.list_artifacts(run.info.run_id, "annotator")}
     assert "annotator/fold_models.json" in logged and "annotator/folds" not in logged
 

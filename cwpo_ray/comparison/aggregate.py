@@ -76,7 +76,7 @@ def arm_rows(rows: list[dict], outcomes: Outcomes) -> list[dict]:
         seeds = list(by_seed)
         runs = [by_seed[s] for s in seeds]
         found = [outcomes(r) for r in runs]
-        pooled = "+" in runs[0]["split"]
+        pooled = "+" in runs[0].get("split", "test")
         agg = judge_over_seeds(runs, [w.get(r["judge"]) if w else None for r, w in zip(runs, found)], pooled)
         judges = {j: judge_over_seeds([r["judges"][j] for r in runs], [w.get(j) if w else None for w in found],
                                       pooled)
