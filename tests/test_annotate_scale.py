@@ -111,7 +111,14 @@ def test_jsonl_byte_ranges_cover_every_line_once(tmp_path):
         got = [r.get("id") if isinstance(r, dict) else None for u in units for b in work_units.iter_unit_rows(u, 16)
                for r in b]
         assert got == expect, unit_rows
-    assert [u["kind"] for u in work_units.plan_units([gz], 1)] == ["jsonl.gz"]
+    # a .gz input is cut into ranges of lines like any other (gzip cannot seek: each unit skips to its start)
+    big = write_jsonl(tmp_path / "w.jsonl.gz", rows, raw_lines=BAD_LINES)
+    units = work_units.plan_units([big], 256)
+    assert [u["kind"] for u in units] == ["jsonl.gz"] * 3 and [(u["start"], u["end"]) for u in units] == [
+        (0, 256), (256, 512), (512, 700 + len(BAD_LINES))]
+    got = [r.get("id") if isinstance(r, dict) else None for u in units for b in work_units.iter_unit_rows(u, 16)
+           for r in b]
+    assert got == [r["id"] for r in rows] + [None] * len(BAD_LINES)
 
 
 def test_output_files_keep_their_limits(tmp_path):

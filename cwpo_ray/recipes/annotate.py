@@ -44,7 +44,8 @@ the first is alive (cwpo_ray/out_lock.py).
 A killed run resumes: run the same command again. How (and why not Ray Data's checkpoints):
 the input is cut into deterministic work units (a Parquet file's row groups, or a byte range
 of lines of a JSONL file, about --unit-rows rows each, fewer for an input under 16 x --unit-rows
-rows so that it still makes 16 units and every actor gets work; a .gz file is one unit). An actor
+rows so that it still makes 16 units and every actor gets work; a .gz file: a range of line numbers,
+counted by one pass at the start, each unit decompressing from the file's start). An actor
 labels a whole unit, writes its annotated / quarantine rows and a small JSON sidecar of its
 statistics into OUT/.annotate-work/units/, and the sidecar, renamed into place last, commits
 the unit (each file fsynced before its rename, the folder after: a sidecar that survives a
