@@ -261,7 +261,7 @@ def test_tiny_pipeline_job_on_a_two_node_cluster(local_cluster, mlflow_script_se
     config = tmp_path / "tiny.yaml"
     config.write_text(yaml.safe_dump(preset))
     runtime_env = _runtime_env(tmp_path, uri)
-    _submit(env, runtime_env, ["jobs/run.py", "pipeline", "--config", str(config)], timeout=900)
+    log = _submit(env, runtime_env, ["jobs/run.py", "pipeline", "--config", str(config)], timeout=900)
 
     run_dir = tmp_path / "run"
     runs = json.loads((run_dir / "mlflow_runs.json").read_text())
@@ -285,15 +285,10 @@ def test_tiny_pipeline_job_on_a_two_node_cluster(local_cluster, mlflow_script_se
     assert annotator_run.data.params["num_workers"] == "2" and "train_loss" in annotator_run.data.metrics
     assert {"config.yaml", "annotator"} <= {a.path for a in client.list_artifacts(annotator_run.info.run_id)}
 
-    # Submitted again, the job reuses every stage (markers) and logs to the same runs.
-    log = _submit(env, runtime_env, ["jobs/run.py", "pipeline", "--config", str(config)], timeout=600)
-    # data, annotator, annotate, start, sft; cw's training (human_labeled_only is the SFT run's PO)
-    # and two evaluations
-    assert log.count("reusing") == 5 + 1 + 2, log[-3000:]
     # The job's output is one line per stage and the table; Ray's and the stages' own output is in pipeline.log.
+    # (A rerun reusing every stage by its marker: test_pipeline.py's stage tests, in one process.)
     assert "(RayTrainWorker" not in log and "Loading weights" not in log, log[-3000:]
     assert "RayTrainWorker" in (run_dir / "pipeline.log").read_text()
-    assert json.loads((run_dir / "mlflow_runs.json").read_text())["parent"] == runs["parent"]
 
     # `cwpo compare` renders the table from the tracking server.
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # restored after the test: later tests use conftest's server

@@ -308,13 +308,13 @@ def test_train_policy_on_a_full_disk_stops_in_one_line_and_completes_once_space_
 
 @needs_namespaces
 @pytest.mark.slow
-def test_the_pipeline_refuses_a_stage_that_cannot_fit_and_resumes(mlflow_server, tiny_decoder,
+def test_the_pipeline_refuses_a_stage_that_cannot_fit(mlflow_server, tiny_decoder,
                                                                                      tmp_path):
     """Preflight off (it would refuse the whole pipeline first). 1) The data stage fits and runs; the arm's
     training is estimated (disk_space.policy_bytes: its checkpoints at their peak, model, table) against
-    the free space of its folder's disk and refused before its marker or any checkpoint is written.
-    2) Space freed: the same command reuses the data stage and completes. (A stage that starts and then
-    meets a full disk: the train-policy test above, through the same one-line error.)"""
+    the free space of its folder's disk and refused before its marker or any checkpoint is written. (A
+    stage that starts and then meets a full disk, and its rerun once space is freed: the train-policy
+    test above, through the same one-line error; a rerun reusing finished stages: test_pipeline.py.)"""
     import yaml
 
     from test_pipeline import synthetic_benchmark
@@ -343,14 +343,7 @@ def test_the_pipeline_refuses_a_stage_that_cannot_fit_and_resumes(mlflow_server,
         assert "result" in json.loads(disk.seen(out / "data" / ".stage.json").read_text())
         assert not disk.seen(train).exists() or not any(disk.seen(train).iterdir())  # never started
 
-        disk.unfill()
-        done = disk.run(cmd, command_env(), timeout=600)
-        assert done.returncode == 0, (done.stdout[-3000:], done.stderr[-3000:])
-        log = disk.seen(out / "pipeline.log").read_text()
-        metrics = json.loads(disk.seen(out / "arms" / "human-dpo" / "eval" / "eval.json").read_text())["metrics"]
-    assert "data" in log and "done already, reusing" in log and metrics["n"] == 4
-    print(f"\nreliability: pipeline refused the arm's training in {seconds:.1f} s (the data stage done): {line}; "
-          f"then completed: GRA over {metrics['n']} prompts, the data stage reused")
+    print(f"\nreliability: pipeline refused the arm's training in {seconds:.1f} s (the data stage done): {line}")
 
 
 def the_pipeline_line(result: subprocess.CompletedProcess, what: str, folder: Path, need: int) -> str:
