@@ -30,6 +30,7 @@ import argparse
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -276,7 +277,10 @@ def bench_annotate(args, work: Path) -> list[str]:
 # annotated pairs, the reference pass over all N pairs included (into a fresh --reference-cache, as
 # the pipeline runs it); prints each worker's and the driver's peak RSS (the kernel's VmHWM, read
 # every 0.2 s from /proc while the process lives, and the largest sampled RSS), the reference
-# pass's seconds and the wall time.
+# pass's seconds and the wall time. Then (unless --no-rerun) the same run again from the same start
+# into a new --out with the same cache, which takes every pair from it; for both runs a second table
+# gives the cache (rows, MiB and segments on disk after the run, segments before -> after) and the
+# lookups' cost (from the pass's summary line: rows read, rows read per pair and per lookup, seconds).
 
 POLICY_FLAGS = ["--sft-epochs", "0", "--max-steps", "20", "--num-workers", "2", "--cpus-per-worker", "1",
                 "--batch-size", "8", "--max-length", "64", "--max-prompt-length", "32", "--ref-batch-size", "64",
@@ -332,12 +336,13 @@ class PeakRSS(Sampler):
 
 
 
-def run_policy(data: Path, model: Path, out: Path, log: Path) -> dict:
+def run_policy(data: Path, model: Path, out: Path, log: Path, cache: Path | None = None) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
                DS_ACCELERATOR="cpu", MLFLOW_TRACKING_URI=f"sqlite:///{out.parent / 'mlflow.db'}")
+    cache = cache or Path(f"{out}-cache")
     cmd = [sys.executable, "-m", "cwpo_ray", "train-policy", "--data", str(data), "--model", str(model),
-           "--out", str(out), "--reference-cache", f"{out}-cache", *POLICY_FLAGS]
+           "--out", str(out), "--reference-cache", str(cache), *POLICY_FLAGS]
     start = time.perf_counter()
     with open(log, "w") as fh:
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=REPO, start_new_session=True)
@@ -345,33 +350,75 @@ def run_policy(data: Path, model: Path, out: Path, log: Path) -> dict:
             rc = proc.wait()
     if rc:
         raise RuntimeError(f"cwpo train-policy failed ({rc}); see {log}")
-    text = log.read_text()
-    ref = [line for line in text.splitlines() if "reference log-probs of" in line]
-    seconds = float(ref[-1].rsplit(" in ", 1)[1].split("s")[0]) if ref else float("nan")
     mib = lambda v: v / 2**20  # noqa: E731
-    return {"cmd": " ".join(cmd[1:]), "wall": time.perf_counter() - start, "reference_s": seconds,
+    return {"cmd": " ".join(cmd[1:]), "wall": time.perf_counter() - start, **reference_summary(log.read_text()),
+            "cache_disk": cache_on_disk(cache),
             "driver_hwm": mib(peak.driver["hwm"]), "driver_rss": mib(peak.driver["rss"]),
             "workers_hwm": [mib(w["hwm"]) for w in peak.workers.values()],
             "workers_rss": [mib(w["rss"]) for w in peak.workers.values()]}
 
 
-def bench_policy(sizes: list[int], work: Path) -> list[str]:
+# The reference pass's summary line (cwpo_ray/policy/reference.py's _summary_line).
+SUMMARY = re.compile(
+    r"reference log-probs of (?P<pairs>\d+) pairs \((?P<computed>\d+) computed, \d+ from the cache\) in "
+    r"(?P<reference_s>[\d.]+)s -> .*?; cache: (?P<seg_before>\d+) -> (?P<seg_after>\d+) segments, "
+    r"(?P<rows_before>\d+) -> (?P<rows_after>\d+) rows \((?P<bytes_after>\d+) bytes\), "
+    r"(?P<rows_read>\d+) rows read by (?P<lookups>\d+) lookups of (?P<chunk>\d+) groups in (?P<lookup_s>[\d.]+)s, "
+    r"compacted (?P<merged>\d+) segments \((?P<compact_rows_read>\d+) rows read\) in (?P<compact_s>[\d.]+)s")
+
+
+def reference_summary(text: str) -> dict:
+    """The last summary line's figures (reference_s NaN when there is none)."""
+    found = list(SUMMARY.finditer(text))
+    if not found:
+        return {"reference_s": float("nan")}
+    return {k: float(v) if "." in v else int(v) for k, v in found[-1].groupdict().items()}
+
+
+def cache_on_disk(cache: Path) -> dict:
+    """Rows (from the footers, duplicates counted), bytes and segment count of a reference cache folder."""
+    files = sorted(cache.glob("reference-*/seg-*.parquet")) + sorted(cache.glob("reference-*.parquet"))
+    return {"rows": sum(pq.ParquetFile(f).metadata.num_rows for f in files),
+            "bytes": sum(f.stat().st_size for f in files), "segments": len(files)}
+
+
+def cache_row(n: int, label: str, r: dict) -> str:
+    disk, lookups = r["cache_disk"], max(r.get("lookups", 0), 1)
+    return (f"| {n:,} | {label} | {r['reference_s']:.1f} | {r.get('computed', 0):,} | {disk['rows']:,} | "
+            f"{disk['bytes'] / 2**20:.1f} | {r.get('seg_before', 0)} -> {disk['segments']} | "
+            f"{r.get('lookups', 0)} x {r.get('chunk', 0)} groups | {r.get('rows_read', 0):,} | "
+            f"{r.get('rows_read', 0) / max(n, 1):.1f} | {r.get('rows_read', 0) / lookups:,.0f} | "
+            f"{r.get('lookup_s', float('nan')):.2f} | {r.get('compact_s', float('nan')):.2f} |")
+
+
+def bench_policy(sizes: list[int], work: Path, rerun: bool = True) -> list[str]:
     from tiny_models import build_tiny_decoder
 
     model = build_tiny_decoder(work / "tiny-policy")
     head = ["| pairs | wall s | reference pass s | pairs/s (reference) | worker peak RSS MiB (VmHWM, each) | "
             "worker max sampled RSS MiB | driver peak RSS MiB (VmHWM) | driver max sampled RSS MiB |",
             "|---:|---:|---:|---:|---|---|---:|---:|"]
-    rows, results = [], {}
+    cache_head = ["| pairs | run | reference pass s | computed | cache rows | cache MiB | cache segments (before -> "
+                  "after) | lookups | rows read | rows read / pair | rows read / lookup | lookup s | compaction s |",
+                  "|---:|---|---:|---:|---:|---:|---|---|---:|---:|---:|---:|---:|"]
+    rows, cache_rows, results = [], [], {}
     for n in sizes:
         t0 = time.perf_counter()
         data = make_policy_pairs(n, work / f"policy-pairs-{n}")
         made = time.perf_counter() - t0
-        r = results[n] = run_policy(data, model, work / f"policy-out-{n}", work / f"policy-{n}.log")
+        out = work / f"policy-out-{n}"
+        r = results[n] = run_policy(data, model, out, work / f"policy-{n}.log")
         rows.append(f"| {n:,} | {r['wall']:.0f} | {r['reference_s']:.0f} | {n / r['reference_s']:,.0f} | "
                     f"{', '.join(f'{v:.0f}' for v in r['workers_hwm'])} | {', '.join(f'{v:.0f}' for v in r['workers_rss'])} | "
                     f"{r['driver_hwm']:.0f} | {r['driver_rss']:.0f} |")
         print(rows[-1], f"(data made in {made:.0f} s)", flush=True)
+        cache_rows.append(cache_row(n, "fresh cache", r))
+        print(cache_rows[-1], flush=True)
+        if rerun:  # the same start and pairs again: every pair from the cache the first run filled
+            again = run_policy(data, model, work / f"policy-out-{n}-rerun", work / f"policy-{n}-rerun.log",
+                               cache=Path(f"{out}-cache"))
+            cache_rows.append(cache_row(n, f"rerun (wall {again['wall']:.0f} s)", again))
+            print(cache_rows[-1], flush=True)
     lines = head + rows
     if len(sizes) > 1:
         lo, hi = results[min(sizes)], results[max(sizes)]
@@ -380,17 +427,19 @@ def bench_policy(sizes: list[int], work: Path) -> list[str]:
                      f"{max(hi['workers_hwm']) / max(lo['workers_hwm']):.3f}x, driver peak RSS "
                      f"{hi['driver_hwm'] / lo['driver_hwm']:.3f}x")
     lines.append(f"- command: `python {lo['cmd'] if len(sizes) > 1 else results[sizes[0]]['cmd']}`")
-    return lines
+    return lines + ["", "Reference cache (rows read: by all workers' lookups; lookup s: the slowest worker's):", ""] + \
+        cache_head + cache_rows
 
 
 def policy_main(argv: list[str]) -> None:
     ap = argparse.ArgumentParser(prog="bench/scale.py policy", description="train-policy memory at scale")
     ap.add_argument("--sizes", default="10000,1000000", help="comma-separated pair counts")
     ap.add_argument("--work", default=None, help="work folder (default: a new temporary one)")
+    ap.add_argument("--no-rerun", action="store_true", help="no second run from the same start (the cache hit)")
     args = ap.parse_args(argv)
     work = Path(args.work or tempfile.mkdtemp(prefix="bench-scale-policy-"))
     work.mkdir(parents=True, exist_ok=True)
-    lines = bench_policy([int(s) for s in args.sizes.split(",") if s], work)
+    lines = bench_policy([int(s) for s in args.sizes.split(",") if s], work, rerun=not args.no_rerun)
     print(f"\n`cwpo train-policy`, tiny Llama (2 layers, 32 wide), 2 workers x 1 CPU, {psutil.cpu_count()} cores, "
           f"{psutil.virtual_memory().total / 2**30:.0f} GiB")
     print("\n".join(lines))

@@ -1,6 +1,7 @@
 """The reference log-probs of a PO run: computed once, before the first step, by the training
 workers themselves (the start model IS the reference), kept as a table of the training table's
-rows, and shared across runs from the same start through a cache of (prompt, response) scores.
+rows, and shared across runs from the same start through a cache of (prompt, response) scores
+(`reference_cache.py`).
 """
 
 from __future__ import annotations
@@ -11,12 +12,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from cwpo_ray.policy.reference_cache import CACHE_CHUNK_GROUPS, ReferenceCache, lookup_chunk_groups
 from cwpo_ray.policy.train_table import arrow_schema
 
 REFERENCE_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps", "chosen_tokens", "rejected_tokens")
 
 
-@dataclass
 @dataclass
 class ReferenceSpec:
     """Where and how the reference log-probs of a PO run are computed and kept."""
@@ -29,7 +30,7 @@ class ReferenceSpec:
     packing: str = "shared_prefix"  # logprobs.pair_batch's packing
 
 
-def ensure_reference(engine, tokenizer, pairs: str, spec: ReferenceSpec, rank: int, world_size: int) -> None:
+def ensure_reference(engine, tokenizer, pairs: str, spec: ReferenceSpec, rank: int, world_size: int) -> Optional[dict]:
     """Writes ``spec.table``: per row of the pair table ``pairs`` (in its order, in the same row
     groups) its id, ref_chosen_logps / ref_rejected_logps and token counts, computed once.
 
@@ -48,17 +49,20 @@ def ensure_reference(engine, tokenizer, pairs: str, spec: ReferenceSpec, rank: i
 
     With --reference-cache, responses another run already scored from the same start model
     at the same lengths are taken from the cache (the pipeline's human / ws / cw arms score
-    the same texts): looked up CACHE_CHUNK_GROUPS row groups at a time (``ReferenceCache``).
+    the same texts): looked up ``lookup_chunk_groups`` row groups at a time (``ReferenceCache``),
+    and rank 0 compacts the cache at the end (``ReferenceCache.compact``). Returns the pass's figures
+    (pairs computed, the cache's segments and rows before / after, rows read by lookups and their
+    seconds; None when the table was there already); rank 0 prints them (``_summary_line``).
     """
     import numpy as np
     import pyarrow as pa
 
-    from cwpo_ray.distributed import barrier, sum_over_workers
+    from cwpo_ray.distributed import barrier, max_over_workers, sum_over_workers
     from cwpo_ray.rowstore import RowReader, RowWriter
 
     path = Path(spec.table)
     if path.exists():
-        return
+        return None
     t0 = time.perf_counter()
     device = engine.device  # collectives on it (NCCL needs the GPU)
     reader = RowReader(pairs, columns=["id", "prompt", "chosen", "rejected"], cache_groups=1)
@@ -66,16 +70,23 @@ def ensure_reference(engine, tokenizer, pairs: str, spec: ReferenceSpec, rank: i
     schema = arrow_schema([("id", "string")] + [(c, "float64" if "logps" in c else "int64") for c in REFERENCE_COLUMNS])
     parts = path.with_suffix("")
     rounds = -(-reader.num_groups // world_size)
+    chunk, before = CACHE_CHUNK_GROUPS, (0, 0)
+    if cache is not None:
+        listed = cache.pin()  # lookups read the cache as it is now, not the segments this run adds
+        # Every rank must loop over the same chunks (a round's forwards are collective), and another
+        # run may add segments between two ranks' listings: all take the largest count.
+        before = tuple(int(v) for v in max_over_workers([cache.num_rows(listed), len(listed)], device))
+        chunk = lookup_chunk_groups(before[0], 2 * reader.num_rows / max(reader.num_groups, 1))
     dummy = reader.take([0]).to_pydict()
     computed = 0
     engine.eval()
     with RowWriter(parts / f"part-{rank}.parquet", schema) as part:
-        for first in range(0, rounds, CACHE_CHUNK_GROUPS):
-            mine = [g for g in (j * world_size + rank for j in range(first, min(rounds, first + CACHE_CHUNK_GROUPS)))
+        for first in range(0, rounds, chunk):
+            mine = [g for g in (j * world_size + rank for j in range(first, min(rounds, first + chunk)))
                     if g < reader.num_groups]
             known = _cache_lookup(cache, reader, mine)
             new_entries = []
-            for j in range(first, min(rounds, first + CACHE_CHUNK_GROUPS)):
+            for j in range(first, min(rounds, first + chunk)):
                 g = j * world_size + rank
                 rows = reader.group(g).to_pydict() if g < reader.num_groups else None
                 values, todo = _score_group(engine, tokenizer, rows, known.pop(g, None), dummy, spec, device)
@@ -94,12 +105,46 @@ def ensure_reference(engine, tokenizer, pairs: str, spec: ReferenceSpec, rank: i
             for g in range(reader.num_groups):  # group g is part g % world_size's group g // world_size
                 merged.write_group(part_readers[g % world_size].group(g // world_size))
         shutil.rmtree(parts, ignore_errors=True)
-    total = int(sum_over_workers([computed], device)[0])
+    read = (cache.rows_read, cache.lookups) if cache is not None else (0, 0)
+    total, rows_read, lookups = (int(v) for v in sum_over_workers([computed, *read], device))
+    lookup_s = max_over_workers([cache.lookup_seconds if cache is not None else 0.0], device)[0]
     barrier()
+    summary = {"pairs": reader.num_rows, "computed": total, "seconds": time.perf_counter() - t0}
+    if cache is not None:
+        summary.update(cache_rows_before=before[0], cache_segments_before=before[1], lookups=lookups,
+                       lookup_rows_read=rows_read, lookup_seconds=lookup_s, chunk_groups=chunk)
     if rank == 0:
-        n = reader.num_rows
-        print(f"train-policy: reference log-probs of {n} pairs ({total} computed, {n - total} from "
-              f"the cache) in {time.perf_counter() - t0:.1f}s -> {path}")
+        if cache is not None:  # no collective after this: the other ranks go on to train meanwhile
+            summary.update(_compact(cache))
+        print(_summary_line(summary, path), flush=True)
+    return summary
+
+
+def _compact(cache: "ReferenceCache") -> dict:
+    """Compacts ``cache`` (if it holds enough segments); its figures. A failure (a full disk) leaves
+    the cache as it was and the run goes on: compaction only saves later runs' time."""
+    t0 = time.perf_counter()
+    try:
+        merged = cache.compact()
+    except OSError as e:
+        print(f"train-policy: reference cache not compacted ({e})", flush=True)
+        merged = 0
+    return {"cache_segments_merged": merged, "cache_segments_after": len(cache.segments()),
+            "cache_rows_after": cache.num_rows(), "cache_bytes_after": cache.num_bytes(),
+            "compact_rows_read": cache.merge_rows_read, "compact_seconds": time.perf_counter() - t0}
+
+
+def _summary_line(s: dict, path: Path) -> str:
+    n = s["pairs"]
+    line = (f"train-policy: reference log-probs of {n} pairs ({s['computed']} computed, {n - s['computed']} from "
+            f"the cache) in {s['seconds']:.1f}s -> {path}")
+    if "lookups" not in s:
+        return line
+    return (f"{line}; cache: {s['cache_segments_before']} -> {s['cache_segments_after']} segments, "
+            f"{s['cache_rows_before']} -> {s['cache_rows_after']} rows ({s['cache_bytes_after']} bytes), "
+            f"{s['lookup_rows_read']} rows read by {s['lookups']} lookups of {s['chunk_groups']} groups in "
+            f"{s['lookup_seconds']:.2f}s, compacted {s['cache_segments_merged']} segments "
+            f"({s['compact_rows_read']} rows read) in {s['compact_seconds']:.2f}s")
 
 
 def _score_group(engine, tokenizer, rows: Optional[dict], known, dummy: dict, spec: ReferenceSpec, device):
@@ -135,11 +180,6 @@ def _score_group(engine, tokenizer, rows: Optional[dict], known, dummy: dict, sp
     return values, todo
 
 
-# Row groups of the pair table looked up in the reference cache at once: each lookup reads the
-# cache once, so bigger chunks mean fewer reads; a chunk holds 2 x 1024 keys per group (~100 B each).
-CACHE_CHUNK_GROUPS = 64
-
-
 def _cache_lookup(cache, reader, groups: list[int]) -> dict:
     """{group: (hit per row, values per row)} for the rows of ``groups`` whose responses are both in
     the cache; {} without a cache."""
@@ -171,80 +211,6 @@ def _cache_entries(rows: dict, values: dict, todo: list[int]):
     logps = np.concatenate([values[f"ref_{side}_logps"][todo] for side in ("chosen", "rejected")])
     tokens = np.concatenate([values[f"{side}_tokens"][todo] for side in ("chosen", "rejected")])
     return np.array(keys, dtype="S32"), logps, tokens
-
-
-class ReferenceCache:
-    """Reference log-probs of (prompt, response) texts under one start model and one truncation.
-
-    A folder per (model, tokenization) fingerprint in a shared folder, of Parquet segments:
-    key (a hash of the prompt and the response), logps, tokens, each segment sorted by key with
-    row-group statistics. A run adds one segment per worker per lookup chunk of responses it
-    scored (atomically; segments are never rewritten, so concurrent runs never lose each other's).
-    ``lookup`` streams the segments' row groups (skipping those whose key range misses the
-    keys asked) and joins them to a sorted batch of keys: memory is one row group and the batch,
-    not the cache. The cost is a read of the cache per lookup (so per CACHE_CHUNK_GROUPS x 1024
-    pairs); the file of earlier versions, reference-KEY.parquet (sorted by key), is read as a segment.
-    """
-
-    GROUP_ROWS = 65536
-
-    def __init__(self, folder: str, model_key: str):
-        self.folder = Path(folder) / f"reference-{model_key}"
-        self.legacy = Path(folder) / f"reference-{model_key}.parquet"
-
-    @staticmethod
-    def key(prompt: str, response: str) -> str:
-        import hashlib
-
-        return hashlib.sha256(f"{prompt}\0{response}".encode()).hexdigest()[:32]
-
-    def segments(self) -> list[Path]:
-        found = sorted(self.folder.glob("seg-*.parquet")) if self.folder.is_dir() else []
-        return ([self.legacy] if self.legacy.exists() else []) + found
-
-    def lookup(self, keys):
-        """(found, logps, tokens) for each of ``keys`` (numpy bytes 'S32'), in their order."""
-        import numpy as np
-        import pyarrow.parquet as pq
-
-        order = np.argsort(keys, kind="stable")
-        want = keys[order]
-        found = np.zeros(len(keys), dtype=bool)
-        logps, tokens = np.zeros(len(keys)), np.zeros(len(keys), dtype=np.int64)
-        if not len(keys):
-            return found, logps, tokens
-        lo, hi = want[0].decode(), want[-1].decode()
-        for segment in self.segments():
-            f = pq.ParquetFile(segment)
-            for g in range(f.metadata.num_row_groups):
-                stats = f.metadata.row_group(g).column(0).statistics
-                if stats is not None and stats.has_min_max and (stats.max < lo or stats.min > hi):
-                    continue
-                t = f.read_row_group(g, columns=["key", "logps", "tokens"])
-                have = t.column("key").to_numpy(zero_copy_only=False).astype("S32")
-                at = np.searchsorted(have, want).clip(max=len(have) - 1)
-                hit = have[at] == want
-                sel = order[hit]
-                found[sel] = True
-                logps[sel] = t.column("logps").to_numpy()[at[hit]]
-                tokens[sel] = t.column("tokens").to_numpy()[at[hit]]
-        return found, logps, tokens
-
-    def add_segment(self, keys, logps, tokens) -> None:
-        """A new segment of these entries (numpy arrays; keys 'S32'), sorted by key, duplicates dropped."""
-        import uuid
-
-        import numpy as np
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        from cwpo_ray.tables import atomic_path
-
-        keys, first = np.unique(keys, return_index=True)
-        table = pa.table({"key": pa.array(keys.astype(str), pa.string()), "logps": pa.array(logps[first], pa.float64()),
-                          "tokens": pa.array(tokens[first], pa.int64())})
-        with atomic_path(self.folder / f"seg-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.parquet") as tmp:
-            pq.write_table(table, tmp, row_group_size=self.GROUP_ROWS)
 
 
 def reference_key(source, cfg, precision: str = "fp32") -> str:
