@@ -7,6 +7,10 @@
 #   cluster/local.sh down      stop exactly the processes of that cluster (never `ray stop`, which
 #                              would also stop every other Ray on the machine)
 #   cluster/local.sh env       print the env file's path (source it to talk to the cluster)
+#   cluster/local.sh kill-node I   SIGKILL every process of worker node I at once (raylet, agents,
+#                              workers): the node is lost as a machine that loses power is
+#   cluster/local.sh add-node  start one more worker node (as an autoscaler replaces a lost one);
+#                              prints its number
 #
 # State lives in CWPO_LOCAL_CLUSTER_DIR (default: ${TMPDIR:-/tmp}/cwpo-local-cluster-$USER):
 #   env         RAY_ADDRESS (dashboard, for `ray job submit`), CWPO_RAY_GCS_ADDRESS (for ray.init /
@@ -53,8 +57,8 @@ EOF
 
 # Every process whose command line names our temp dir (gcs, raylets, dashboard, agents, workers)
 # or that is a descendant of one: the cluster, and nothing else.
-cluster_pids() {
-  "$PY" - "$DIR/ray" <<'EOF'
+cluster_pids() {  # cluster_pids [MARK]: MARK defaults to the cluster's temp dirs ($DIR/ray, $DIR/ray-wN)
+  "$PY" - "${1:-$DIR/ray}" <<'EOF'
 import os, sys
 mark = sys.argv[1].encode()
 procs = {}
@@ -175,20 +179,7 @@ RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
 EOF
   # Wait until every node has registered (a worker's raylet may register after `ray start` returned).
   local alive
-  alive="$("$PY" - "127.0.0.1:$gcs" "$((workers + 1))" "${CWPO_NODE_WAIT_S:-180}" 2>/dev/null <<'PYEOF' || true
-import sys, time
-import ray
-ray.init(address=sys.argv[1], logging_level="ERROR", log_to_driver=False)
-want, deadline = int(sys.argv[2]), time.monotonic() + float(sys.argv[3])
-while True:
-    alive = sum(1 for n in ray.nodes() if n["Alive"])
-    if alive >= want or time.monotonic() > deadline:
-        break
-    time.sleep(1)
-print(alive)
-PYEOF
-)"
-  alive="${alive##*$'\n'}"
+  alive="$(CWPO_RAY_GCS_ADDRESS="127.0.0.1:$gcs" alive_nodes "$((workers + 1))" "${CWPO_NODE_WAIT_S:-180}" || true)"
   # ...and until `ray status` shows them: it prints what Ray's autoscaler monitor last wrote, which
   # lists a node some seconds after the node registered (the monitor's update period).
   local shown=0 t0=$SECONDS
@@ -230,6 +221,55 @@ pids_of() {
   done
 }
 
+# Worker node I's processes: those naming its own temp dir (ray-wI/, the slash so that node 1 is not
+# node 10) and their descendants.
+cmd_kill_node() {
+  local i="${1:-}"
+  [[ "$i" =~ ^[1-9][0-9]*$ ]] || die "kill-node: I must be a worker node's number (1, 2, ...), got '$i'"
+  load_env
+  local pids; pids="$(cluster_pids "$DIR/ray-w$i/")"
+  [ -n "$pids" ] || die "kill-node: worker node $i has no processes (not started, or already lost)"
+  # shellcheck disable=SC2086
+  kill -KILL $pids 2>/dev/null || true
+  echo "worker node $i lost: SIGKILLed $(wc -w <<<"$pids") processes:" $pids
+}
+
+# One more worker node, numbered after the highest one ever started (a lost node's folder stays).
+cmd_add_node() {
+  load_env
+  local i=1 ports cpus="${CWPO_NODE_CPUS:-1}" store="${CWPO_OBJECT_STORE_BYTES:-200000000}"
+  while [ -e "$DIR/ray-w$i" ] || [ -e "$DIR/worker-$i.log" ]; do i=$((i + 1)); done
+  read -r -a ports <<<"$(free_ports 4)"
+  start_worker "$DIR/worker-$i.log" --address="$CWPO_RAY_GCS_ADDRESS" --temp-dir="$DIR/ray-w$i" \
+    --node-ip-address=127.0.0.1 --num-cpus="$cpus" --num-gpus=0 --object-store-memory="$store" \
+    --disable-usage-stats --resources='{"cwpo_worker_node": 1}' \
+    --dashboard-agent-listen-port="${ports[0]}" --dashboard-agent-grpc-port="${ports[1]}" \
+    --runtime-env-agent-port="${ports[2]}" --metrics-export-port="${ports[3]}" 2>/dev/null \
+    || grep -q "timed out during startup" "$DIR/worker-$i.log" \
+    || die "worker node $i did not start: $(tail -n 5 "$DIR/worker-$i.log")"
+  # A lost node may still count as alive until the GCS misses its heartbeats: wait for this one by its temp dir.
+  [ "$(alive_nodes 1 "${CWPO_NODE_WAIT_S:-180}" "$DIR/ray-w$i/")" = 1 ] \
+    || die "worker node $i did not register: $(tail -n 5 "$DIR/worker-$i.log")"
+  echo "worker node $i up"
+}
+
+# alive_nodes WANT WAIT_S [MARK]: the number of live nodes (with MARK: those whose raylet socket lies
+# under the temp dir MARK), once it reaches WANT or after WAIT_S seconds.
+alive_nodes() {
+  "$PY" - "$CWPO_RAY_GCS_ADDRESS" "$1" "$2" "${3:-}" 2>/dev/null <<'PYEOF' | tail -n 1
+import sys, time
+import ray
+ray.init(address=sys.argv[1], logging_level="ERROR", log_to_driver=False)
+want, deadline, mark = int(sys.argv[2]), time.monotonic() + float(sys.argv[3]), sys.argv[4]
+while True:
+    alive = sum(1 for n in ray.nodes() if n["Alive"] and mark in n.get("RayletSocketName", ""))
+    if alive >= want or time.monotonic() > deadline:
+        break
+    time.sleep(1)
+print(alive)
+PYEOF
+}
+
 cmd_down() {
   [ -d "$DIR" ] || { echo "no local cluster in $DIR"; return 0; }
   # In `ray stop`'s order: raylets first, the GCS last. Stopped all at once, the GCS waits for
@@ -255,5 +295,7 @@ case "${1:-}" in
   down) cmd_down ;;
   status) cmd_status ;;
   env) load_env >/dev/null; echo "$ENV_FILE" ;;
-  *) echo "usage: cluster/local.sh up [N] | down | status | env" >&2; exit 2 ;;
+  kill-node) shift; cmd_kill_node "$@" ;;
+  add-node) cmd_add_node ;;
+  *) echo "usage: cluster/local.sh up [N] | down | status | env | kill-node I | add-node" >&2; exit 2 ;;
 esac

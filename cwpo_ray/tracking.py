@@ -94,10 +94,13 @@ def relay_metrics(path: str | Path, run_id: str, interval_s: float = 1.0):
     ``path`` (``distributed.RankZeroLogger``: one JSON line per call), every ``interval_s`` from a
     thread, and what is left when the body ends.
 
-    How far it got is kept next to the file (``<path>.relayed``, a byte offset), so a rerun into the
-    same folder continues there and each line is logged once, barring an MLflow error between two
-    batches of one read (then those are logged again). A line that does not parse (a worker killed
-    mid-write, on storage without atomic appends) is skipped with a message on stderr.
+    How far it got is kept next to the file (``<path>.relayed``: the byte offset and each metric's
+    last step), so a rerun into the same folder continues there and each line is logged once,
+    barring an MLflow error between two batches of one read (then those are logged again). A metric
+    at or below the last step logged for it is a step trained again after a resume from an earlier
+    checkpoint (a lost worker or node): the run keeps the first value, so each step has one. A
+    line that does not parse (a worker killed mid-write, on storage without atomic appends) is
+    skipped with a message on stderr.
     """
     relay = MetricsRelay(Path(path), run_id)
     stop = threading.Event()
@@ -147,9 +150,12 @@ class MetricsRelay:
 
         self.path, self.run_id = path, run_id
         self.mark = relay_mark(path)
-        self.offset = int(self.mark.read_text() or 0) if self.mark.exists() else 0
+        mark = json.loads(self.mark.read_text() or "0") if self.mark.exists() else 0
+        if isinstance(mark, int):  # the mark of earlier versions: the offset alone
+            mark = {"offset": mark, "last_step": {}}
+        self.offset, self.last_step = mark["offset"], mark["last_step"]
         self.client = MlflowClient(tracking_uri())
-        self.lines = self.skipped = 0
+        self.lines = self.skipped = self.retrained = 0
 
     def drain(self) -> int:
         """Log the complete lines written since the last call; the number of metrics logged."""
@@ -164,14 +170,21 @@ class MetricsRelay:
         except FileNotFoundError:
             return 0
         end = data.rfind(b"\n") + 1  # a line still being written waits for the next call
-        metrics, bad = [], []
+        metrics, bad, last_step = [], [], dict(self.last_step)
         for line in data[:end].splitlines():
             try:
                 row = json.loads(line)
-                metrics += [Metric(k, float(v), int(row["timestamp"]), int(row["step"]))
-                            for k, v in row["metrics"].items()]
+                step = int(row["step"])
+                new = [Metric(k, float(v), int(row["timestamp"]), step) for k, v in row["metrics"].items()]
             except (ValueError, KeyError, TypeError, AttributeError):
                 bad.append(line)
+                continue
+            for m in new:
+                if m.step > last_step.get(m.key, -1):
+                    metrics.append(m)
+                    last_step[m.key] = m.step
+                else:
+                    self.retrained += 1
         for i in range(0, len(metrics), self.MAX_PER_BATCH):
             self.client.log_batch(self.run_id, metrics=metrics[i:i + self.MAX_PER_BATCH])
         for line in bad:  # said once: after a failed log_batch the same lines are read again
@@ -179,7 +192,8 @@ class MetricsRelay:
                   file=sys.stderr)
         if end:
             self.offset += end
-            self.mark.write_text(str(self.offset))
+            self.last_step = last_step
+            self.mark.write_text(json.dumps({"offset": self.offset, "last_step": last_step}))
         self.skipped += len(bad)
         self.lines += data[:end].count(b"\n") - len(bad)
         return len(metrics)

@@ -300,6 +300,143 @@ def test_tiny_pipeline_job_on_a_two_node_cluster(local_cluster, mlflow_script_se
     assert (tmp_path / "cmp" / "compare_paired.png").stat().st_size > 1000
 
 
+# ----------------------------------------------------------------------------- a node lost mid-stage
+# After the job test (same module-scoped cluster): each kills the current worker node with
+# `local.sh kill-node` (every process of that node SIGKILLed at once, as a machine that loses power)
+# while it works, and `local.sh add-node` brings a replacement, as an autoscaler would.
+
+
+def _node_command(env: dict, *args: str) -> str:
+    out = subprocess.run(["bash", LOCAL_SH, *args], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def _worker_nodes(env: dict) -> list[int]:
+    """The worker nodes started so far (their temp dirs), lost ones included."""
+    root = Path(env["CWPO_LOCAL_CLUSTER_DIR"])
+    return sorted(int(p.name[len("ray-w"):]) for p in root.glob("ray-w*"))
+
+
+def _driver_env(env: dict) -> dict:
+    """A `cwpo` driver on the head that joins the cluster (as in a `ray job submit` job)."""
+    return {**env, "RAY_ADDRESS": env["CWPO_RAY_GCS_ADDRESS"], "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
+
+
+@pytest.mark.slow
+def test_annotate_finishes_on_the_remaining_node_when_a_node_is_lost(local_cluster, tiny_encoder, tmp_path):
+    """One actor on each node (1 CPU each); once a few units are committed the worker node is lost.
+    Ray Data restarts the lost actor (max_restarts -1) and retries its unit; the job finishes on the
+    head, every input id exactly once, the lost node's half-written unit labeled again, not twice."""
+    from cwpo_ray.annotator import new_annotator, save_annotator
+    from cwpo_ray.models import ModelSource
+    from cwpo_ray.tables import read_table
+    from fixtures_data import write_jsonl
+    from test_annotate_scale import BAD_LINES, pairs
+
+    env = local_cluster
+    node = _worker_nodes(env)[-1]
+    annotator = save_annotator(new_annotator(ModelSource(str(tiny_encoder)), max_length=32), tmp_path / "annotator")
+    rows = pairs(12_000)
+    write_jsonl(tmp_path / "data" / "part-0.jsonl", rows, raw_lines=BAD_LINES)
+    out = tmp_path / "out"
+    units_dir = out / ".annotate-work" / "units"
+    log = tmp_path / "annotate.log"
+    run = subprocess.Popen(
+        [sys.executable, "-m", "cwpo_ray", "annotate", "--data", str(tmp_path / "data"), "--annotator",
+         str(annotator), "--out", str(out), "--num-actors", "2", "--cpus-per-actor", "1", "--unit-rows", "300"],
+        env=_driver_env(env), cwd=REPO, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    seen: dict[str, int] = {}  # unit -> the pid that committed it, read as each sidecar appears
+    killed, seen_at_kill = set(), 0
+    try:
+        deadline = time.monotonic() + 600
+        while run.poll() is None and time.monotonic() < deadline:
+            for side in units_dir.glob("*.json"):
+                if side.name not in seen:
+                    seen[side.name] = json.loads(side.read_text())["pid"]
+            if not killed and len(seen) >= 6:
+                said = _node_command(env, "kill-node", str(node))
+                killed, seen_at_kill = {int(p) for p in said.rsplit(":", 1)[1].split()}, len(seen)
+            time.sleep(0.1)
+        assert run.wait(timeout=60) == 0, log.read_text()[-3000:]
+    finally:
+        if run.poll() is None:
+            os.killpg(run.pid, 9)
+    assert killed, f"the run ended before the node could be lost: {log.read_text()[-2000:]}"
+
+    annotated, quarantine = read_table(out / "annotated.parquet"), read_table(out / "quarantine.parquet")
+    ids = annotated["id"].to_pylist() + quarantine["id"].to_pylist()
+    assert len(ids) == len(set(ids)) == len(rows) + len(BAD_LINES)
+    assert set(annotated["id"].to_pylist()) == {r["id"] for r in rows}
+    report = json.loads((out / "report.json").read_text())
+    assert report["annotated"] + report["quarantined"] == report["input_rows"] == len(ids)
+    by_lost_node = [u for u, pid in seen.items() if pid in killed]
+    assert by_lost_node, "no unit was labeled on the node that was lost: the test did not test a node loss"
+    late = list(seen)[seen_at_kill + 2:]  # committed well after the loss: only the head's actors remain
+    assert late and not [u for u in late if seen[u] in killed]
+    assert len(seen) == report["units"]
+    print(f"\nreliability: worker node {node} lost after {seen_at_kill}/{report['units']} units "
+          f"({len(by_lost_node)} of them labeled there); the job finished on the head: input {len(ids)} = "
+          f"annotated {annotated.num_rows} + quarantined {quarantine.num_rows}, each id once")
+    _node_command(env, "add-node")  # two nodes again for the next test
+
+
+@pytest.mark.slow
+def test_train_policy_resumes_on_a_replacement_node_when_a_node_is_lost(local_cluster, tiny_decoder, tmp_path):
+    """Two Ray Train workers, one on each node; the worker node is lost after some checkpoints.
+    The group cannot restart on one node (2 x 1 CPU): a replacement node joins, Ray Train's
+    FailureConfig restarts the group, it resumes from the last checkpoint, and every step of the
+    run's loss curve is in MLflow once."""
+    from mlflow.tracking import MlflowClient
+
+    from test_policy import _annotated_table
+
+    env = local_cluster
+    node = _worker_nodes(env)[-1]
+    data = tmp_path / "pairs.parquet"
+    _annotated_table(data, n=96)
+    out = tmp_path / "out"
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"  # the driver's own store: what is checked is the relay
+    log = tmp_path / "train.log"
+    run = subprocess.Popen(
+        [sys.executable, "-m", "cwpo_ray", "train-policy", "--data", str(data), "--model", str(tiny_decoder),
+         "--out", str(out), "--loss", "dpo", "--weighting", "confidence", "--batch-size", "4", "--num-workers",
+         "2", "--cpus-per-worker", "1", "--max-length", "24", "--max-prompt-length", "8", "--lr", "2e-3",
+         "--epochs", "6", "--sft-epochs", "0", "--warmup-steps", "0", "--checkpoint-every", "10",
+         "--no-progress", "--experiment", "test-node-loss"],
+        env={**_driver_env(env), "MLFLOW_TRACKING_URI": uri}, cwd=REPO, stdout=open(log, "w"),
+        stderr=subprocess.STDOUT, start_new_session=True)
+    metrics = out / "metrics.jsonl"
+
+    def steps() -> int:
+        return sum('"loss"' in x for x in metrics.read_text().splitlines()) if metrics.exists() else 0
+
+    try:
+        deadline = time.monotonic() + 600
+        while run.poll() is None and steps() < 25 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert run.poll() is None, f"train-policy ended before the node could be lost: {log.read_text()[-3000:]}"
+        lost_at = steps()
+        _node_command(env, "kill-node", str(node))
+        _node_command(env, "add-node")
+        assert run.wait(timeout=600) == 0, log.read_text()[-3000:]
+    finally:
+        if run.poll() is None:
+            os.killpg(run.pid, 9)
+
+    written = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
+    (resumed,) = [x["metrics"]["po/resumed_at_step"] for x in written if "po/resumed_at_step" in x["metrics"]]
+    assert 10 <= resumed <= lost_at and resumed % 10 == 0  # from its last checkpoint, not from the start
+    run_id = (out / "mlflow_run_id").read_text().strip()
+    logged = [m.step for m in MlflowClient(uri).get_metric_history(run_id, "loss")]
+    assert sorted(logged) == list(range(1, 73))  # 96 pairs / 4 x 6 epochs: each step once, none lost
+    assert (out / "policy" / "config.json").exists()
+    trained_twice = sum("loss" in x["metrics"] for x in written) - 72
+    print(f"\nreliability: worker node {node} lost at step {lost_at} of 72, a replacement node joined; "
+          f"train-policy resumed at step {resumed} ({trained_twice} steps trained twice); MLflow's loss "
+          f"curve has steps 1-72 once each")
+
+
 # ----------------------------------------------------------------------------- runtime envs and cluster files
 
 def _requirement_names(specs) -> dict:

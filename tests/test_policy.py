@@ -606,6 +606,19 @@ def test_rank_zeros_metrics_reach_mlflow_while_training_runs_once_each_across_re
     assert _curve(mlflow_server, run_id) == [(1, 0.5), (2, 0.25), (4, 0.1)]
     assert (rerun.lines, rerun.skipped) == (1, 0)
 
+    # Steps trained again after a resume from an earlier checkpoint (a lost node): the first value of
+    # each step stays, the new steps after it are logged; a metric new at an old step is logged.
+    with open(path, "a") as f:
+        f.write('mp": 5, "metrics": {"loss": 0.05}}\n')  # step 5's line completed
+        for step, loss in ((3, 0.3), (4, 0.11), (5, 0.051), (6, 0.04)):
+            f.write(json.dumps({"step": step, "timestamp": 2, "metrics": {"loss": loss}}) + "\n")
+        f.write(json.dumps({"step": 3, "timestamp": 2, "metrics": {"po/resumed_at_step": 3}}) + "\n")
+    with tracking.relay_metrics(path, run_id, interval_s=60) as resumed:
+        pass
+    assert _curve(mlflow_server, run_id) == [(1, 0.5), (2, 0.25), (4, 0.1), (5, 0.05), (6, 0.04)]
+    assert _curve(mlflow_server, run_id, "po/resumed_at_step") == [(3, 3.0)]
+    assert resumed.retrained == 3
+
     assert RankZeroLogger("").path is None  # no file: logs nothing (as on ranks other than 0)
 
 
@@ -655,10 +668,18 @@ def test_sft_and_po_share_one_ray_train_run_and_resume_by_phase(ddp_run, mlflow_
     # SFT ran and saved once, before the failure; the restart did not run it again
     assert [s for s, _ in _curve(mlflow_server, run_id, "sft/loss")] == [1, 2, 3, 4]
     assert len(client.get_metric_history(run_id, "sft/loop_seconds")) == 1
-    # PO started over from step 0 (SFT's step-4 checkpoint is not PO's): step 1 twice, the same value
-    curve = _curve(mlflow_server, run_id)
-    assert [s for s, _ in curve] == [1, 1] + list(range(2, 9))
-    assert curve[0][1] == pytest.approx(curve[1][1], rel=1e-6)
+    # PO started over from step 0 (SFT's step-4 checkpoint is not PO's): step 1 trained twice, the same
+    # value; MLflow keeps one value a step (the relay skips a step trained again)
+    trained = _trained_losses(out)
+    assert [s for s, _ in trained] == [1, 1] + list(range(2, 9))
+    assert trained[0][1] == pytest.approx(trained[1][1], rel=1e-6)
+    assert _curve(mlflow_server, run_id) == [trained[0]] + trained[2:]
+
+
+def _trained_losses(out: Path) -> list[tuple[int, float]]:
+    """(step, PO loss) of every step rank 0 trained, in order, a step trained again included."""
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    return [(x["step"], x["metrics"]["loss"]) for x in rows if "loss" in x["metrics"]]
 
 
 def _freed_memory_probe(config):
@@ -758,17 +779,19 @@ def test_zero3_offload_accumulation_resumes_after_a_killed_worker(ddp_run, mlflo
                                fail_at_step=5, checkpoint_every=2, max_failures=1)
     assert (out / ".failed-at-5").exists()  # the failure did happen
     assert not (out / "ray").exists()  # the checkpoints went once the final model was saved (the default)
-    curve = _curve(mlflow_server, run_id)
-    print(f"reliability: train-policy ZeRO-3, worker killed at step 6, logged steps {[s for s, _ in curve]}")
+    curve, trained = _curve(mlflow_server, run_id), _trained_losses(out)
+    print(f"reliability: train-policy ZeRO-3, worker killed at step 6, trained steps {[s for s, _ in trained]}, "
+          f"logged {[s for s, _ in curve]}")
     # 32 pairs / global batch 8 = 4 steps an epoch, 2 epochs. The last worker dies at the start of step
-    # 6 (index 5); the group restarts from the step-4 checkpoint, so step 5 is logged twice, then 6 ... 8
-    steps = [s for s, _ in curve]
-    assert steps == [1, 2, 3, 4, 5, 5] + list(range(6, 9))
-    expected = dict(_curve(mlflow_server, ddp_run_id))  # DDP's step 1 twice (its own restart), one value
+    # 6 (index 5); the group restarts from the step-4 checkpoint, so step 5 is trained twice, then 6 ... 8;
+    # MLflow has each step once
+    assert [s for s, _ in trained] == [1, 2, 3, 4, 5, 5] + list(range(6, 9))
+    assert [s for s, _ in curve] == list(range(1, 9))
+    expected = dict(_curve(mlflow_server, ddp_run_id))
     assert list(expected) == list(range(1, 9)) and expected[8] < expected[1]
     # every step matches DDP's, after the restart too: the weights, AdamW moments and the LR schedule
     # all came back from the checkpoint (a fresh optimizer would change them)
-    for step, value in curve:
+    for step, value in trained:
         assert value == pytest.approx(expected[step], rel=CURVE_RTOL), step
     lr = dict(_curve(mlflow_server, run_id, "learning_rate"))
     assert lr == pytest.approx(dict(_curve(mlflow_server, ddp_run_id, "learning_rate")), rel=1e-9)

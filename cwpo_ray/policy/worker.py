@@ -107,11 +107,14 @@ def train_phase(job: Job, dist) -> bool:
     logger = RankZeroLogger(job.metrics_file)
     if start == 0:
         logger.log_metrics({f"{job.mode}/parameters": total, f"{job.mode}/parameters_on_rank0": held}, step=0)
+    else:  # a restarted worker group (a lost worker or node, a rerun): where it picked up, for the run's record
+        logger.log_metrics({f"{job.mode}/resumed_at_step": start}, step=start)
     if job.mode == "po":
         t0 = time.perf_counter()
-        ensure_reference(engine, tokenizer, job.table, job.reference(engine.precision), rank, world_size)
-        if start == 0:
-            logger.log_metrics({"reference/seconds": time.perf_counter() - t0}, step=0)
+        figures = ensure_reference(engine, tokenizer, job.table, job.reference(engine.precision), rank, world_size)
+        if start == 0:  # the pass's cost and the cache's size and reading (None: the table was there)
+            logger.log_metrics({"reference/seconds": time.perf_counter() - t0,
+                                **{f"reference/{k}": v for k, v in (figures or {}).items() if k != "seconds"}}, step=0)
     batches = BatchReader(job.table, job.reference_table if job.mode == "po" else None)
     prefix = "sft/" if job.mode == "sft" else ""
 
