@@ -3,7 +3,8 @@ full disk (ENOSPC) told in one line however deep in Ray it was raised.
 
 The estimates are deliberately rough and on the large side; `cwpo preflight` sums them over a whole
 pipeline (cluster_checks/plan.py), the pipeline checks each stage's before starting it
-(orchestration/markers.py), and the `cwpo` command quotes a stage's when a disk fills under it (cli.py).
+(orchestration/markers.py), a standalone `cwpo annotate` checks its own before it starts Ray
+(recipes/annotate.py), and the `cwpo` command quotes a stage's when a disk fills under it (cli.py).
 """
 
 from __future__ import annotations
@@ -142,10 +143,12 @@ class NotEnoughSpace(Exception):
                          else f"no space left on {folder} ({sizes}): {fix}")
 
 
-def require_space(folder: str | os.PathLike, need: int, stage: str) -> None:
+def require_space(folder: str | os.PathLike, need: int, stage: str, held: str | os.PathLike | None = None) -> None:
     """Raise NotEnoughSpace unless ``folder``'s disk has ``need`` bytes free; what the folder already holds
-    counts toward it (a resumed stage's checkpoints or committed units)."""
-    missing = need - folder_bytes(folder)
+    counts toward it (a resumed stage's checkpoints or committed units), or only what ``held`` holds when
+    given (a folder under it: standalone annotate's work folder; its published outputs stay until the new
+    ones replace them, so they do not count)."""
+    missing = need - folder_bytes(folder if held is None else held)
     free = free_bytes(folder)
     if missing > free:
         raise NotEnoughSpace(str(folder), missing, free, stage=stage)

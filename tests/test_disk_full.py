@@ -1,6 +1,7 @@
 """A full disk (ENOSPC): a stage stops with one line naming the folder, the space it was estimated to need
 and the space free, publishes nothing half-written and leaves no temporaries; the same command completes
-once space is freed. The pipeline refuses a stage whose estimate does not fit, before starting it.
+once space is freed. The pipeline refuses a stage whose estimate does not fit, before starting it; so does
+a standalone annotate.
 
 Real disks: each test's `cwpo` commands write to a small tmpfs of their own, mounted in a user + mount
 namespace (`unshare -rm`, as tests/test_preflight.py gives a driver a disk of its own; no root needed
@@ -158,9 +159,23 @@ class Tmpfs:
     def unfill(self) -> None:
         self.seen(self.mount / "filler").unlink()
 
+    def enter(self) -> list[str]:
+        return ["nsenter", "--preserve-credentials", "-t", str(self.holder.pid), "-U", "-m", "--"]
+
     def run(self, cmd: list[str], env: dict, timeout: float = 300) -> subprocess.CompletedProcess:
-        enter = ["nsenter", "--preserve-credentials", "-t", str(self.holder.pid), "-U", "-m", "--"]
-        return subprocess.run(enter + cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+        return subprocess.run(self.enter() + cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+    def start(self, cmd: list[str], env: dict, logs: Path) -> subprocess.Popen:
+        """``cmd`` started in the namespace, its stdout and stderr to files in ``logs`` (``finished`` waits)."""
+        logs.mkdir(parents=True, exist_ok=True)
+        return subprocess.Popen(self.enter() + cmd, env=env, cwd=REPO, stdout=open(logs / "stdout", "w"),
+                                stderr=open(logs / "stderr", "w"), text=True)
+
+
+def finished(proc: subprocess.Popen, logs: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    proc.wait(timeout=timeout)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, (logs / "stdout").read_text(),
+                                       (logs / "stderr").read_text())
 
 
 def command_env() -> dict:
@@ -235,11 +250,19 @@ def test_annotate_on_a_full_disk_stops_in_one_line_and_resumes_once_space_is_fre
         out = disk.mount / "out"
         cmd = [sys.executable, "-m", "cwpo_ray", "annotate", "--data", str(data), "--annotator", str(annotator),
                "--out", str(out), "--num-actors", "1", "--unit-rows", "300"]
-        disk.fill(leave=150_000)
-        t0 = time.monotonic()
-        free, line = the_line(disk.run(cmd, command_env()), "annotate", out, need)
-        seconds = time.monotonic() - t0
         seen = disk.seen(out)
+        t0 = time.monotonic()
+        # The disk fills under a run that has started: with 150 KB free at the start it would be refused before
+        # Ray (test_annotate_is_refused_before_it_starts_...). Filled once the work folder is made (after the
+        # space check, before any actor has started: importing torch and loading the annotator take seconds).
+        proc = disk.start(cmd, command_env(), tmp_path / "first")
+        while not (seen / ".annotate-work" / "units").is_dir():
+            assert proc.poll() is None, (tmp_path / "first" / "stderr").read_text()[-3000:]
+            assert time.monotonic() - t0 < 120
+            time.sleep(0.02)
+        disk.fill(leave=150_000)
+        free, line = the_line(finished(proc, tmp_path / "first"), "annotate", out, need)
+        seconds = time.monotonic() - t0
         assert not [p.name for p in seen.iterdir() if not p.name.startswith(".")]  # nothing published
         assert leftovers(seen) == []  # the unit being written when the disk filled: removed
         committed = len(list(seen.glob(".annotate-work/units/*.json")))  # kept: the rerun resumes from them
@@ -259,6 +282,53 @@ def test_annotate_on_a_full_disk_stops_in_one_line_and_resumes_once_space_is_fre
           f"{line}; "
           f"after freeing: resumed, input {report['input_rows']} = annotated {annotated.num_rows} + quarantined "
           f"{quarantine.num_rows}, {len(set(ids))} distinct ids")
+
+
+# `cwpo annotate` with Ray's start replaced by an exit 42: a run that passes the space check stops there.
+UP_TO_RAY = ["-c", "import sys\nimport cwpo_ray.ray_env as ray_env\nfrom cwpo_ray.cli import main\n"
+                   "def stop():\n    print('starting Ray', flush=True)\n    sys.exit(42)\n"
+                   "ray_env.init_ray = stop\nsys.exit(main(sys.argv[1:]))"]
+
+
+@needs_namespaces
+def test_annotate_is_refused_before_it_starts_when_its_disk_cannot_hold_it(tmp_path):
+    """A standalone annotate needs 2x its input on OUT's disk (disk_space.tables_bytes: the unit files and
+    the final files coexist): with less free it exits 2 with one line before Ray starts (no cluster in
+    this test: none is reached). A resumed run's work folder counts toward the need (committed units are
+    kept, the rest is removed before anything is written): with the same free space and 500 KB already
+    there the run goes on (to Ray's start, replaced here by an exit)."""
+    from test_annotate_scale import BAD_LINES, pairs
+
+    data = write_jsonl(tmp_path / "unlabeled.jsonl", pairs(3000), raw_lines=BAD_LINES)
+    annotator = tmp_path / "annotator"  # never loaded: nothing gets that far
+    annotator.mkdir()
+    need = disk_space.tables_bytes(disk_space.input_bytes(data))
+    with Tmpfs(tmp_path / "disk", "4m") as disk:
+        out = disk.mount / "out"
+        args = ["annotate", "--data", str(data), "--annotator", str(annotator), "--out", str(out)]
+        disk.fill(leave=800_000)
+        assert need > disk.free() + 100_000
+        t0 = time.monotonic()
+        refused = disk.run([sys.executable, *UP_TO_RAY, *args], command_env(), timeout=120)
+        seconds = time.monotonic() - t0
+        assert refused.returncode == 2 and "starting Ray" not in refused.stdout, refused.stdout + refused.stderr
+        lines = refused.stderr.strip().splitlines()
+        assert len(lines) == 1, refused.stderr
+        match = re.match(r"^cwpo annotate: error: not enough space on (\S+) for annotate \(needs ~([\d.]+ [KMG]B), "
+                         r"([\d.]+ [KMG]B) free\): free space or give another out$", lines[0])
+        assert match and match.group(1) == str(out) and match.group(2) == disk_space.human(need), lines[0]
+        assert list(disk.seen(out).iterdir()) == []  # nothing written, its lock file removed
+        # A killed run's committed units (any bytes: the check only measures them), then the same free space
+        units = disk.seen(out / ".annotate-work" / "units")
+        units.mkdir(parents=True)
+        (units / "00000-annotated.parquet").write_bytes(os.urandom(500_000))
+        disk.unfill()
+        disk.fill(leave=800_000)
+        assert need - 500_000 < disk.free() < need
+        resumed = disk.run([sys.executable, *UP_TO_RAY, *args], command_env(), timeout=120)
+        assert resumed.returncode == 42 and "starting Ray" in resumed.stdout, resumed.stdout + resumed.stderr
+    print(f"\nreliability: annotate refused before Ray in {seconds:.1f} s: {lines[0]}; with 500 KB of committed "
+          f"units in its work folder and the same free space, it went on to start Ray")
 
 
 def policy_pairs(path: Path, n: int = 32) -> Path:

@@ -157,3 +157,84 @@ def test_the_lock_is_reentrant_in_one_process_and_exclusive_across_processes(job
         finally:
             holder.kill()
             holder.wait()
+
+
+def hold_in_another_process(folder: Path, stage: str) -> subprocess.Popen:
+    """A live process holding ``folder`` as `cwpo STAGE` would (hold_out, the recipes' own lock), once it says so."""
+    proc = subprocess.Popen([sys.executable, "-c", "import sys, time; from cwpo_ray.out_lock import hold_out\n"
+                             "with hold_out(sys.argv[1], sys.argv[2]):\n  print('held', flush=True); time.sleep(600)",
+                             str(folder), stage], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def one_line(result: subprocess.CompletedProcess, command: str) -> str:
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stdout + result.stderr
+    assert lines[0].startswith(f"cwpo {command}: error: "), lines[0]
+    return lines[0]
+
+
+def test_a_run_inside_a_folder_another_process_holds_is_refused_until_the_holder_dies(job, tmp_path):
+    """The pipeline's case (issue #36): a pipeline holds PIPE_OUT and its stages write PIPE_OUT/arms/ARM/annotate
+    and .../train; a standalone annotate or train-policy into such a folder locks a lock file of its own there,
+    so it is refused by the one above it. Once the holder is SIGKILLed the same annotate runs and completes."""
+    pipe_out = tmp_path / "run"
+    inner = pipe_out / "arms" / "cw-dpo" / "annotate"
+    data = write_jsonl(tmp_path / "pairs.jsonl", [{"id": "1", "prompt": "p", "chosen": "a", "rejected": "b"}])
+    holder = hold_in_another_process(pipe_out, "pipeline")
+    try:
+        note = json.loads((pipe_out / LOCK_NAME).read_text())
+        started = time.monotonic()
+        refused = subprocess.run(annotate_cmd(job, inner), env=job["env"], cwd=REPO, capture_output=True, text=True,
+                                 timeout=120)
+        refused_in = time.monotonic() - started
+        line = one_line(refused, "annotate")
+        assert line == (f"cwpo annotate: error: {inner.resolve()} is inside {pipe_out.resolve()}, which is in use by "
+                        f"`cwpo pipeline` (pid {holder.pid} on {note['host']}, since {note['since']}): wait for it "
+                        "to end, or give an output folder outside it")
+        train = pipe_out / "arms" / "cw-dpo" / "train"
+        policy = subprocess.run([sys.executable, "-m", "cwpo_ray", "train-policy", "--data", str(data), "--out",
+                                 str(train)], cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert f"is inside {pipe_out.resolve()}, which is in use by `cwpo pipeline` (pid {holder.pid} " in \
+            one_line(policy, "train-policy")
+        # refused before writing anything: their lock files gone, no work folder, no table
+        assert sorted(p.name for p in pipe_out.rglob("*") if p.is_file()) == [LOCK_NAME]
+    finally:
+        holder.kill()  # SIGKILL: the kernel drops the lock; the lock file (and its note) stays
+        holder.wait()
+    assert json.loads((pipe_out / LOCK_NAME).read_text())["pid"] == holder.pid
+    again = subprocess.run(annotate_cmd(job, inner), env=job["env"], cwd=REPO, capture_output=True, text=True,
+                           timeout=300)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert_complete(inner)
+    print(f"reliability: annotate and train-policy into folders inside a held pipeline OUT refused (exit 2) in "
+          f"{refused_in:.1f}s: {line!r}; the holder SIGKILLed, the same annotate completed: {ROWS} annotated + "
+          f"{len(BAD_LINES)} quarantined")
+
+
+def test_a_pipeline_around_a_folder_another_process_holds_is_refused(tmp_path):
+    """The other way round: a standalone annotate holds a folder inside the pipeline's OUT; the pipeline
+    is refused before it clears anything (it would clear that stage's folder before the stage locks it).
+    Within one process a folder above or below a held one is the same run's (the pipeline's stages)."""
+    pipe_out = tmp_path / "run"
+    inner = pipe_out / "arms" / "cw-dpo" / "annotate"
+    (inner / "annotated.parquet").mkdir(parents=True)
+    holder = hold_in_another_process(inner, "annotate")
+    try:
+        note = json.loads((inner / LOCK_NAME).read_text())
+        refused = subprocess.run([sys.executable, "-m", "cwpo_ray", "pipeline", "--out", str(pipe_out)], cwd=REPO,
+                                 capture_output=True, text=True, timeout=120)
+        assert one_line(refused, "pipeline") == (
+            f"cwpo pipeline: error: {inner.resolve()}, inside {pipe_out.resolve()}, is in use by `cwpo annotate` "
+            f"(pid {holder.pid} on {note['host']}, since {note['since']}): wait for it to end, or give another "
+            "output folder")
+        assert not (pipe_out / LOCK_NAME).exists() and not (pipe_out / "pipeline.log").exists()
+        assert (inner / "annotated.parquet").is_dir()  # untouched
+    finally:
+        holder.kill()
+        holder.wait()
+    with hold_out(pipe_out, "pipeline"):  # the holder dead: the pipeline's OUT is free; its stages nest in it
+        with hold_out(inner, "annotate"):
+            with hold_out(pipe_out, "pipeline"):
+                pass

@@ -38,8 +38,10 @@ N also writes the N least-confident pairs, unlabeled, to OUT/uncertain.parquet (
 relabeling. report.json is removed before the other outputs are replaced and written after
 them: present, it and every output beside it are from one run (the run id it holds); absent
 after a killed run, the same command again publishes them. On a multi-node cluster DATA and
-OUT must be on storage every node sees. One run per OUT: a second run into it is refused while
-the first is alive (cwpo_ray/out_lock.py).
+OUT must be on storage every node sees. One run per OUT: a second run into it, or into a folder
+above or below it (a pipeline's OUT and its stages' folders), is refused while the first is alive
+(cwpo_ray/out_lock.py). A run whose OUT's disk has less free than 2x the input's bytes (less what a
+resumed run has committed) is refused before it starts (cwpo_ray/disk_space.py).
 
 A killed run resumes: run the same command again. How (and why not Ray Data's checkpoints):
 the input is cut into deterministic work units (a Parquet file's row groups, or a byte range
@@ -79,9 +81,10 @@ from typing import Optional
 import pyarrow.parquet as pq
 
 from cwpo_ray.config import option
+from cwpo_ray.disk_space import require_space, stage_need
 from cwpo_ray.out_lock import hold_out
 from cwpo_ray.tables import ANNOTATED_SCHEMA, QUARANTINE_SCHEMA
-from cwpo_ray.annotation.units import (committed, discarding_unfinished, fingerprint, input_files, plan_units,
+from cwpo_ray.annotation.units import (WORK, committed, discarding_unfinished, fingerprint, input_files, plan_units,
                                        prepare_work)
 from cwpo_ray.annotation.ensemble import CONFIDENCES, fold_folders
 from cwpo_ray.annotation.stats import build_report, merge_stats, new_stats, print_report, stats_from_json
@@ -259,6 +262,10 @@ def run(cfg: Config) -> int:
     out = Path(cfg.out)
     # One run per OUT, held until its outputs are published: a second one is refused (cwpo_ray/out_lock.py).
     with hold_out(out, "annotate"):
+        # A disk that cannot hold the run is refused before Ray starts: 2x the input (the unit files and the
+        # final files coexist), less what the work folder holds (a resumed run's committed units; the rest of
+        # it, from another fingerprint or unfinished, is removed before anything is written).
+        require_space(out, stage_need("annotate", cfg), "annotate", held=out / WORK)
         init_ray()
         # auto resolved once: the fingerprint, the actors and report.json's settings all get fp32 or bf16
         requested, cfg = cfg.precision, replace(cfg, precision=actor_precision(cfg))
