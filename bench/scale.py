@@ -21,6 +21,14 @@ cluster/local.sh is here):
   ray job submit --working-dir . --runtime-env jobs/runtime_env.yaml -- \
       python bench/scale.py --cluster --sizes 100000 --kill-size 100000 --work /tmp/bench-scale
 
+With --lose-node I (on cluster/local.sh, whose nodes are all on this machine) the fault at
+--kill-size is a lost node, not a killed driver: worker node I's processes are SIGKILLed at ~50%
+(`local.sh kill-node I`, which finds the cluster through CWPO_LOCAL_CLUSTER_DIR as it was when the
+cluster came up) and the same run must finish on the nodes left:
+
+  ray job submit --working-dir . --runtime-env jobs/runtime_env.yaml -- \
+      python bench/scale.py --cluster --sizes 1000000 --kill-size 1000000 --lose-node 1 --work /tmp/bench-2node
+
 Every run checks that each input id is in annotated + quarantine exactly once.
 """
 
@@ -164,10 +172,10 @@ def annotate_cmd(data: Path, annotator: Path, out: Path, extra: list[str]) -> li
 
 
 def run_annotate(cmd: list[str], log: Path, kill_at: float | None = None, units: int = 0,
-                 cluster: bool = False) -> dict:
+                 cluster: bool = False, lose_node: str = "") -> dict:
     """`run_once`, again when Ray itself failed to start (seen here on a machine loaded by others)."""
     for attempt in range(3):
-        result = run_once(cmd, log, kill_at, units, cluster)
+        result = run_once(cmd, log, kill_at, units, cluster, lose_node)
         if result is not None:
             return result
         print(f"(Ray did not start, attempt {attempt + 1}; again)", flush=True)
@@ -175,10 +183,12 @@ def run_annotate(cmd: list[str], log: Path, kill_at: float | None = None, units:
 
 
 def run_once(cmd: list[str], log: Path, kill_at: float | None = None, units: int = 0,
-             cluster: bool = False) -> dict | None:
+             cluster: bool = False, lose_node: str = "") -> dict | None:
     """Run `cwpo annotate` in its own session; with ``kill_at``, SIGKILL its whole process tree once
     that fraction of its ``units`` is committed. Returns wall seconds and peak RSS figures.
-    With ``cluster``, it joins RAY_ADDRESS's cluster and the kill takes only its own process group."""
+    With ``cluster``, it joins RAY_ADDRESS's cluster and the kill takes only its own process group;
+    with ``lose_node`` (a cluster/local.sh worker node's number) the kill is that node's instead
+    (`local.sh kill-node`), and the run goes on to its end."""
     env = {k: v for k, v in os.environ.items() if cluster or k != "RAY_ADDRESS"}
     raylets = cluster_raylets(env["RAY_ADDRESS"]) if cluster else None
     env.update(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
@@ -190,7 +200,14 @@ def run_once(cmd: list[str], log: Path, kill_at: float | None = None, units: int
         with TreeRSS(proc.pid, raylets) as rss:
             killed = False
             while proc.poll() is None:
-                if kill_at is not None and len(list((out / ".annotate-work" / "units").glob("*.json"))) >= kill_at * units:
+                if (kill_at is not None and not killed
+                        and len(list((out / ".annotate-work" / "units").glob("*.json"))) >= kill_at * units):
+                    if lose_node:
+                        said = subprocess.run(["bash", str(REPO / "cluster" / "local.sh"), "kill-node", lose_node],
+                                              capture_output=True, text=True, check=True).stdout.strip()
+                        print(f"({said})", flush=True)
+                        killed = True
+                        continue
                     pids = rss.pids | {p.pid for p in psutil.Process(proc.pid).children(recursive=True)}
                     if cluster:  # the cluster's actors are not the driver's to kill: Ray ends them
                         pids = set()
@@ -212,7 +229,7 @@ def run_once(cmd: list[str], log: Path, kill_at: float | None = None, units: int
         pass
     if rc and not killed and "timed out during startup" in log.read_text():
         return None
-    if rc and not killed:
+    if rc and not (killed and not lose_node):
         raise RuntimeError(f"cwpo annotate failed ({rc}); see {log}")
     return {"wall": seconds, "driver_mib": rss.driver / 2**20,
             "actor_mib": max(rss.actors.values(), default=0) / 2**20, "actors": len(rss.actors), "killed": killed}
@@ -255,6 +272,17 @@ def bench_annotate(args, work: Path) -> list[str]:
                                    else int(args.extra[args.extra.index("--unit-rows") + 1])))
             again = work / f"kill-{n}"
             cmd = annotate_cmd(data, annotator, again, args.extra)
+            if args.lose_node:  # a worker node lost at ~50%: the same run goes on to its end
+                lost = run_annotate(cmd, work / f"lose-node-{n}.log", kill_at=0.5, units=units, cluster=True,
+                                    lose_node=args.lose_node)
+                assert lost["killed"], "the run finished before the node could be lost"
+                rep = json.loads((again / "report.json").read_text())
+                check_exactly_once(again, n)
+                lines.append(f"- worker node {args.lose_node} lost at ~50% of {n:,} pairs ({units} units): the same run "
+                             f"finished in {lost['wall']:.0f} s wall (a full run: {r['wall']:.0f} s); every id exactly "
+                             f"once in annotated + quarantine; report.json covers {rep['input_rows']:,} rows")
+                print(lines[-1], flush=True)
+                continue
             first = run_annotate(cmd, work / f"kill-{n}-first.log", kill_at=0.5, units=units, cluster=args.cluster)
             assert first["killed"], "the run finished before it could be killed"
             rerun = run_annotate(cmd, work / f"kill-{n}-rerun.log", cluster=args.cluster)
@@ -456,6 +484,10 @@ def main() -> None:
     ap.add_argument("--cluster", action="store_true",
                     help="join the cluster in RAY_ADDRESS (a GCS address, as in `ray job submit`) instead of a "
                          "local Ray per run; the kill takes only the `cwpo annotate` driver")
+    ap.add_argument("--lose-node", default="", metavar="I",
+                    help="with --cluster on cluster/local.sh (CWPO_LOCAL_CLUSTER_DIR set as for local.sh): at "
+                         "--kill-size, lose worker node I at ~50%% (`local.sh kill-node I`) instead of killing the "
+                         "driver; the run must finish on the nodes left")
     ap.add_argument("extra", nargs="*", help="more `cwpo annotate` flags, after --")
     args = ap.parse_args()
     address = os.environ.get("RAY_ADDRESS", "")
