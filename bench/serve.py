@@ -8,6 +8,12 @@ Prints a Markdown table: pairs/s, p50 and p99 latency, mean batch size seen by t
 
   .venv/bin/python bench/serve.py                         # 1, 8, 32, 128 clients; batch 32 and 1
   .venv/bin/python bench/serve.py --clients 32 --duration 5
+  .venv/bin/python bench/serve.py --soak --clients 32 --duration 600   # sustained load, see soak()
+
+--soak: the clients for --duration s after a --warmup, with clients that time out or disconnect mixed
+in; a row per --interval (pairs/s, p50/p99, errors, RSS of the replica and the proxy); then checks that
+no work is stuck (the replica's ongoing requests back to 0, a fresh request as fast as before the load)
+and that RSS grew at most --max-growth %; exits 1 otherwise or on any error.
 """
 
 from __future__ import annotations
@@ -147,6 +153,368 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+# ----------------------------------------------------------------------------- soak (sustained load)
+# Well-behaved closed-loop clients for a long while, with misbehaving ones mixed in: some give up on
+# their request after a short client-side timeout, some close (or reset) the socket before the answer,
+# or halfway through sending the body. Afterwards the server must hold no work for them.
+
+
+def serve_processes(app: str) -> dict[str, int]:
+    """pid of this app's replica (the ServeReplica actor), Serve's proxy and its controller, looked for
+    among this process's descendants only: other Ray clusters may run on the same machine."""
+    import psutil
+
+    found: dict[str, int] = {}
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            cmdline = " ".join(proc.cmdline())
+        except psutil.Error:
+            continue
+        if f"ServeReplica:{app}:" in cmdline:
+            found["replica"] = proc.pid
+        elif "ProxyActor" in cmdline:
+            found["proxy"] = proc.pid
+        elif "ServeController" in cmdline:
+            found["controller"] = proc.pid
+    return found
+
+
+def rss_mb(pids: dict[str, int]) -> dict[str, float]:
+    import psutil
+
+    out = {}
+    for name, pid in pids.items():
+        try:
+            out[name] = psutil.Process(pid).memory_info().rss / 2**20
+        except psutil.Error:
+            out[name] = float("nan")
+    return out
+
+
+def ongoing_requests(app: str) -> int:
+    """Requests the app's replicas hold now: running, or waiting in the replica (its @serve.batch queue
+    included), as Serve counts them against max_ongoing_requests. Read from each ServeReplica actor's
+    own get_num_ongoing_requests, the call Serve's router makes (on a control thread of the replica,
+    not blocked by user code); Ray 2.60 has no public API for it without the metrics stack."""
+    import ray
+
+    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+             if a["namespace"] == "serve" and a["name"].startswith(f"SERVE_REPLICA::{app}#")]
+    handles = [ray.get_actor(name, namespace="serve") for name in names]
+    if not handles:
+        raise RuntimeError(f"no replica of app {app!r} found")
+    return sum(ray.get([h.get_num_ongoing_requests.remote() for h in handles], timeout=60))
+
+
+def serve_log_counts(app: str) -> dict:
+    """What Serve's own logs of this local cluster say about the requests: the proxy's "client
+    disconnected, cancelling request" lines, and the replica's access-log lines by outcome (200,
+    CANCELLED, ...). Empty when the logs are not local (a cluster joined through RAY_ADDRESS)."""
+    import re
+
+    import ray
+
+    try:
+        logs = Path(ray._private.worker._global_node.get_logs_dir_path()) / "serve"
+    except AttributeError:
+        return {}
+    proxy = "".join(f.read_text(errors="replace") for f in logs.glob("proxy_*.log"))
+    replica = "".join(f.read_text(errors="replace") for f in logs.glob(f"replica_{app}_*.log"))
+    outcomes: dict[str, int] = {}
+    for outcome in re.findall(r"POST /v1/annotate (\S+)", replica):
+        outcomes[outcome] = outcomes.get(outcome, 0) + 1
+    return {"proxy_client_disconnected": proxy.count("disconnected, cancelling request"),
+            "replica_annotate_outcomes": outcomes}
+
+
+def valid_answer(body: bytes, pair: dict) -> bool:
+    try:
+        (result,) = json.loads(body)["results"]
+    except (ValueError, KeyError, TypeError):
+        return False
+    return (result.get("id") == pair["id"] and result.get("preferred") in ("a", "b")
+            and 0 <= result.get("confidence", -1) < 1
+            and all(isinstance(result.get(k), float) and abs(result[k]) < 1e6 for k in ("reward_a", "reward_b")))
+
+
+class Soak:
+    """The load: ``clients`` closed-loop clients that check every answer, ``timeout_clients`` that give
+    up after ``client_timeout`` s, ``disconnect_clients`` that close the socket (FIN, or RST every other
+    time) ``0..disconnect_after`` s after sending a request, one in four of them halfway through the body.
+    Misbehaving clients pause ``pause`` s (0.5x-1.5x) between requests. Counters: ``total`` over the
+    whole run, ``window`` since the last ``take_window()``; a 5xx, a reset or a hang (``request_timeout``)
+    seen by any client, and a wrong body, are errors."""
+
+    COUNTERS = ("sent_by_well_behaved", "ok", "errors", "timed_out", "answered_before_timeout", "disconnected", "disconnected_mid_body",
+                "answered_before_disconnect")
+
+    def __init__(self, base: str, pairs: list[dict], clients: int, timeout_clients: int = 0,
+                 disconnect_clients: int = 0, client_timeout: float = 0.5, disconnect_after: float = 2.0,
+                 pause: float = 1.0, request_timeout: float = 120.0, seed: int = 0):
+        self.base, self.pairs = base, pairs
+        self.clients, self.timeout_clients, self.disconnect_clients = clients, timeout_clients, disconnect_clients
+        self.client_timeout, self.disconnect_after, self.pause = client_timeout, disconnect_after, pause
+        self.request_timeout, self.rng = request_timeout, random.Random(seed)
+        self.total = dict.fromkeys(self.COUNTERS, 0)
+        self.error_samples: list[str] = []
+        self.take_window()
+        self.deadline = 0.0
+        self._sent = 0
+
+    def take_window(self) -> dict:
+        """The counters and latencies since the last call (``seconds`` long), and a fresh window."""
+        now = time.perf_counter()
+        old = getattr(self, "window", None)
+        self.window = {**dict.fromkeys(self.COUNTERS, 0), "latencies": [], "start": now}
+        if old is not None:
+            old["seconds"] = now - old.pop("start")
+        return old
+
+    def _count(self, key: str, detail: str = "") -> None:
+        self.total[key] += 1
+        self.window[key] += 1
+        if key == "errors" and len(self.error_samples) < 20:
+            self.error_samples.append(detail[:300])
+
+    def _next_pair(self) -> dict:
+        self._sent += 1
+        pair = self.pairs[self._sent % len(self.pairs)]
+        return {**pair, "id": f"{pair['id']}-{self._sent}"}
+
+    def _running(self) -> bool:
+        return time.perf_counter() < self.deadline
+
+    async def _good(self, session) -> None:
+        import aiohttp
+
+        while self._running():
+            pair = self._next_pair()
+            self._count("sent_by_well_behaved")
+            start = time.perf_counter()
+            try:
+                async with session.post(f"{self.base}/v1/annotate", json=pair) as r:
+                    body = await r.read()
+                    ok = r.status == 200 and valid_answer(body, pair)
+                    detail = f"{r.status} {body[:200]!r}"
+            except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
+                ok, detail = False, repr(e)
+            if ok:
+                self.window["latencies"].append(time.perf_counter() - start)
+                self._count("ok")
+            else:
+                self._count("errors", f"well-behaved client: {detail}")
+
+    async def _pause(self) -> None:
+        await asyncio.sleep(self.pause * self.rng.uniform(0.5, 1.5))
+
+    async def _timing_out(self) -> None:
+        import aiohttp
+
+        timeout = aiohttp.ClientTimeout(total=self.client_timeout)
+        async with aiohttp.ClientSession(timeout=timeout) as session:  # its own: an abandoned request closes its socket
+            while self._running():
+                pair = self._next_pair()
+                try:
+                    async with session.post(f"{self.base}/v1/annotate", json=pair) as r:
+                        body = await r.read()
+                    if r.status == 200 and valid_answer(body, pair):
+                        self._count("answered_before_timeout")
+                    else:
+                        self._count("errors", f"timing-out client: {r.status} {body[:200]!r}")
+                except asyncio.TimeoutError:
+                    self._count("timed_out")
+                except (aiohttp.ClientError, OSError) as e:
+                    self._count("errors", f"timing-out client: {e!r}")
+                await self._pause()
+
+    async def _disconnecting(self) -> None:
+        import socket
+        import struct
+        from urllib.parse import urlsplit
+
+        url = urlsplit(self.base)
+        n = 0
+        while self._running():
+            n += 1
+            body = json.dumps(self._next_pair()).encode()
+            head = (f"POST {url.path}/v1/annotate HTTP/1.1\r\nHost: {url.netloc}\r\n"
+                    f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode()
+            try:
+                reader, writer = await asyncio.open_connection(url.hostname, url.port)
+            except OSError as e:
+                self._count("errors", f"disconnecting client, connect: {e!r}")
+                await self._pause()
+                continue
+            try:
+                if n % 4 == 0:  # halfway through the body: the app is reading it (read_body)
+                    writer.write(head + body[:len(body) // 2])
+                    await writer.drain()
+                    await asyncio.sleep(self.rng.uniform(0, 0.2))
+                    self._count("disconnected_mid_body")
+                else:
+                    writer.write(head + body)
+                    await writer.drain()
+                    try:
+                        status_line = await asyncio.wait_for(reader.readline(),
+                                                             self.rng.uniform(0, self.disconnect_after))
+                    except asyncio.TimeoutError:
+                        self._count("disconnected")
+                    else:
+                        parts = status_line.split()
+                        if len(parts) >= 2 and parts[1] == b"200":
+                            self._count("answered_before_disconnect")
+                        else:
+                            self._count("errors", f"disconnecting client: {status_line[:200]!r}")
+                if n % 2:  # RST instead of FIN: linger on, timeout 0
+                    sock = writer.get_extra_info("socket")
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            except OSError as e:
+                self._count("errors", f"disconnecting client: {e!r}")
+            finally:
+                writer.close()
+            await self._pause()
+
+    async def run(self, seconds: float) -> None:
+        """Run the load for ``seconds``; returns once every client is done (answers in flight awaited)."""
+        import aiohttp
+
+        self.deadline = time.perf_counter() + seconds
+        session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=self.clients),
+                                        timeout=aiohttp.ClientTimeout(total=self.request_timeout))
+        async with session:
+            await asyncio.gather(*[self._good(session) for _ in range(self.clients)],
+                                 *[self._timing_out() for _ in range(self.timeout_clients)],
+                                 *[self._disconnecting() for _ in range(self.disconnect_clients)])
+
+
+async def timed_requests(base: str, pairs: list[dict], n: int) -> list[float]:
+    """``n`` single-pair requests one after another; latencies in s (inf for an error or a wrong body)."""
+    import aiohttp
+
+    out = []
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
+        for i in range(n):
+            pair = {**pairs[i % len(pairs)], "id": f"probe-{i}"}
+            start = time.perf_counter()
+            try:
+                async with session.post(f"{base}/v1/annotate", json=pair) as r:
+                    ok = r.status == 200 and valid_answer(await r.read(), pair)
+            except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+                ok = False
+            out.append(time.perf_counter() - start if ok else float("inf"))
+    return out
+
+
+def wait_until_idle(app: str, timeout_s: float) -> tuple[int, float]:
+    """Poll the replicas' ongoing-request count until it is 0; (last count, seconds waited)."""
+    start = time.perf_counter()
+    while True:
+        count = ongoing_requests(app)
+        waited = time.perf_counter() - start
+        if count == 0 or waited > timeout_s:
+            return count, waited
+        time.sleep(0.2)
+
+
+def soak(base: str, app: str, pairs: list[dict], args) -> int:
+    """The soak run against the app deployed as ``app``; prints a per-interval table and a summary,
+    returns 1 on an error, RSS growth over --max-growth or work left in the replica, else 0."""
+    clients = args.clients[0]
+    traffic = Soak(base, pairs, clients, args.timeout_clients, args.disconnect_clients, args.client_timeout,
+                args.disconnect_after, args.misbehave_pause)
+    asyncio.run(load_warmup(base, pairs))
+    before = asyncio.run(timed_requests(base, pairs, 20))
+    pids = serve_processes(app)
+    print(f"soak: {clients} clients + {args.timeout_clients} timing out after {args.client_timeout} s + "
+          f"{args.disconnect_clients} disconnecting, {args.warmup:.0f} s warm-up then {args.duration:.0f} s; "
+          f"processes {pids}; one client alone before: p50 {1000 * percentile(before, 0.5):.0f} ms", flush=True)
+    rows: list[dict] = []
+    rss: dict[str, dict[str, float]] = {}
+
+    async def on_window(window: dict) -> None:
+        sample = await asyncio.to_thread(rss_mb, pids)
+        ongoing = await asyncio.to_thread(ongoing_requests, app)
+        if "start" not in rss:  # the warm-up window: not a row; RSS "at start" is taken after it
+            rss["start"] = sample
+            print(f"warm-up done: {window['ok']} answered, {window['errors']} errors; RSS MB "
+                  + ", ".join(f"{k} {v:.0f}" for k, v in sample.items()), flush=True)
+            print("\n| minute | requests | pairs/s | p50 ms | p99 ms | errors | timed out | disconnected | "
+                  "replica RSS MB | proxy RSS MB | ongoing | load 1m |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+                  flush=True)
+            return
+        lat = window["latencies"]
+        row = {"minute": round((len(rows) + 1) * args.interval / 60, 2), "requests": window["ok"],
+               "pairs_per_s": window["ok"] / window["seconds"], "p50_ms": 1000 * percentile(lat, 0.5),
+               "p99_ms": 1000 * percentile(lat, 0.99), "errors": window["errors"], "timed_out": window["timed_out"],
+               "disconnected": window["disconnected"] + window["disconnected_mid_body"],
+               "replica_rss_mb": sample.get("replica", float("nan")), "proxy_rss_mb": sample.get("proxy", float("nan")),
+               "ongoing": ongoing, "loadavg_1m": os.getloadavg()[0]}
+        rows.append(row)
+        rss["end"] = sample
+        print(f"| {row['minute']:g} | {row['requests']} | {row['pairs_per_s']:.1f} | {row['p50_ms']:.0f} | "
+              f"{row['p99_ms']:.0f} | {row['errors']} | {row['timed_out']} | {row['disconnected']} | "
+              f"{row['replica_rss_mb']:.0f} | {row['proxy_rss_mb']:.0f} | {ongoing} | {row['loadavg_1m']:.1f} |", flush=True)
+
+    # Windows: the warm-up, then one per --interval; the run ends on a window boundary.
+    windows = max(1, round(args.duration / args.interval))
+    asyncio.run(run_windows(traffic, args.warmup, args.interval, windows, on_window))
+    # No stuck work: the replica empties, a fresh request is answered as fast as before, RSS stays.
+    left, drained_s = wait_until_idle(app, args.drain_timeout)
+    after = asyncio.run(timed_requests(base, pairs, 20))
+    left_after_probe, _ = wait_until_idle(app, args.drain_timeout)
+    time.sleep(5)
+    rss["after"] = rss_mb(pids)
+    growth = {k: 100 * (max(rss["end"][k], rss["after"][k]) / rss["start"][k] - 1) for k in rss["start"]}
+    p50_before, p50_after = percentile(before, 0.5), percentile(after, 0.5)
+    fresh_ok = all(x < float("inf") for x in after) and p50_after <= 3 * p50_before + 0.25
+    checked = [k for k in ("replica", "proxy") if k in growth]
+    summary = {
+        "clients": clients, "timeout_clients": args.timeout_clients, "disconnect_clients": args.disconnect_clients,
+        "seconds": args.duration, "warmup_seconds": args.warmup, "counts_warmup_included": traffic.total,
+        "p50_ms_first": rows[0]["p50_ms"], "p99_ms_first": rows[0]["p99_ms"],
+        "p50_ms_last": rows[-1]["p50_ms"], "p99_ms_last": rows[-1]["p99_ms"],
+        "pairs_per_s": sum(r["requests"] for r in rows) / (windows * args.interval),
+        "rss_mb": {k: {"start": round(rss["start"][k]), "end": round(rss["end"][k]),
+                       "after_idle": round(rss["after"][k]), "growth_pct": round(growth[k], 1)} for k in rss["start"]},
+        "ongoing_after_load": left, "seconds_to_idle": round(drained_s, 2), "ongoing_after_probe": left_after_probe,
+        "one_client_p50_ms_before": round(1000 * p50_before), "one_client_p50_ms_after": round(1000 * p50_after),
+        "abandoned_by_clients": sum(traffic.total[k] for k in ("timed_out", "disconnected", "disconnected_mid_body")),
+        "serve_logs": serve_log_counts(app),
+        "error_samples": traffic.error_samples[:5],
+    }
+    failures = []
+    if traffic.total["errors"]:
+        failures.append(f"{traffic.total['errors']} errors")
+    failures += [f"{k} RSS grew {growth[k]:.1f}% (> {args.max_growth}%)" for k in checked if growth[k] > args.max_growth]
+    if left or left_after_probe:
+        failures.append(f"stuck work: {left} requests still ongoing {drained_s:.0f} s after the load")
+    if not fresh_ok:
+        failures.append(f"a fresh request after the load: p50 {1000 * p50_after:.0f} ms vs {1000 * p50_before:.0f} "
+                        f"ms before, or failed")
+    summary["failures"] = failures
+    print("\nsummary: " + json.dumps(summary, indent=1))
+    if args.json:
+        args.json.write_text(json.dumps({"rows": rows, "summary": summary}, indent=2))
+    print("soak " + ("FAILED: " + "; ".join(failures) if failures else "passed"), flush=True)
+    return 1 if failures else 0
+
+
+async def load_warmup(base: str, pairs: list[dict]) -> None:
+    await load(f"{base}/v1/annotate", 4, pairs, 2.0, 16)  # first forward passes are slow
+
+
+async def run_windows(traffic: Soak, warmup: float, interval: float, windows: int, on_window) -> None:
+    """One uninterrupted load: the warm-up window, then ``windows`` windows of ``interval`` s, each handed
+    to ``on_window`` (async; it may sample the server) at its end."""
+    async def boundaries(t0: float) -> None:
+        for end in [warmup] + [warmup + i * interval for i in range(1, windows + 1)]:
+            await asyncio.sleep(max(0.0, t0 + end - time.perf_counter()))
+            await on_window(traffic.take_window())
+
+    t0 = time.perf_counter()
+    await asyncio.gather(traffic.run(warmup + windows * interval), boundaries(t0))
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ints = lambda s: [int(x) for x in s.split(",")]  # noqa: E731
@@ -164,6 +532,22 @@ def parse_args(argv=None):
     p.add_argument("--probe-deadline", type=float, default=0.0,
                    help="RAY_SERVE_QUEUE_LENGTH_RESPONSE_DEADLINE_S for the local cluster (0: Serve's 0.1 s)")
     p.add_argument("--json", type=Path, help="also write the rows here")
+    soak_ = p.add_argument_group("soak: sustained load against one replica (max batch: the first --batch-sizes)")
+    soak_.add_argument("--soak", action="store_true", help="run the soak instead of the table; --clients: its "
+                       "first value; --duration: seconds after the warm-up")
+    soak_.add_argument("--warmup", type=float, default=30.0, help="seconds of the same load before RSS at start")
+    soak_.add_argument("--interval", type=float, default=60.0, help="seconds per row of the table")
+    soak_.add_argument("--timeout-clients", type=int, default=2, help="clients that give up after --client-timeout")
+    soak_.add_argument("--client-timeout", type=float, default=0.5)
+    soak_.add_argument("--disconnect-clients", type=int, default=2,
+                       help="clients that close the socket 0..--disconnect-after s after sending (1 in 4 mid-body)")
+    soak_.add_argument("--disconnect-after", type=float, default=2.0)
+    soak_.add_argument("--misbehave-pause", type=float, default=1.0, help="seconds between a misbehaving client's requests")
+    soak_.add_argument("--drain-timeout", type=float, default=60.0, help="longest wait for the replica to empty")
+    soak_.add_argument("--max-growth", type=float, default=10.0, help="RSS growth in %% that fails the soak")
+    p.add_argument("--worker-env", action="append", default=[], metavar="KEY=VALUE",
+                   help="environment of every Ray worker of the local cluster, the replica's included "
+                        "(e.g. MALLOC_MMAP_THRESHOLD_=131072); repeatable")
     return p.parse_args(argv)
 
 
@@ -179,7 +563,7 @@ def main(argv=None) -> int:
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
     from conftest import free_port
 
-    init_ray(num_cpus=2, log_to_driver=False)
+    init_ray(num_cpus=2, log_to_driver=False, env_vars=dict(kv.split("=", 1) for kv in args.worker_env))
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     base = f"http://127.0.0.1:{port}"
@@ -188,6 +572,9 @@ def main(argv=None) -> int:
     try:
         with tempfile.TemporaryDirectory() as tmp:
             annotator = build_minilm_annotator(Path(tmp) / "annotator", args.max_length)
+            if args.soak:
+                deploy(annotator, args.batch_sizes[0], args)
+                return soak(base, "bench", pairs, args)
             threads = args.torch_threads or max(1, int(args.num_cpus))
             ceiling = {b: model_only(annotator, pairs, b, threads) for b in args.batch_sizes}
             print(json.dumps({"model_only_pairs_per_s": ceiling, "torch_threads": threads}), file=sys.stderr)

@@ -39,6 +39,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 from pydantic.json_schema import models_json_schema
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from cwpo_ray.config import build as build_config, option
 
@@ -213,11 +214,16 @@ async def read_body(request: Request, limit: int) -> bytes:
     if declared.isdigit() and int(declared) > limit:
         raise ApiError(413, f"request body is {declared} bytes; the limit is {limit}", "body")
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:  # chunked uploads declare no length
-            raise ApiError(413, f"request body exceeds the limit of {limit} bytes", "body")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:  # chunked uploads declare no length
+                raise ApiError(413, f"request body exceeds the limit of {limit} bytes", "body")
+            chunks.append(chunk)
+    except ClientDisconnect:
+        # The client hung up mid-body: no one will read an answer; 499 (nginx's "client closed request")
+        # so that Serve's logs and error counts do not book it as a server error (500).
+        raise ApiError(499, "the client closed the request before its body was sent", "body") from None
     return b"".join(chunks)
 
 
