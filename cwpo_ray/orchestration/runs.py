@@ -56,7 +56,12 @@ class ArmRuns:
         return self.client.create_run(self.experiment_id, run_name=name, tags=tags).info.run_id
 
     def _save(self) -> None:
-        self.path.write_text(json.dumps(self.state, indent=2))
+        # whole or not at all: a driver killed mid-write must not leave a file the rerun cannot read
+        from cwpo_ray.tables import durable_replace
+
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text(json.dumps(self.state, indent=2))
+        durable_replace(tmp, self.path)
 
     def _log_params(self) -> None:
         from mlflow.entities import Param
