@@ -66,7 +66,7 @@ class ReferenceCache:
     # compaction reads ~rows x (1 + segments x GROUP_ROWS / MERGE_RANGE_ROWS); ~200 B of footer each.
     GROUP_ROWS = 8192
     COMPACT_ABOVE = 8               # segments a cache may hold before a run's end merges them
-    MERGE_RANGE_ROWS = 1 << 20      # rows (before de-duplication) a compaction holds at once, ~50 MB
+    MERGE_RANGE_ROWS = 1 << 18      # rows (before de-duplication) a compaction holds at once, ~30 MB
     LOOKUP_LISTINGS = 3             # listings a lookup tries when segments vanish under it
 
     def __init__(self, folder: str, model_key: str):
@@ -263,6 +263,11 @@ def _entries(keys, logps, tokens):
     import numpy as np
     import pyarrow as pa
 
-    return pa.table({"key": pa.array(np.asarray(keys, dtype="S32").astype(str), pa.string()),
+    # Keys are 32 hex characters each: the string column is built on their bytes as they are (a numpy
+    # str array would take 4 bytes a character, 128 MB a million keys, in a compaction's range).
+    keys = np.ascontiguousarray(keys, dtype="S32")
+    offsets = np.arange(0, 32 * (len(keys) + 1), 32, dtype=np.int32)
+    key = pa.StringArray.from_buffers(len(keys), pa.py_buffer(offsets), pa.py_buffer(keys.tobytes()))
+    return pa.table({"key": key,
                      "logps": pa.array(np.asarray(logps, dtype=np.float64), pa.float64()),
                      "tokens": pa.array(np.asarray(tokens, dtype=np.int64), pa.int64())})
