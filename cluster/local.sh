@@ -259,8 +259,15 @@ alive_nodes() {
   "$PY" - "$CWPO_RAY_GCS_ADDRESS" "$1" "$2" "${3:-}" 2>/dev/null <<'PYEOF' | tail -n 1
 import sys, time
 import ray
-ray.init(address=sys.argv[1], logging_level="ERROR", log_to_driver=False)
 want, deadline, mark = int(sys.argv[2]), time.monotonic() + float(sys.argv[3]), sys.argv[4]
+while True:  # every node is on 127.0.0.1: a driver may pick a raylet just lost, not yet marked dead
+    try:
+        ray.init(address=sys.argv[1], logging_level="ERROR", log_to_driver=False)
+        break
+    except Exception:
+        if time.monotonic() > deadline:
+            raise
+        time.sleep(1)
 while True:
     alive = sum(1 for n in ray.nodes() if n["Alive"] and mark in n.get("RayletSocketName", ""))
     if alive >= want or time.monotonic() > deadline:

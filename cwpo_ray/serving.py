@@ -38,6 +38,7 @@ from fastapi.responses import JSONResponse
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 from pydantic.json_schema import models_json_schema
 from ray import serve
+from ray.exceptions import TaskCancelledError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
@@ -220,9 +221,10 @@ async def read_body(request: Request, limit: int) -> bytes:
             if size > limit:  # chunked uploads declare no length
                 raise ApiError(413, f"request body exceeds the limit of {limit} bytes", "body")
             chunks.append(chunk)
-    except ClientDisconnect:
-        # The client hung up mid-body: no one will read an answer; 499 (nginx's "client closed request")
-        # so that Serve's logs and error counts do not book it as a server error (500).
+    except (ClientDisconnect, TaskCancelledError):
+        # The client hung up mid-body (starlette sees the disconnect, or Serve's proxy has cancelled the
+        # request while the body was being received): no one will read an answer; 499 (nginx's "client
+        # closed request") so that Serve's logs and error counts do not book it as a server error (500).
         raise ApiError(499, "the client closed the request before its body was sent", "body") from None
     return b"".join(chunks)
 
