@@ -57,11 +57,10 @@ class ArmRuns:
 
     def _save(self) -> None:
         # whole or not at all: a driver killed mid-write must not leave a file the rerun cannot read
-        from cwpo_ray.tables import durable_replace
+        from cwpo_ray.tables import atomic_path
 
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text(json.dumps(self.state, indent=2))
-        durable_replace(tmp, self.path)
+        with atomic_path(self.path) as tmp:
+            tmp.write_text(json.dumps(self.state, indent=2))
 
     def _log_params(self) -> None:
         from mlflow.entities import Param
