@@ -161,6 +161,8 @@ class MetricsRelay:
         """Log the complete lines written since the last call; the number of metrics logged."""
         from mlflow.entities import Metric
 
+        from cwpo_ray.tables import atomic_path
+
         try:
             with open(self.path, "rb") as f:
                 if f.seek(0, os.SEEK_END) < self.offset:
@@ -193,7 +195,8 @@ class MetricsRelay:
         if end:
             self.offset += end
             self.last_step = last_step
-            self.mark.write_text(json.dumps({"offset": self.offset, "last_step": last_step}))
+            with atomic_path(self.mark) as tmp:  # a torn mark would stop the rerun's relay
+                tmp.write_text(json.dumps({"offset": self.offset, "last_step": last_step}))
         self.skipped += len(bad)
         self.lines += data[:end].count(b"\n") - len(bad)
         return len(metrics)
