@@ -121,8 +121,34 @@ PYEOF
   fi
 }
 
+# Every node's own flags: loopback, its logical CPUs and object store (CWPO_NODE_CPUS, CWPO_OBJECT_STORE_BYTES).
+node_flags() {
+  echo "--node-ip-address=127.0.0.1 --num-cpus=${CWPO_NODE_CPUS:-1} --num-gpus=0" \
+       "--object-store-memory=${CWPO_OBJECT_STORE_BYTES:-200000000} --disable-usage-stats"
+}
+
+# agent_ports A G R M: a node's agent ports. The defaults (52365, ...) would collide between nodes on one machine.
+agent_ports() {
+  echo "--dashboard-agent-listen-port=$1 --dashboard-agent-grpc-port=$2 --runtime-env-agent-port=$3 --metrics-export-port=$4"
+}
+
+# start_worker_node I GCS_ADDRESS PORT_FLAGS...: worker node I joins the cluster; false if it did not start
+# (a `ray start` that timed out waiting for registration counts as started: the caller waits for the node).
+# Each node its own temp dir, as on separate machines: nodes sharing one would share runtime_resources/,
+# and a node's agent deleting its unused copy of a job's working_dir would pull it from under a driver
+# still running in it on the other node. A custom resource only worker nodes have, as a cloud cluster's
+# GPU node type has its GPUs: a task that asks for it (e.g. evaluate.node_resource=cwpo_worker_node)
+# runs on a worker, not the head.
+start_worker_node() {
+  local i="$1" gcs="$2"; shift 2
+  # shellcheck disable=SC2046
+  start_worker "$DIR/worker-$i.log" --address="$gcs" --temp-dir="$DIR/ray-w$i" $(node_flags) \
+    --resources='{"cwpo_worker_node": 1}' "$@" 2>/dev/null \
+    || grep -q "timed out during startup" "$DIR/worker-$i.log"
+}
+
 cmd_up() {
-  local workers="${1:-1}" cpus="${CWPO_NODE_CPUS:-1}" store="${CWPO_OBJECT_STORE_BYTES:-200000000}"
+  local workers="${1:-1}" cpus="${CWPO_NODE_CPUS:-1}"
   [[ "$workers" =~ ^[0-9]+$ ]] || die "up: N must be a number of worker nodes, got '$workers'"
   if [ -f "$ENV_FILE" ] && [ -n "$(cluster_pids)" ]; then
     die "a local cluster is already running (state in $DIR); cluster/local.sh down first"
@@ -139,11 +165,8 @@ cmd_up() {
   # may come back twice (the head's dashboard port was once handed to a node's agent too).
   local ports; read -r -a ports <<<"$(free_ports $((3 + 4 * (workers + 1))))"
   local gcs=${ports[0]} dash=${ports[1]} client=${ports[2]}
-  local common=(--node-ip-address=127.0.0.1 --num-cpus="$cpus" --num-gpus=0
-                --object-store-memory="$store" --disable-usage-stats)
-  # Per-node agent ports: the defaults (52365, ...) would collide between nodes on one machine.
-  node_ports() { local k=$((3 + 4 * $1)); local a=${ports[k]} g=${ports[k + 1]} r=${ports[k + 2]} m=${ports[k + 3]}
-    echo "--dashboard-agent-listen-port=$a --dashboard-agent-grpc-port=$g --runtime-env-agent-port=$r --metrics-export-port=$m"; }
+  local common; read -r -a common <<<"$(node_flags)"
+  node_ports() { agent_ports "${ports[@]:$((3 + 4 * $1)):4}"; }  # node N's four ports of the ones above
 
   # shellcheck disable=SC2046
   start_node "$DIR/head.log" --head --port="$gcs" --include-dashboard=true --dashboard-host=127.0.0.1 \
@@ -156,14 +179,7 @@ cmd_up() {
   local i
   for ((i = 1; i <= workers; i++)); do
     # shellcheck disable=SC2046
-    # Each node its own temp dir, as on separate machines: nodes sharing one would share
-    # runtime_resources/, and a node's agent deleting its unused copy of a job's working_dir
-    # would pull it from under a driver still running in it on the other node.
-    # A custom resource only worker nodes have, as a cloud cluster's GPU node type has its GPUs: a task
-    # that asks for it (e.g. evaluate.node_resource=cwpo_worker_node) runs on a worker, not the head.
-    start_worker "$DIR/worker-$i.log" --address="127.0.0.1:$gcs" --temp-dir="$DIR/ray-w$i" "${common[@]}" \
-      --resources='{"cwpo_worker_node": 1}' $(node_ports "$i") 2>/dev/null \
-      || grep -q "timed out during startup" "$DIR/worker-$i.log" \
+    start_worker_node "$i" "127.0.0.1:$gcs" $(node_ports "$i") \
       || { cat "$DIR/worker-$i.log" >&2; cmd_down >/dev/null 2>&1 || true; die "worker node $i did not start (log above)"; }
   done
   cat > "$ENV_FILE" <<EOF
@@ -237,15 +253,11 @@ cmd_kill_node() {
 # One more worker node, numbered after the highest one ever started (a lost node's folder stays).
 cmd_add_node() {
   load_env
-  local i=1 ports cpus="${CWPO_NODE_CPUS:-1}" store="${CWPO_OBJECT_STORE_BYTES:-200000000}"
+  local i=1 ports
   while [ -e "$DIR/ray-w$i" ] || [ -e "$DIR/worker-$i.log" ]; do i=$((i + 1)); done
   read -r -a ports <<<"$(free_ports 4)"
-  start_worker "$DIR/worker-$i.log" --address="$CWPO_RAY_GCS_ADDRESS" --temp-dir="$DIR/ray-w$i" \
-    --node-ip-address=127.0.0.1 --num-cpus="$cpus" --num-gpus=0 --object-store-memory="$store" \
-    --disable-usage-stats --resources='{"cwpo_worker_node": 1}' \
-    --dashboard-agent-listen-port="${ports[0]}" --dashboard-agent-grpc-port="${ports[1]}" \
-    --runtime-env-agent-port="${ports[2]}" --metrics-export-port="${ports[3]}" 2>/dev/null \
-    || grep -q "timed out during startup" "$DIR/worker-$i.log" \
+  # shellcheck disable=SC2046
+  start_worker_node "$i" "$CWPO_RAY_GCS_ADDRESS" $(agent_ports "${ports[@]}") \
     || die "worker node $i did not start: $(tail -n 5 "$DIR/worker-$i.log")"
   # A lost node may still count as alive until the GCS misses its heartbeats: wait for this one by its temp dir.
   [ "$(alive_nodes 1 "${CWPO_NODE_WAIT_S:-180}" "$DIR/ray-w$i/")" = 1 ] \
