@@ -122,7 +122,7 @@ def deploy(annotator: Path, batch: int, args) -> None:
 
 def run_config(base: str, annotator: Path, batch: int, args, pairs: list[dict]) -> list[dict]:
     deploy(annotator, batch, args)
-    asyncio.run(load(f"{base}/v1/annotate", 4, pairs, 2.0, 16))  # warm-up: first forward passes are slow
+    asyncio.run(load_warmup(base, pairs))
     rows = []
     for clients in args.clients:
         before = replica_stats(base)
