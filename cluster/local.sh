@@ -44,15 +44,9 @@ export RAY_USAGE_STATS_ENABLED=0
 
 die() { echo "local.sh: $*" >&2; exit 1; }
 
-# N free TCP ports on 127.0.0.1 (all bound at once, so they are distinct).
+# N distinct free TCP ports on 127.0.0.1, from below the kernel's ephemeral range (cwpo_ray/ports.py says why).
 free_ports() {
-  "$PY" - "$1" <<'EOF'
-import socket, sys
-socks = []
-for _ in range(int(sys.argv[1])):
-    s = socket.socket(); s.bind(("127.0.0.1", 0)); socks.append(s)
-print(" ".join(str(s.getsockname()[1]) for s in socks))
-EOF
+  PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" "$PY" -m cwpo_ray.ports "$1"
 }
 
 # Every process whose command line names our temp dir (gcs, raylets, dashboard, agents, workers)
