@@ -30,14 +30,19 @@ def free_port() -> int:
 
 
 def pids_running(*fragments: str) -> set[int]:
-    """Processes whose command line contains every fragment (Ray names actors there, e.g. "ray::MapWorker(...)")."""
+    """This test process's descendants whose command line contains every fragment (Ray names actors
+    there, e.g. "ray::MapWorker(...)"). Descendants only: the Ray node this process started is its
+    child, while another test process on the machine (pytest-xdist) runs actors of the same names."""
     import psutil
 
     found = set()
-    for proc in psutil.process_iter(["pid", "cmdline"]):
-        cmdline = " ".join(proc.info["cmdline"] or [])
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            cmdline = " ".join(proc.cmdline())
+        except psutil.Error:  # gone meanwhile
+            continue
         if all(f in cmdline for f in fragments):
-            found.add(proc.info["pid"])
+            found.add(proc.pid)
     return found
 
 
