@@ -434,3 +434,33 @@ def test_compare_reads_the_split_it_is_asked_for(tmp_path, mlflow_server):
     assert line_of(val, "| dpo | cw - human | vader |").startswith("| dpo | cw - human | vader | +0.300 |")
     assert {"compare.md", "compare_validation.md", "compare_validation.png"} <= {
         a.path for a in client.list_artifacts(parent)}
+
+
+def test_label_budget_pairs_each_fraction_with_the_human_arm_on_shared_prompts():
+    """bench/label_budget.py's table: per fraction each weak arm's GRA over seeds and its paired difference
+    against the human arm of another pipeline run, on the prompt ids both were judged on."""
+    import importlib.util
+
+    from conftest import REPO
+
+    spec = importlib.util.spec_from_file_location("label_budget", REPO / "bench" / "label_budget.py")
+    lb = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(lb)
+
+    wins = {  # run id -> prompt id -> win; the human runs judged one more prompt ("p9") than the others
+        "h0": {"p1": 1.0, "p2": 0.0, "p3": 0.5, "p9": 1.0}, "h1": {"p1": 0.0, "p2": 0.0, "p3": 1.0, "p9": 1.0},
+        "cw0": {"p1": 1.0, "p2": 1.0, "p3": 0.5}, "cw1": {"p1": 1.0, "p2": 0.0, "p3": 1.0},
+        "ws0": {"p1": 0.0, "p2": 0.0, "p3": 0.0},  # seed 1 missing: ws is left out of that fraction
+    }
+    row = lambda arm, seed, run: {"arm": arm, "seed": seed, "judge": "gold", "run_id": run}  # noqa: E731
+    runs = {0.3: [row("human", "0", "h0"), row("human", "1", "h1"), row("cw", "0", "cw0"), row("cw", "1", "cw1"),
+                  row("ws", "0", "ws0")]}
+    table = lb.budget_table(runs, ["0", "1"], lambda r: {"gold": wins[r["run_id"]]}, 0.3)
+    assert [(r["fraction"], r["arm"]) for r in table] == [(1.0, "human"), (0.3, "cw")]
+    human, cw = table
+    assert human["gra_per_seed"] == pytest.approx([2.5 / 4, 2 / 4])
+    # paired on p1-p3 only: seed 0 cw - human = (0 + 1 + 0) / 3, seed 1 = (1 + 0 + 0) / 3
+    assert cw["diff_per_seed"] == pytest.approx([1 / 3, 1 / 3]) and cw["diff"] == pytest.approx(1 / 3)
+    assert cw["diff_lo"] <= cw["diff"] <= cw["diff_hi"]
+    text = lb.markdown(table, ["0", "1"], "test", "dpo")
+    assert "| 0.3 | cw | 0.750 |" in text and "+0.333" in text
