@@ -102,6 +102,10 @@ def chart(table: list[dict], path: Path, title: str) -> None:
             y = [r[key] for r in rows]
             ax.errorbar(x, y, yerr=[[a - r[lo] for a, r in zip(y, rows)], [r[hi] - a for a, r in zip(y, rows)]],
                         marker="o", capsize=3, label=arm)
+    fractions = sorted({r["fraction"] for r in table if r["arm"] != "human"})
+    for ax in (left, right):
+        ax.set_xticks(fractions, [f"{f:.0%}" for f in fractions])
+        ax.set_xlim(min(fractions) - 0.05, max(fractions) + 0.05)
     left.set(xlabel="share of the human labels the annotator saw", ylabel="GRA", title="GRA")
     right.set(xlabel="share of the human labels the annotator saw", ylabel="GRA difference",
               title="arm - human (paired)")
