@@ -24,14 +24,8 @@ WEAK_ARMS = ("ws", "cw")
 
 def pipeline_rows(client, experiment: str, run_name: str, split: str, loss: str, seeds: list[str]) -> list[dict]:
     """The newest arm runs of the newest pipeline run of that name, for ``loss`` and ``seeds``."""
-    exp = client.get_experiment_by_name(experiment)
-    if exp is None:
-        raise SystemExit(f"no MLflow experiment named {experiment!r}")
-    parents = client.search_runs([exp.experiment_id], f"tags.stage = 'pipeline' and attributes.run_name = '{run_name}'",
-                                 order_by=["attributes.start_time DESC"], max_results=1)
-    if not parents:
-        raise SystemExit(f"no pipeline run named {run_name!r} in {experiment!r}")
-    rows = collect.latest_runs(collect.collect_rows(client, exp, parents[0], split))
+    exp, parent = collect.find_parent(client, experiment, "", run_name)
+    rows = collect.latest_runs(collect.collect_rows(client, exp, parent, split))
     return [r for r in rows if r["loss"] == loss and r["seed"] in seeds]
 
 

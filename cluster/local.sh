@@ -159,12 +159,11 @@ cmd_up() {
   # may come back twice (the head's dashboard port was once handed to a node's agent too).
   local ports; read -r -a ports <<<"$(free_ports $((3 + 4 * (workers + 1))))"
   local gcs=${ports[0]} dash=${ports[1]} client=${ports[2]}
-  local common; read -r -a common <<<"$(node_flags)"
   node_ports() { agent_ports "${ports[@]:$((3 + 4 * $1)):4}"; }  # node N's four ports of the ones above
 
   # shellcheck disable=SC2046
   start_node "$DIR/head.log" --head --port="$gcs" --include-dashboard=true --dashboard-host=127.0.0.1 \
-    --dashboard-port="$dash" --ray-client-server-port="$client" --temp-dir="$DIR/ray" "${common[@]}" $(node_ports 0) \
+    --dashboard-port="$dash" --ray-client-server-port="$client" --temp-dir="$DIR/ray" $(node_flags) $(node_ports 0) \
     2>/dev/null || grep -q "timed out during startup" "$DIR/head.log" \
     || { cat "$DIR/head.log" >&2; cmd_down >/dev/null 2>&1 || true; die "the head node did not start (log above)"; }
   # `ray start` gives a raylet 30 s to register with the GCS and then reports failure, but leaves

@@ -22,17 +22,19 @@ def mlflow_client():
     return MlflowClient(tracking.tracking_uri())
 
 
-def find_parent(client, experiment: str, parent_run_id: str):
-    """(experiment, pipeline parent run): the one named, else the experiment's latest pipeline run."""
+def find_parent(client, experiment: str, parent_run_id: str, run_name: str = ""):
+    """(experiment, pipeline parent run): the one whose id is given, else the experiment's latest pipeline run
+    (of that run name, when one is given)."""
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         raise ValueError(f"no MLflow experiment named {experiment!r}")
     if parent_run_id:
         return exp, client.get_run(parent_run_id)
-    runs = client.search_runs([exp.experiment_id], filter_string="tags.stage = 'pipeline'",
+    named = f" and attributes.run_name = '{run_name}'" if run_name else ""
+    runs = client.search_runs([exp.experiment_id], filter_string="tags.stage = 'pipeline'" + named,
                               order_by=["attributes.start_time DESC"], max_results=1)
     if not runs:
-        raise ValueError(f"no pipeline run in experiment {experiment!r}")
+        raise ValueError(f"no pipeline run{f' named {run_name!r}' if run_name else ''} in experiment {experiment!r}")
     return exp, runs[0]
 
 
