@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set up (or reuse) .venv and run the main job: the CW-PO pipeline on the built-in benchmark
-# (quick preset, about 6 minutes on 2 CPU cores), then print the arms x losses comparison.
+# (quick preset, under 10 minutes on 2 CPU cores), then print the arms x losses comparison.
 # Extra arguments are passed to `cwpo pipeline` (e.g. --config cwpo_ray/configs/full.yaml).
 set -euo pipefail
 cd "$(dirname "$0")"
