@@ -408,6 +408,38 @@ def test_an_arm_on_one_seed_of_several_shows_its_own_interval():
     assert "| ws | dpo | 0 | 0.588 | [0.478, 0.694] |" in text  # its own row in the every-seed table
 
 
+def test_pooled_splits_take_each_seeds_numbers_from_its_pooled_prompts():
+    """test+test_unseen: no logged figure covers both sets' prompts. Each judge's gold rewards are the
+    prompt-weighted mean of the two evaluations'; each seed's row in the every-seed table is computed from
+    its pooled wins, not its test evaluation's logged GRA (which the pooled n would mislabel)."""
+    from cwpo_ray.comparison.aggregate import each_seed
+    from cwpo_ray.comparison.collect import pooled_logged
+
+    m = {"eval/gra": 0.9, "eval/gra_lo": 0.8, "eval/n": 200, "eval/gold_policy": 0.5, "eval/gold_reference": 0.2,
+         "eval/textblob.gra": 0.7, "eval/textblob.gold_policy": 0.3,
+         "test_unseen/gra": 0.1, "test_unseen/n": 100, "test_unseen/gold_policy": 0.2,
+         "test_unseen/gold_reference": 0.5, "test_unseen/textblob.gra": 0.4, "test_unseen/textblob.gold_policy": 0.6}
+    main, extra = pooled_logged(m, ["eval", "test_unseen"])
+    assert main["gold_policy"] == pytest.approx((0.5 * 200 + 0.2 * 100) / 300)
+    assert main["gold_reference"] == pytest.approx((0.2 * 200 + 0.5 * 100) / 300)
+    assert main["gra"] is None and main["gra_lo"] is None  # from the wins, never one part's figure
+    assert extra["textblob"]["gold_policy"] == pytest.approx((0.3 * 200 + 0.6 * 100) / 300)
+
+    test_part, unseen_part = outcomes(60, 0.7, 0.1, seed=3), outcomes(40, 0.2, 0.1, seed=4)
+    wins = {"vader": {**{f"test:{i:03d}": w for i, w in enumerate(test_part)},
+                      **{f"test_unseen:{i:03d}": w for i, w in enumerate(unseen_part)}}}
+    row = {"arm": "cw", "loss": "dpo", "seed": "0", "split": "test+test_unseen", "judge": "vader", **main}
+    (own,) = each_seed([row], lambda r: wins)
+    expected = gra_over_seeds([np.concatenate([test_part, unseen_part])])
+    for k in ("gra", "gra_lo", "gra_hi", "gra_strict", "gra_strict_lo", "gra_strict_hi"):
+        assert own[k] == pytest.approx(expected[k], abs=1e-12), k
+    assert own["gra"] == pytest.approx(np.concatenate([test_part, unseen_part]).mean())
+    (missing,) = each_seed([row], lambda r: None)  # no responses: nothing to show, not a part's figure
+    assert missing["gra"] is None
+    logged = dict(row, split="test", gra=0.9)
+    assert each_seed([logged], lambda r: wins) == [logged]  # one split: as its evaluation logged it
+
+
 def test_compare_reads_the_split_it_is_asked_for(tmp_path, mlflow_server):
     """An arm evaluated on the validation prompts (while settings are chosen) and then on the test prompts
     keeps both in one run: compare reports the test evaluation by default and the validation one with

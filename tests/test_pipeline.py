@@ -465,4 +465,8 @@ def test_pipeline_over_two_seeds_aggregates_in_compare(ray_cluster, mlflow_serve
     assert pm["seeds.test_and_test_unseen.human.dpo.gra"] == pytest.approx(both["gra"])
     assert (pm["seeds.test_and_test_unseen.human.dpo.gra_lo"], pm["seeds.test_and_test_unseen.human.dpo.gra_hi"]) \
         == pytest.approx((both["gra_lo"], both["gra_hi"]))
-    assert "test+test_unseen prompts" in (out / "compare" / "compare_test_and_test_unseen.md").read_text()
+    pooled_md = (out / "compare" / "compare_test_and_test_unseen.md").read_text()
+    assert "test+test_unseen prompts" in pooled_md
+    for seed in (0, 1):  # each seed's own row: its 20 pooled prompts, not its test evaluation's logged figure
+        own = gra_over_seeds([pooled[seed]])
+        assert f"| human | dpo | {seed} | {own['gra']:.3f} | [{own['gra_lo']:.3f}, {own['gra_hi']:.3f}] |" in pooled_md

@@ -64,6 +64,22 @@ def judge_over_seeds(logged: list[dict], outcomes: list[dict | None], pooled: bo
             "gold_reference": mean(x.get("gold_reference") for x in logged)}
 
 
+def each_seed(rows: list[dict], outcomes: Outcomes) -> list[dict]:
+    """The rows for the every-seed table: as logged, except on a pooled split (several evaluated splits'
+    prompts together), where no logged figure covers the prompts and each run's main-judge GRA and interval
+    come from its pooled wins (the plain bootstrap over that seed's prompts; None without its responses)."""
+    from cwpo_ray.gra import gra_over_seeds
+
+    out = []
+    for r in rows:
+        if "+" in r.get("split", "test"):
+            w = (outcomes(r) or {}).get(r["judge"])
+            m = gra_over_seeds([[w[i] for i in sorted(w)]]) if w else dict.fromkeys(INTERVAL_KEYS)
+            r = {**r, **{k: m[k] for k in INTERVAL_KEYS}}
+        out.append(r)
+    return out
+
+
 def arm_rows(rows: list[dict], outcomes: Outcomes) -> list[dict]:
     """One row per arm x loss, in the order of ``rows``: each judge's GRA and strict GRA over the seeds that
     ran it (judge_over_seeds) with the per-seed values (``*_per_seed``: seed -> value), ``seeds`` (those

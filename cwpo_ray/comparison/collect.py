@@ -47,12 +47,31 @@ def logged_by_judge(metrics: dict, prefix: str = "eval") -> tuple[dict, dict]:
     return main, {j: {k: metrics.get(f"{p}{j}.{k}") for k in GRA_KEYS} for j in extra_names}
 
 
+def pooled_logged(metrics: dict, prefixes: list[str]) -> tuple[dict, dict]:
+    """logged_by_judge for several evaluated splits pooled: each judge's gold rewards as the prompt-weighted
+    mean of the parts' (each part logged its mean over its own ``PREFIX/n`` prompts), and no GRA or interval,
+    since no logged figure covers the pooled prompts: compare recomputes those from the per-prompt wins."""
+    parts = [(logged_by_judge(metrics, p), metrics.get(f"{p}/n") or 0) for p in prefixes]
+
+    def pooled(per_part: list[tuple[dict, float]]) -> dict:
+        out = dict.fromkeys(INTERVAL_KEYS)
+        for k in ("gold_policy", "gold_reference"):
+            known = [(m[k], n) for m, n in per_part if m.get(k) is not None and n]
+            out[k] = sum(v * n for v, n in known) / sum(n for _, n in known) if known else None
+        return out
+
+    judges = set.intersection(*(set(extra) for (_, extra), _ in parts))
+    return (pooled([(main, n) for (main, _), n in parts]),
+            {j: pooled([(extra[j], n) for (_, extra), n in parts]) for j in sorted(judges)})
+
+
 def collect_rows(client, exp, parent, split: str = "test") -> list[dict]:
     """One row per child (arm x loss x seed) run, sorted by loss, arm (display order) and seed; its metrics
     are those of the arm's evaluation on ``split``."""
     from cwpo_ray.evaluation.reporting import metric_prefix
 
-    prefix = metric_prefix(split_parts(split)[0])  # a pooled split's logged figures are its first part's
+    prefixes = [metric_prefix(p) for p in split_parts(split)]
+    prefix = prefixes[0]  # a pooled split's judge tag and pair accuracy: its first part's (test has the pairs)
     children = client.search_runs([exp.experiment_id], filter_string=f"tags.mlflow.parentRunId = "
                                                                     f"'{parent.info.run_id}' and tags.stage = 'arm'")
     pm = parent.data.metrics
@@ -72,7 +91,7 @@ def collect_rows(client, exp, parent, split: str = "test") -> list[dict]:
         arm = tags.get("arm", run.info.run_name)
         seed = tags.get("seed")
         known = find(arm)
-        main, extra = logged_by_judge(m, prefix)
+        main, extra = logged_by_judge(m, prefix) if len(prefixes) == 1 else pooled_logged(m, prefixes)
         rows.append({
             "split": split,
             "arm": arm, "loss": tags.get("loss", ""), "seed": seed, "run_id": run.info.run_id,

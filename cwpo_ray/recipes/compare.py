@@ -80,10 +80,11 @@ def run(cfg: Config) -> int:
     with collect.outcomes_of(client) as outcomes:  # each arm run's per-prompt wins, downloaded once
         agg = aggregate.arm_rows(rows, outcomes)
         pairs = aggregate.paired_rows(rows, outcomes)
+        own = aggregate.each_seed(rows, outcomes)
 
     title = (f"{cfg.experiment} / {parent.info.run_name} ({parent.info.run_id[:8]})"
              + ("" if cfg.split == "test" else f", {cfg.split} prompts"))
-    text = markdown.document(agg, pairs, rows, seeds, title, replaced=len(all_rows) - len(rows), split=cfg.split)
+    text = markdown.document(agg, pairs, own, seeds, title, replaced=len(all_rows) - len(rows), split=cfg.split)
     print(text, flush=True)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
