@@ -174,6 +174,21 @@ def learned_p_value(margins) -> float:
     return float(wilcoxon(m, alternative="greater").pvalue)
 
 
+# The signed-rank p-value at or above which an annotator's out-of-fold calls lean wrong or even: its
+# confidence-weighted calls are not right more often than wrong. Below it but above 0.05 the labeled pairs
+# only fail to show learning, which with human labels ~65-75% right a useful annotator often does at a few
+# hundred pairs (docs/METHOD.md, "Did the annotator learn?").
+LEANS_WRONG_P = 0.5
+
+
+def learned_verdict(p: float) -> str:
+    """"learned" (p < 0.05), "not shown" (0.05 <= p < LEANS_WRONG_P) or "no sign" (the calls lean wrong or
+    even, or too few pairs to test): what the labeled pairs say about the annotator, from learned_p_value."""
+    if p < 0.05:
+        return "learned"
+    return "not shown" if p < LEANS_WRONG_P else "no sign"  # nan compares False: "no sign"
+
+
 def confident_third_accuracy(margins) -> tuple[float, float]:
     """Accuracy on the third of pairs with the largest |margin|, and on the other two thirds: the
     figure that shows whether an annotator's confidence means something."""

@@ -72,6 +72,10 @@ def _summary(result) -> str:
     metrics = result.get("metrics", result)
     for key, fmt in (("annotator.heldout_accuracy", "held-out accuracy {:.3f}"),
                      ("annotator.mean_confidence", "mean confidence {:.3f}"),
+                     # where the data carries a gold judge (the built-in benchmark): the figure that says whether
+                     # the annotator is useful, which its noisy-label test cannot always show
+                     ("annotator.gold_accuracy", "agreement with the gold judge {:.3f}"),
+                     ("annotator_ensemble.gold_accuracy", "agreement with the gold judge {:.3f}"),
                      ("gra", "GRA {:.3f}")):
         if isinstance(metrics.get(key), (int, float)):
             parts.append(fmt.format(metrics[key]))

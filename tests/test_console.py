@@ -20,9 +20,13 @@ def test_output_goes_to_the_log_and_stage_lines_to_the_terminal(tmp_path, capfd)
         os.write(2, b"C-level output\n")
         with console.timed_stage("annotate") as done:
             done({"rows": 685, "metrics": {"annotator.mean_confidence": 0.357}})
+        with console.timed_stage("annotate-ensemble") as done:  # data with a gold judge: its agreement too
+            done({"rows": 611, "metrics": {"annotator_ensemble.gold_accuracy": 0.64}})
         console.stage_line("data", "done already, reusing", fingerprint="0123")
     terminal = capfd.readouterr()
     assert terminal.out.splitlines() == ["  annotate               done in 0 s: 685 pairs annotated, mean confidence 0.357",
+                                         "  annotate-ensemble      done in 0 s: 611 pairs annotated, agreement with the "
+                                         "gold judge 0.640",
                                          "  data                   done already, reusing (fingerprint 0123)"]
     assert terminal.err == ""
     text = log.read_text()

@@ -72,22 +72,31 @@ def run_annotator(cfg, labeled: str, out: Path, parent_run_id: str, keep_fold_mo
 
 
 def warn_if_annotator_did_not_learn(metrics: dict, seed: int) -> None:
-    """Loudly, on the terminal: an annotator whose out-of-fold calls are no more often right where it is
-    sure than chance (calibration.learned_p_value) labels at chance, and every weak-label arm of this
-    seed trains on noise. Plain accuracy is not the test: against noisy human labels a useful annotator
-    scores ~0.55, whose interval includes 0.5 at a few hundred pairs."""
+    """What the labeled pairs say about the annotator, on the terminal (calibration.learned_verdict): that it
+    learned; that they do not show it (a note: against human labels that are themselves ~67% right, a useful
+    annotator's test at a few hundred pairs misses often); or, loudly, that its out-of-fold calls lean wrong
+    or even, the sign of an annotator that labels at chance, whose weak-label arms train on noise. Plain
+    accuracy is not the test: a useful annotator scores ~0.55 against such labels."""
     from cwpo_ray import console
+    from cwpo_ray.calibration import learned_verdict
 
     p = metrics.get("annotator.heldout_learned_p")
     if p is None:
         return
     third, rest = metrics.get("annotator.heldout_confident_third_accuracy"), metrics.get("annotator.heldout_other_accuracy")
+    n = metrics.get("annotator.heldout_n")
     figures = (f"accuracy against the human labels {metrics['annotator.heldout_accuracy']:.3f}; "
                f"{third:.3f} on its most confident third vs {rest:.3f} on the rest; signed-rank p = {p:.3g}")
-    if p < 0.05:
+    verdict = learned_verdict(p)
+    if verdict == "learned":
         console.say(f"annotator (seed {seed}) learned: {figures}")
+    elif verdict == "not shown":
+        console.say(f"annotator (seed {seed}): its {n or 'few'} labeled pairs do not show that it learned ({figures}); "
+                    "with noisy human labels that is common for a useful annotator too. Where the data has a gold "
+                    "judge, the annotate line gives its agreement with it.")
     else:
-        console.say(f"!!! WARNING (seed {seed}): no evidence that the annotator learned ({figures}).\n"
+        console.say(f"!!! WARNING (seed {seed}): no sign that the annotator learned: its out-of-fold calls are not "
+                    f"right more often than wrong ({figures}).\n"
                     "!!! The ws / cw / topk arms of this seed may train on labels close to noise; their results "
                     "say little about the method.")
 

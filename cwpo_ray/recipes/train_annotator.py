@@ -190,6 +190,7 @@ def run(cfg: Config) -> int:
     import ray
 
     from cwpo_ray import tracking
+    from cwpo_ray.calibration import learned_verdict
     from cwpo_ray.distributed import prepare_train_driver, run_trainer
     from cwpo_ray.ray_env import init_ray
     from cwpo_ray.tables import atomic_path
@@ -239,10 +240,15 @@ def run(cfg: Config) -> int:
           f"{cal['ece_after']:.3f}")
     print(f"  its most confident third: accuracy {best['confident_third_accuracy']:.3f} vs {best['other_accuracy']:.3f} "
           f"on the rest; signed-rank test that its calls beat chance: p = {best['learned_p']:.3g}")
-    if not best["learned_p"] < 0.05:  # nan (too few pairs) warns too
-        print(f"WARNING: no evidence that the annotator learned: its {where} calls are not right more often than "
-              f"chance where it is sure (p = {best['learned_p']:.3g}). Its labels and confidences may be noise; "
-              "more labeled pairs, another lr or backbone may help.")
+    verdict = learned_verdict(best["learned_p"])  # nan (too few pairs) warns too
+    if verdict == "no sign":
+        print(f"WARNING: no sign that the annotator learned: its {where} calls are not right more often than "
+              f"wrong (p = {best['learned_p']:.3g}). Its labels and confidences may be noise; more labeled pairs, "
+              "another lr or backbone may help.")
+    elif verdict == "not shown":
+        print(f"note: these {best['n']} labeled pairs do not show that the annotator learned (p = "
+              f"{best['learned_p']:.3g}); against noisy human labels a useful annotator often scores so. Its agreement "
+              "with better labels (a gold judge, or labels held back) is what tells.")
     if cfg.keep_fold_models:
         print(f"kept the {cfg.folds} fold models at {best['epoch']} epochs in {out / report['fold_models']['folder']} "
               "(for `cwpo annotate --confidence ensemble`)")
