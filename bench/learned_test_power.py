@@ -22,12 +22,18 @@ from cwpo_ray.calibration import learned_p_value, learned_verdict
 VERDICTS = ("learned", "not shown", "no sign")
 
 
+def noisy_label_margins(rng, shift: float, pairs: int, flip: float = 0.325) -> np.ndarray:
+    """One labeled set's out-of-fold margins: N(shift, 1) against the gold judge, the sign flipped against
+    the human label on the ``flip`` share of pairs where that label disagrees with gold."""
+    gold = rng.normal(shift, 1.0, pairs)
+    return np.where(rng.random(pairs) < flip, -gold, gold)
+
+
 def verdict_rates(shift: float, pairs: int, flip: float, draws: int, rng) -> dict[str, float]:
+    """The share of ``draws`` labeled sets that get each verdict."""
     counts = dict.fromkeys(VERDICTS, 0)
     for _ in range(draws):
-        gold = rng.normal(shift, 1.0, pairs)
-        margins = np.where(rng.random(pairs) < flip, -gold, gold)
-        counts[learned_verdict(learned_p_value(margins))] += 1
+        counts[learned_verdict(learned_p_value(noisy_label_margins(rng, shift, pairs, flip)))] += 1
     return {k: v / draws for k, v in counts.items()}
 
 

@@ -131,11 +131,17 @@ def test_kfold_training_chooses_epochs_refits_calibrates_and_resumes(ray_cluster
     check_kept_fold_models(out, rows, 3, client, run)
 
 
-def noisy_label_margins(rng, gold_shift: float, n: int = 280) -> np.ndarray:
-    """Out-of-fold margins of an annotator whose margins against the gold judge are N(gold_shift, 1), signed
-    against human labels that disagree with the gold judge 32.5% of the time (the built-in benchmark's)."""
-    gold = rng.normal(gold_shift, 1.0, n)
-    return np.where(rng.random(n) < 0.325, -gold, gold)
+def learned_test_power():
+    """bench/learned_test_power.py, whose noise model (labels 67.5% right, the built-in benchmark's) the
+    tests below share with the rates it publishes."""
+    import importlib.util
+
+    from conftest import REPO
+
+    spec = importlib.util.spec_from_file_location("learned_test_power", REPO / "bench" / "learned_test_power.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def test_pipeline_says_learned_not_shown_or_warns_by_what_the_labeled_pairs_show(capsys):
@@ -145,8 +151,9 @@ def test_pipeline_says_learned_not_shown_or_warns_by_what_the_labeled_pairs_show
     judge) gets a note, not the warning. One whose calls lean wrong gets the warning."""
     from cwpo_ray.orchestration.stages import warn_if_annotator_did_not_learn
 
+    noisy_label_margins = learned_test_power().noisy_label_margins
     rng = np.random.default_rng(0)
-    summary = calibration.summarize(noisy_label_margins(rng, 0.35))
+    summary = calibration.summarize(noisy_label_margins(rng, 0.35, 280))
     assert summary["accuracy_lo"] <= 0.5 < summary["accuracy"] < 0.6  # the first warning's case
     assert summary["confident_third_accuracy"] > summary["other_accuracy"] and summary["learned_p"] < 0.05
     warn_if_annotator_did_not_learn({f"annotator.heldout_{k}": v for k, v in summary.items()}, seed=0)
@@ -160,7 +167,7 @@ def test_pipeline_says_learned_not_shown_or_warns_by_what_the_labeled_pairs_show
     assert "!!!" not in out and "WARNING" not in out
     assert "annotator (seed 3): its 262 labeled pairs do not show that it learned" in out and "p = 0.115" in out
 
-    wrong = {f"annotator.heldout_{k}": v for k, v in calibration.summarize(noisy_label_margins(rng, -0.2)).items()}
+    wrong = {f"annotator.heldout_{k}": v for k, v in calibration.summarize(noisy_label_margins(rng, -0.2, 280)).items()}
     assert wrong["annotator.heldout_learned_p"] >= calibration.LEANS_WRONG_P
     warn_if_annotator_did_not_learn(wrong, seed=1)
     out = capsys.readouterr().out
@@ -171,16 +178,12 @@ def test_the_warning_rarely_fires_on_a_useful_annotator_and_often_on_one_at_chan
     """The rule's rates at the benchmark's size (280 labeled pairs, labels 67.5% right): an annotator 0.64
     right against the gold judge fails the p < 0.05 test about a third of the time (why that is not the
     warning), but gets the warning a few times in a hundred; one at chance gets it about half the time."""
+    rates = learned_test_power().verdict_rates
     rng = np.random.default_rng(2)
-
-    def verdicts(gold_shift: float) -> list[str]:
-        return [calibration.learned_verdict(calibration.learned_p_value(noisy_label_margins(rng, gold_shift)))
-                for _ in range(300)]
-
-    useful, chance = verdicts(0.36), verdicts(0.0)  # gold accuracy 0.64 and 0.5
-    assert 0.2 < useful.count("not shown") / 300 < 0.5  # the p < 0.05 test misses it often
-    assert useful.count("no sign") / 300 < 0.07
-    assert chance.count("no sign") / 300 > 0.4 and chance.count("learned") / 300 < 0.09
+    useful, chance = (rates(shift, 280, 0.325, 300, rng) for shift in (0.36, 0.0))  # gold accuracy 0.64, 0.5
+    assert 0.2 < useful["not shown"] < 0.5  # the p < 0.05 test misses it often
+    assert useful["no sign"] < 0.07
+    assert chance["no sign"] > 0.4 and chance["learned"] < 0.09
     assert calibration.learned_verdict(float("nan")) == "no sign"  # too few pairs to test
 
 
