@@ -19,6 +19,12 @@ Outcomes = Callable[[dict], Optional[dict]]
 INTERVAL_KEYS = ("gra", "gra_lo", "gra_hi", "gra_strict", "gra_strict_lo", "gra_strict_hi")
 
 
+def is_pooled(row: dict) -> bool:
+    """Whether a row's split pools several evaluated splits' prompts ("test+test_unseen"; collect.split_parts),
+    which no logged figure covers."""
+    return "+" in row.get("split", "test")
+
+
 def seed_key(seed) -> tuple:
     """Sort order of seed tags: untagged (older runs) first, then numeric, then any other text."""
     if seed is None:
@@ -72,7 +78,7 @@ def each_seed(rows: list[dict], outcomes: Outcomes) -> list[dict]:
 
     out = []
     for r in rows:
-        if "+" in r.get("split", "test"):
+        if is_pooled(r):
             w = (outcomes(r) or {}).get(r["judge"])
             m = gra_over_seeds([[w[i] for i in sorted(w)]]) if w else dict.fromkeys(INTERVAL_KEYS)
             r = {**r, **{k: m[k] for k in INTERVAL_KEYS}}
@@ -92,7 +98,7 @@ def arm_rows(rows: list[dict], outcomes: Outcomes) -> list[dict]:
         seeds = list(by_seed)
         runs = [by_seed[s] for s in seeds]
         found = [outcomes(r) for r in runs]
-        pooled = "+" in runs[0].get("split", "test")
+        pooled = is_pooled(runs[0])
         agg = judge_over_seeds(runs, [w.get(r["judge"]) if w else None for r, w in zip(runs, found)], pooled)
         judges = {j: judge_over_seeds([r["judges"][j] for r in runs], [w.get(j) if w else None for w in found],
                                       pooled)
