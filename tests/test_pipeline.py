@@ -266,6 +266,36 @@ def test_every_arm_trains_on_its_table_with_its_weighting():
     assert [human_labels_used(arm, no_sft, tables) for arm in arms] == [70, 30, 30, 30, 30, 0, 30]
 
 
+def test_a_pipeline_stopped_by_sigterm_says_so_and_how_to_go_on(tmp_path):
+    """A SIGTERM (a cluster's job stop, a session's end) reaches the driver as Ray's sys.exit, which prints
+    no traceback: the pipeline's last line says what stopped it and that a rerun continues."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out, log = tmp_path / "run", tmp_path / "stdout"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    proc = subprocess.Popen([sys.executable, "-m", "cwpo_ray", "pipeline", "--config", "cwpo_ray/configs/quick.yaml",
+                             f"out={out}"], cwd=REPO, env=env, stdout=open(log, "w"), stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while "preflight:" not in log.read_text():  # Ray is up and its driver's SIGTERM handler set
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode != 0
+    assert "pipeline: stopped by a signal or exit (code " in err, err[-3000:]
+    assert f"rerun the same command to continue from them. Every stage's own output is in {out / 'pipeline.log'}" in err
+    assert "stopped by the error below" not in err
+
+
 def test_a_stage_run_again_says_whether_code_or_settings_changed(tmp_path, capsys):
     import json
 

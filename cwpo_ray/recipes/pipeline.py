@@ -161,6 +161,13 @@ def run(cfg: Config) -> int:
         try:
             with console.log_to(log):
                 return run_stages(cfg, out)
+        except (KeyboardInterrupt, SystemExit) as stop:
+            # Ctrl-C, or a SIGTERM, which Ray's driver handler turns into sys.exit: no traceback follows,
+            # so say what happened and that the finished stages are kept.
+            how = "Ctrl-C" if isinstance(stop, KeyboardInterrupt) else f"a signal or exit (code {stop.code})"
+            print(f"pipeline: stopped by {how}; the finished stages are kept: rerun the same command to continue "
+                  f"from them. Every stage's own output is in {log}", file=sys.stderr, flush=True)
+            raise
         except BaseException:  # the traceback follows on the terminal; the rest of the story is in the log
             print(f"pipeline: stopped by the error below; every stage's own output is in {log}", file=sys.stderr,
                   flush=True)
