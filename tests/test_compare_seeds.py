@@ -496,3 +496,17 @@ def test_label_budget_pairs_each_fraction_with_the_human_arm_on_shared_prompts()
     assert cw["diff_lo"] <= cw["diff"] <= cw["diff_hi"]
     text = lb.markdown(table, ["0", "1"], "test", "dpo")
     assert "| 0.3 | cw | 0.750 |" in text and "+0.333" in text
+
+
+def test_pooled_wins_keep_the_first_splits_judge_order():
+    """The pooled tables list judges as each split's evaluation did (the main judge first): an order taken
+    from a set varied with the hash seed from one `cwpo compare` to the next. Ids are prefixed by split."""
+    from cwpo_ray.comparison.collect import pooled_wins
+
+    judges = ["vader", "textblob", "j2", "j3", "j4", "j5", "j6", "j7"]
+    test = {j: {"1": 1.0, "2": 0.0} for j in judges}
+    unseen = {j: {"1": 0.5} for j in reversed(judges + ["only_unseen"])}
+    pooled = pooled_wins(["test", "test_unseen"], [test, unseen])
+    assert list(pooled) == judges
+    assert pooled["vader"] == {"test:1": 1.0, "test:2": 0.0, "test_unseen:1": 0.5}
+    assert pooled_wins(["test", "test_unseen"], [test, None]) is None

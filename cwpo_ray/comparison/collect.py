@@ -168,7 +168,8 @@ def pooled_wins(splits: list[str], parts: list[dict | None]) -> dict | None:
     meet); None when a split left no responses, or when the splits do not share a judge."""
     if len(parts) == 1 or not all(parts):
         return parts[0] if len(parts) == 1 else None
-    judges = set.intersection(*(set(p) for p in parts))
+    # The first split's judge order (the main judge first), not a set's, which varies with the hash seed.
+    judges = [j for j in parts[0] if all(j in p for p in parts[1:])]
     return {j: {f"{s}:{i}": w for s, p in zip(splits, parts) for i, w in p[j].items()} for j in judges} or None
 
 
