@@ -23,6 +23,16 @@ sys.path.insert(0, str(Path(__file__).parent))
 REPO = Path(__file__).resolve().parent.parent
 
 
+def bench_module(name: str):
+    """bench/NAME.py as a module: bench/ is scripts, not a package, and the tests share their code."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", REPO / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def free_port() -> int:
     from cwpo_ray.ports import free_ports
 

@@ -134,14 +134,9 @@ def test_kfold_training_chooses_epochs_refits_calibrates_and_resumes(ray_cluster
 def learned_test_power():
     """bench/learned_test_power.py, whose noise model (labels 67.5% right, the built-in benchmark's) the
     tests below share with the rates it publishes."""
-    import importlib.util
+    from conftest import bench_module
 
-    from conftest import REPO
-
-    spec = importlib.util.spec_from_file_location("learned_test_power", REPO / "bench" / "learned_test_power.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return bench_module("learned_test_power")
 
 
 def test_pipeline_says_learned_not_shown_or_warns_by_what_the_labeled_pairs_show(capsys):

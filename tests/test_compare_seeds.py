@@ -471,13 +471,9 @@ def test_compare_reads_the_split_it_is_asked_for(tmp_path, mlflow_server):
 def test_label_budget_pairs_each_fraction_with_the_human_arm_on_shared_prompts():
     """bench/label_budget.py's table: per fraction each weak arm's GRA over seeds and its paired difference
     against the human arm of another pipeline run, on the prompt ids both were judged on."""
-    import importlib.util
+    from conftest import bench_module
 
-    from conftest import REPO
-
-    spec = importlib.util.spec_from_file_location("label_budget", REPO / "bench" / "label_budget.py")
-    lb = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(lb)
+    lb = bench_module("label_budget")
 
     wins = {  # run id -> prompt id -> win; the human runs judged one more prompt ("p9") than the others
         "h0": {"p1": 1.0, "p2": 0.0, "p3": 0.5, "p9": 1.0}, "h1": {"p1": 0.0, "p2": 0.0, "p3": 1.0, "p9": 1.0},

@@ -10,20 +10,16 @@ test_serve.py is module-scoped there (and needs a token), so this one deploys it
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import math
 
-from conftest import REPO, free_port
+from conftest import bench_module, free_port
 from tiny_models import synthetic_pairs
 
 APP = "soak"
 
 
 def bench_serve():
-    spec = importlib.util.spec_from_file_location("bench_serve", REPO / "bench" / "serve.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return bench_module("serve")
 
 
 def test_clients_that_time_out_or_disconnect_leave_no_stuck_work(ray_cluster, tiny_encoder, tmp_path):
