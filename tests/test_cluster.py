@@ -315,10 +315,15 @@ def _node_command(env: dict, *args: str) -> str:
     return out.stdout
 
 
-def _worker_nodes(env: dict) -> list[int]:
-    """The worker nodes started so far (their temp dirs), lost ones included."""
+def _live_worker_node(env: dict) -> int:
+    """The newest worker node; a replacement is added first if it was lost (so that a test that
+    failed after its kill-node does not make the next one fail too)."""
     root = Path(env["CWPO_LOCAL_CLUSTER_DIR"])
-    return sorted(int(p.name[len("ray-w"):]) for p in root.glob("ray-w*"))
+    node = max(int(p.name[len("ray-w"):]) for p in root.glob("ray-w*"))
+    mark = str(root / f"ray-w{node}") + "/"
+    if not any(_cmdline_names(p, mark) for p in os.listdir("/proc") if p.isdigit()):
+        node = int(_node_command(env, "add-node").split()[2])  # "worker node N up"
+    return node
 
 
 def _driver_env(env: dict) -> dict:
@@ -338,7 +343,7 @@ def test_annotate_finishes_on_the_remaining_node_when_a_node_is_lost(local_clust
     from test_annotate_scale import BAD_LINES, pairs
 
     env = local_cluster
-    node = _worker_nodes(env)[-1]
+    node = _live_worker_node(env)
     annotator = save_annotator(new_annotator(ModelSource(str(tiny_encoder)), max_length=32), tmp_path / "annotator")
     rows = pairs(8_000)
     write_jsonl(tmp_path / "data" / "part-0.jsonl", rows, raw_lines=BAD_LINES)
@@ -357,7 +362,8 @@ def test_annotate_finishes_on_the_remaining_node_when_a_node_is_lost(local_clust
             for side in units_dir.glob("*.json"):
                 if side.name not in seen:
                     seen[side.name] = json.loads(side.read_text())["pid"]
-            if not killed and len(seen) >= 6:
+            # Both actors (one a node, 1 CPU each) have committed: the worker node's actor is at work.
+            if not killed and len(seen) >= 6 and len(set(seen.values())) >= 2:
                 said = _node_command(env, "kill-node", str(node))
                 killed, seen_at_kill = {int(p) for p in said.rsplit(":", 1)[1].split()}, len(seen)
             time.sleep(0.1)
@@ -395,7 +401,7 @@ def test_train_policy_resumes_on_a_replacement_node_when_a_node_is_lost(local_cl
     from test_policy import _annotated_table
 
     env = local_cluster
-    node = _worker_nodes(env)[-1]
+    node = _live_worker_node(env)
     data = tmp_path / "pairs.parquet"
     _annotated_table(data, n=96)
     out = tmp_path / "out"
