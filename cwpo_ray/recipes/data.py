@@ -41,6 +41,7 @@ from typing import Any, Optional
 import pyarrow as pa
 
 from cwpo_ray.config import option, to_dict
+from cwpo_ray.out_lock import hold_out
 from cwpo_ray.source_reading import limit_rows, local_files, locate, open_source, parse_source, progress_bar
 from cwpo_ray.sources import (NORMALIZERS, Pair, Unjudged, a_is_chosen, gold_of, id_key, is_validation, pair_id,
                               prompt_key, quarantine_id, raw_json, split_of)
@@ -221,7 +222,13 @@ def _report(stage: DataStage, out: Path, tables: list[str], skipped: list[Path])
 
 
 def run(cfg: Config) -> int:
-    kind, splits = open_source(cfg)
+    kind, splits = open_source(cfg)  # a source that cannot be read is refused before OUT is made
+    # One run per OUT: two data runs into one folder would mix their tables (cwpo_ray/out_lock.py).
+    with hold_out(cfg.out, "data"):
+        return _split_into_tables(cfg, kind, splits)
+
+
+def _split_into_tables(cfg: Config, kind: str, splits: list) -> int:
     place, target = locate(parse_source(cfg.source)[1])
     skipped = local_files(target)[1] if place == "local" else []  # named in the report and the manifest
     out = Path(cfg.out)
