@@ -56,6 +56,21 @@ def test_the_estimates_are_the_documented_sums(tiny_decoder, tmp_path):
     assert [disk_space.human(n) for n in (1_500_000_000, 12_340_000, 640_000)] == ["1.50 GB", "12.3 MB", "640 KB"]
 
 
+def test_a_gzipped_input_counts_at_the_text_it_holds(tmp_path):
+    """annotate's unit files and its final table coexist, so its need must cover twice the Parquet of the
+    rows; a .jsonl.gz of them is smaller than that Parquet (the built-in benchmark's pairs: real text)."""
+    import gzip
+
+    rows = pq.read_table(REPO / "cwpo_ray" / "benchmark_data" / "pairs.parquet").to_pylist()
+    packed = tmp_path / "pairs.jsonl.gz"
+    packed.write_bytes(gzip.compress("".join(json.dumps(r) + "\n" for r in rows).encode()))
+    table = tmp_path / "pairs.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), table)
+    assert disk_space.tables_bytes(disk_space.input_bytes(packed)) >= 2 * table.stat().st_size
+    # What a folder takes on disk is its files' sizes, compressed or not (a work folder's committed units).
+    assert disk_space.folder_bytes(tmp_path) == packed.stat().st_size + table.stat().st_size
+
+
 def test_a_full_disk_is_found_however_it_is_wrapped(tmp_path):
     """The errno where an OSError kept it, else the text (the messages as pyarrow, safetensors and a Ray
     Train worker's traceback word them), through chained errors and a Ray task's ``cause``."""
