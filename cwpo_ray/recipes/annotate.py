@@ -40,8 +40,9 @@ them: present, it and every output beside it are from one run (the run id it hol
 after a killed run, the same command again publishes them. On a multi-node cluster DATA and
 OUT must be on storage every node sees. One run per OUT: a second run into it, or into a folder
 above or below it (a pipeline's OUT and its stages' folders), is refused while the first is alive
-(cwpo_ray/out_lock.py). A run whose OUT's disk has less free than 2x the input's text (a .gz counted at ~3x its bytes; less what a
-resumed run has committed) is refused before it starts (cwpo_ray/disk_space.py).
+(cwpo_ray/out_lock.py). A run whose OUT's disk has less free than 2x the input's text (a .gz
+counted at ~3x its bytes; less what a resumed run has committed) is refused before it starts
+(cwpo_ray/disk_space.py).
 
 A killed run resumes: run the same command again. How (and why not Ray Data's checkpoints):
 the input is cut into deterministic work units (a Parquet file's row groups, or a byte range
