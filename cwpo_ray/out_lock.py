@@ -1,7 +1,9 @@
-"""One run per output folder: a second `cwpo data`, `annotate`, `train-policy`, `evaluate` or
-`pipeline` into the OUT of a running one is refused with one line, instead of both writing there
-(the first one failed). `train-annotator` needs no lock: it writes a private staging folder and
-publishes it as OUT by one rename, so of two runs the later one's whole folder stays, never a mix.
+"""One run per output folder: a second `cwpo data`, `annotate`, `train-policy` or `pipeline` into
+the OUT of a running one is refused with one line, instead of both writing there (the first one
+failed). `train-annotator` needs no lock: it writes a private staging folder and publishes it as OUT
+by one rename, so of two runs the later one's whole folder stays, never a mix. `evaluate` takes none:
+the pipeline runs it as a Ray task (another process, maybe on another node) inside the OUT its driver
+holds, where a lock of its own would refuse it; what it writes is two files, each replaced whole.
 
 The lock is flock(2) on OUT/.cwpo.lock, taken by the driver for the stage's life. The kernel
 drops it when the holder's descriptor closes, at exit or by SIGKILL, so a killed run leaves no

@@ -116,12 +116,11 @@ def test_a_killed_run_leaves_no_stuck_lock(job, tmp_path):
           f"took the lock and completed: {ROWS} annotated + {len(BAD_LINES)} quarantined")
 
 
-def test_data_train_policy_evaluate_and_pipeline_are_refused_too(tmp_path):
+def test_data_train_policy_and_pipeline_are_refused_too(tmp_path):
     """Held here (a cheaper holder); the refused processes are the real CLI, before they start Ray."""
     data = write_jsonl(tmp_path / "pairs.jsonl", [{"id": "1", "prompt": "p", "chosen": "a", "rejected": "b"}])
     for command, args in (("data", ["--source", f"pairs:{data}", "--out"]),
                           ("train-policy", ["--data", str(data), "--out"]),
-                          ("evaluate", ["--policy", "p", "--reference", "r", "--prompts", str(data), "--out"]),
                           ("pipeline", ["--out"])):
         out = tmp_path / command
         with hold_out(out, "annotate"):
@@ -131,7 +130,7 @@ def test_data_train_policy_evaluate_and_pipeline_are_refused_too(tmp_path):
         assert refused.returncode == 2 and len(lines) == 1, refused.stdout + refused.stderr
         assert lines[0].startswith(f"cwpo {command}: error: {out.resolve()} is in use by `cwpo annotate` "
                                    f"(pid {os.getpid()} on ")
-        assert not any(out.iterdir())  # nothing written (no tables, no eval.json), and the holder removed its lock file
+        assert not any(out.iterdir())  # nothing written (no tables, no log), and the holder removed its lock file
 
 
 def test_the_lock_is_reentrant_in_one_process_and_exclusive_across_processes(job, tmp_path):

@@ -33,7 +33,6 @@ from typing import Optional
 import pyarrow as pa
 
 from cwpo_ray.config import option, to_dict
-from cwpo_ray.out_lock import hold_out
 from cwpo_ray.evaluation.scoring import cached, implicit_accuracy, judge_metrics
 from cwpo_ray.evaluation.reporting import log_to_mlflow
 
@@ -185,12 +184,6 @@ def sample(cfg: Config, model: str, prompts: list[str]) -> list[str]:
 
 
 def run(cfg: Config) -> int:
-    # One run per OUT: two evaluations into one folder would mix their responses and eval.json (cwpo_ray/out_lock.py).
-    with hold_out(cfg.out, "evaluate"):
-        return _evaluate(cfg)
-
-
-def _evaluate(cfg: Config) -> int:
     from cwpo_ray.judges import judge_name, load_judge
     from cwpo_ray.tables import atomic_path, write_table
 
