@@ -261,6 +261,8 @@ def test_tiny_pipeline_job_on_a_two_node_cluster(local_cluster, mlflow_script_se
     # the evaluation task on the worker node, never beside the job's driver on the head (as on a GPU cluster)
     preset["evaluate"].update(extra_judges=[], pair_accuracy=False, node_resource="cwpo_worker_node")
     preset["arms"] = ["human_labeled_only", "cw"]
+    # Its ~20 s of checks are test_preflight.py's: a good config on two nodes, through jobs/run.py too.
+    preset["preflight"] = False
     config = tmp_path / "tiny.yaml"
     config.write_text(yaml.safe_dump(preset))
     runtime_env = _runtime_env(tmp_path, uri)
