@@ -34,9 +34,26 @@ def init_ray(num_cpus: int | None = None, log_to_driver: bool = True, meanwhile:
     with ThreadPoolExecutor(1, thread_name_prefix="cwpo-meanwhile") as pool:
         pending = pool.submit(meanwhile) if meanwhile is not None else None
         _init(ray, num_cpus, log_to_driver, env_vars or {})
+        _stop_on_sigterm()
         if pending is not None:
             pending.result()
     return ray
+
+
+def _stop_on_sigterm() -> None:
+    """A SIGTERM (`ray job stop`, a scheduler's kill) raises SystemExit in the driver's main thread, so its
+    ``finally`` blocks run: the OUT lock, the metrics relay's last drain, the MLflow run's end.
+
+    ray.init sets such a handler (sys.exit) and then its core worker puts absl's failure-signal handler in
+    front of it, which treats SIGTERM as a crash: a stack dump in the log, then the handler before it,
+    and in one suite run the process ended with neither the dump's end nor Python's exit having run.
+    Setting Python's handler again takes absl off SIGTERM (only; it keeps the real crash signals)."""
+    import signal
+    import sys
+    import threading
+
+    if threading.current_thread() is threading.main_thread():  # Python allows signal handlers only there
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(signum))
 
 
 def _init(ray, num_cpus, log_to_driver, env_vars: dict[str, str]) -> None:
