@@ -82,9 +82,10 @@ def test_the_tracking_server_lost_mid_training_loses_and_duplicates_no_metric(ra
         wait_for("its third step", lambda: len(steps_written(metrics)) >= 3, train, log)
         stop_server(server, 9)  # gone at once, as a crashed or unreachable server is
         down_at = len(steps_written(metrics))
-        # training goes on without it: steps are trained (and written for the relay) while it is down
-        wait_for("20 steps more while the server is down",
-                 lambda: len(steps_written(metrics)) >= down_at + 20, train, log)
+        # training goes on without it: steps are trained (and written for the relay) while it is down; on a
+        # busy machine the last step may come first (the driver then waits in its final drain)
+        wait_for("20 steps more while the server is down, or the last one",
+                 lambda: len(steps_written(metrics)) >= min(down_at + 20, 288), train, log)
         # The driver's relay is inside the MLflow client's retries (or says "metrics relay: ..." and retries
         # each second); it logs what it holds once the server is back.
         server = start_server(root, port)
