@@ -46,8 +46,8 @@ def _stop_on_sigterm() -> None:
 
     ray.init sets such a handler (sys.exit) and then its core worker puts absl's failure-signal handler in
     front of it, which treats SIGTERM as a crash: a stack dump in the log, then the handler before it,
-    and in one suite run the process ended with neither the dump's end nor Python's exit having run.
-    Setting Python's handler again takes absl off SIGTERM (only; it keeps the real crash signals)."""
+    and in one suite run the driver ended after the dump without Python's exit running (no message, no
+    ``finally``). Setting Python's handler again takes absl off SIGTERM only (it keeps the crash signals)."""
     import signal
     import sys
     import threading
