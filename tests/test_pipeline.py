@@ -270,7 +270,7 @@ def test_a_pipeline_stopped_by_sigterm_says_so_and_how_to_go_on(tmp_path):
     """A SIGTERM (a cluster's job stop, a session's end) reaches the driver as a sys.exit, which prints
     no traceback: the pipeline's last line says what stopped it and that a rerun continues. The signal
     goes to Python's handler, not first to the absl crash handler Ray's core worker installs (a stack
-    dump, and once a process that ended before Python's exit ran: no message)."""
+    dump, after which a driver once ended without Python's exit running: no message)."""
     import os
     import signal
     import subprocess
