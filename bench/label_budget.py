@@ -1,70 +1,126 @@
 """GRA against the share of human labels the annotator was trained on (the paper's label-budget figure).
 
 Each labeled fraction is its own pipeline run (`data.labeled_fraction=F`, arms ws and cw); the human arm
-(all the labels) comes from one of them. Over the seeds every run has, per fraction: each weak arm's GRA
-with its hierarchical interval (seeds, then prompts), and its paired difference against human, per seed on
-the prompts both were judged on (the same test prompts and start responses for a seed, whatever the
-fraction). Writes label_budget.md and label_budget.png (GRA and arm - human against the fraction).
+(all the labels) comes from one of them. Two steps:
 
-    MLFLOW_TRACKING_URI=sqlite:////path/mlflow.db .venv/bin/python bench/label_budget.py \\
-        --run 0.3=cwpo-six-seeds/six-seeds --run 0.1=cwpo-label-budget/label-budget-0.1 \\
-        --run 0.2=cwpo-label-budget/label-budget-0.2 --seeds 0,1,2 --out bench/label_budget
+    # after each pipeline run: its per-prompt wins, one small JSON file per (fraction, seed), kept in git
+    # (a run's MLflow store and OUT folder live on one machine; the files outlive it)
+    MLFLOW_TRACKING_URI=sqlite:////path/mlflow.db .venv/bin/python bench/label_budget.py export \\
+        --run 0.3=cwpo-label-budget/label-budget-0.3 --seeds 0 --to bench/label_budget/wins
+    # the table and the plot, from those files
+    .venv/bin/python bench/label_budget.py table --wins bench/label_budget/wins --seeds 0,1,2 \\
+        --split test+test_unseen --out bench/label_budget
+
+Over the seeds, per fraction: each weak arm's GRA with its hierarchical interval (seeds, then prompts), and
+its paired difference against human, per seed on the prompts both were judged on (the same test prompts
+and start responses for a seed, whatever the fraction). Writes label_budget*.md and label_budget*.png (GRA
+and arm - human against the fraction).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import tempfile
 from pathlib import Path
 
 from cwpo_ray.comparison import collect
 from cwpo_ray.gra import gra_over_seeds, paired_difference_over_seeds
 
 WEAK_ARMS = ("ws", "cw")
+SPLITS = ("test", "test_unseen")  # what the pipeline evaluates each arm on (the `full` preset)
 
 
-def pipeline_rows(client, experiment: str, run_name: str, split: str, loss: str, seeds: list[str]) -> list[dict]:
-    """The newest arm runs of the newest pipeline run of that name, for ``loss`` and ``seeds``."""
-    exp, parent = collect.find_parent(client, experiment, "", run_name)
-    rows = collect.latest_runs(collect.collect_rows(client, exp, parent, split))
-    return [r for r in rows if r["loss"] == loss and r["seed"] in seeds]
-
-
-def wins_of(rows: list[dict], arm: str, seeds: list[str], outcomes) -> list[dict] | None:
-    """Per seed (in ``seeds`` order), the arm's main-judge wins by prompt id; None unless every seed has them."""
-    by_seed = {r["seed"]: r for r in rows if r["arm"] == arm}
-    out = []
-    for s in seeds:
-        w = outcomes(by_seed[s]) if s in by_seed else None
-        if not w:
-            return None
-        out.append(w[by_seed[s]["judge"]])
+def seed_metrics(metrics: dict, seed: str) -> dict:
+    """A parent run's metrics as they concern one seed: ``seedS.`` prefixes dropped, other seeds' left out
+    (the pipeline prefixes per-seed metrics only when it runs several seeds)."""
+    out = {}
+    for k, v in metrics.items():
+        head, _, rest = k.partition(".")
+        if head == f"seed{seed}":
+            out[rest] = v
+        elif not (head.startswith("seed") and head[4:].isdigit()):
+            out.setdefault(k, v)
     return out
 
 
-def budget_table(runs: dict[float, list[dict]], seeds: list[str], outcomes, human_fraction: float) -> list[dict]:
-    """One row per (fraction, weak arm), plus human: GRA and interval; weak arms also arm - human (paired)."""
-    human = wins_of(runs[human_fraction], "human", seeds, outcomes)
+def export(client, experiment: str, run_name: str, fraction: float, seeds: list[str], loss: str, to: Path) -> list[Path]:
+    """One JSON file per seed of the newest pipeline run of that name: each arm's per-prompt wins (split ->
+    judge -> prompt id -> 1 / 0.5 / 0) and the run's figures for that seed (the annotator's among them)."""
+    exp, parent = collect.find_parent(client, experiment, "", run_name)
+    rows = [r for r in collect.latest_runs(collect.collect_rows(client, exp, parent, SPLITS[0]))
+            if r["loss"] == loss and r["seed"] in seeds]
+    to.mkdir(parents=True, exist_ok=True)
+    written = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for seed in seeds:
+            arms = {}
+            for r in (r for r in rows if r["seed"] == seed):
+                by_split = {s: collect.per_prompt_wins(client, r["run_id"], Path(tmp) / r["run_id"] / s, r["judge"], s)
+                            for s in SPLITS}
+                if not all(by_split.values()):
+                    raise SystemExit(f"label_budget: {r['arm']} (seed {seed}) has no responses for every split "
+                                     f"of {SPLITS}: is its evaluation finished?")
+                arms[r["arm"]] = {"run_id": r["run_id"], "judge": r["judge"],
+                                  "human_labels_used": r["human_labels_used"], **by_split}
+            if not arms:
+                raise SystemExit(f"label_budget: {experiment}/{run_name} has no {loss} arm of seed {seed}")
+            doc = {"fraction": fraction, "seed": seed, "loss": loss, "experiment": experiment,
+                   "run_name": run_name, "parent_run_id": parent.info.run_id,
+                   "run": seed_metrics(parent.data.metrics, seed), "arms": arms}
+            path = to / f"fraction{fraction}-seed{seed}.json"
+            path.write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
+            written.append(path)
+    return written
+
+
+def load_wins(folder: Path, split: str, loss: str, judge: str = "") -> dict[float, dict[str, dict[str, dict]]]:
+    """fraction -> seed -> arm -> prompt id -> win, from export's files: on ``split`` (a pooled split's
+    ids prefixed by their set), under ``judge`` (default: each arm's main judge)."""
+    parts = collect.split_parts(split)
+    out: dict[float, dict[str, dict[str, dict]]] = {}
+    for path in sorted(folder.glob("fraction*-seed*.json")):
+        doc = json.loads(path.read_text())
+        if doc["loss"] != loss:
+            continue
+        for arm, a in doc["arms"].items():
+            pooled = collect.pooled_wins(parts, [a.get(p) for p in parts])
+            if pooled and (judge or a["judge"]) in pooled:
+                out.setdefault(doc["fraction"], {}).setdefault(doc["seed"], {})[arm] = pooled[judge or a["judge"]]
+    return out
+
+
+def wins_of(by_seed: dict[str, dict[str, dict]], arm: str, seeds: list[str]) -> list[dict] | None:
+    """Per seed (in ``seeds`` order), the arm's wins by prompt id; None unless every seed has them."""
+    out = [by_seed.get(s, {}).get(arm) for s in seeds]
+    return out if all(out) else None
+
+
+def budget_table(wins: dict[float, dict[str, dict[str, dict]]], seeds: list[str], human_fraction: float) -> list[dict]:
+    """One row per (fraction, weak arm), plus human: GRA and interval; weak arms also arm - human (paired).
+    ``wins``: fraction -> seed -> arm -> prompt id -> win (load_wins)."""
+    human = wins_of(wins.get(human_fraction, {}), "human", seeds)
     if human is None:
         raise SystemExit(f"the run at {human_fraction} has no human arm with responses on every seed {seeds}")
     table = [{"fraction": 1.0, "arm": "human", **gra_over_seeds([[w[i] for i in sorted(w)] for w in human])}]
-    for f in sorted(runs):
+    for f in sorted(wins):
         for arm in WEAK_ARMS:
-            wins = wins_of(runs[f], arm, seeds, outcomes)
-            if wins is None:
+            arm_wins = wins_of(wins[f], arm, seeds)
+            if arm_wins is None:
                 print(f"label_budget: {arm} at {f} misses a seed of {seeds}; left out")
                 continue
-            row = {"fraction": f, "arm": arm, **gra_over_seeds([[w[i] for i in sorted(w)] for w in wins])}
-            shared = [sorted(w.keys() & h.keys()) for w, h in zip(wins, human)]
-            d = paired_difference_over_seeds([[w[i] for i in ids] for w, ids in zip(wins, shared)],
+            row = {"fraction": f, "arm": arm, **gra_over_seeds([[w[i] for i in sorted(w)] for w in arm_wins])}
+            shared = [sorted(w.keys() & h.keys()) for w, h in zip(arm_wins, human)]
+            d = paired_difference_over_seeds([[w[i] for i in ids] for w, ids in zip(arm_wins, shared)],
                                              [[h[i] for i in ids] for h, ids in zip(human, shared)])
             row.update(diff=d["diff"], diff_lo=d["lo"], diff_hi=d["hi"], diff_per_seed=d["per_seed"])
             table.append(row)
     return table
 
 
-def markdown(table: list[dict], seeds: list[str], split: str, loss: str) -> str:
-    lines = [f"GRA by labeled fraction ({loss}, {split} prompts, seeds {', '.join(seeds)}; mean over seeds, 95% "
-             "hierarchical interval)", "",
+def markdown(table: list[dict], seeds: list[str], split: str, loss: str, judge: str = "") -> str:
+    lines = [f"GRA by labeled fraction ({loss}, {split} prompts, {judge or 'the gold judge'}, seeds "
+             f"{', '.join(seeds)}; mean over seeds, 95% hierarchical interval)", "",
              "| labeled fraction | arm | GRA | 95% CI | per seed | arm - human | 95% CI | per seed |",
              "|---:|---|---:|---|---|---:|---|---|"]
     for r in table:
@@ -112,33 +168,48 @@ def chart(table: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--run", action="append", required=True, metavar="FRACTION=EXPERIMENT/RUN_NAME",
-                    help="a pipeline run and the labeled fraction it used (repeat for each fraction)")
-    ap.add_argument("--human", type=float, default=None,
+    sub = ap.add_subparsers(dest="command", required=True)
+    ex = sub.add_parser("export", help="a pipeline run's per-prompt wins into one JSON file per seed")
+    ex.add_argument("--run", action="append", required=True, metavar="FRACTION=EXPERIMENT/RUN_NAME",
+                    help="a pipeline run and the labeled fraction it used (repeatable)")
+    ex.add_argument("--to", default="bench/label_budget/wins")
+    tb = sub.add_parser("table", help="the table and the plot from the exported files")
+    tb.add_argument("--wins", default="bench/label_budget/wins")
+    tb.add_argument("--human", type=float, default=None,
                     help="the fraction whose run has the human arm (default: the largest)")
-    ap.add_argument("--seeds", default="0,1,2", help="the seeds every run must have (comma-separated)")
-    ap.add_argument("--loss", default="dpo")
-    ap.add_argument("--split", default="test", choices=("test", "test_unseen", "test+test_unseen"))
-    ap.add_argument("--out", default="bench/label_budget")
+    tb.add_argument("--split", default="test", choices=("test", "test_unseen", "test+test_unseen"))
+    tb.add_argument("--judge", default="", help="a second judge's wins (default: each arm's main judge)")
+    tb.add_argument("--out", default="bench/label_budget")
+    for p in (ex, tb):
+        p.add_argument("--seeds", default="0,1,2", help="the seeds (comma-separated)")
+        p.add_argument("--loss", default="dpo")
     args = ap.parse_args()
-
     seeds = [s.strip() for s in args.seeds.split(",") if s.strip()]
-    client = collect.mlflow_client()
-    runs = {}
-    for spec in args.run:
-        fraction, _, where = spec.partition("=")
-        experiment, _, run_name = where.partition("/")
-        runs[float(fraction)] = pipeline_rows(client, experiment, run_name, args.split, args.loss, seeds)
-    with collect.outcomes_of(client) as outcomes:
-        table = budget_table(runs, seeds, outcomes, args.human if args.human is not None else max(runs))
+
+    if args.command == "export":
+        client = collect.mlflow_client()
+        for spec in args.run:
+            fraction, _, where = spec.partition("=")
+            experiment, _, run_name = where.partition("/")
+            for path in export(client, experiment, run_name, float(fraction), seeds, args.loss, Path(args.to)):
+                print(f"label_budget: wrote {path}")
+        return 0
+
+    wins = load_wins(Path(args.wins), args.split, args.loss, args.judge)
+    if not wins:
+        raise SystemExit(f"label_budget: no exported {args.loss} wins in {args.wins} (run `export` first)")
+    table = budget_table(wins, seeds, args.human if args.human is not None else max(wins))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    suffix = "" if args.split == "test" else "_" + args.split.replace("+", "_and_")
-    text = markdown(table, seeds, args.split, args.loss)
+    suffix = ("" if args.split == "test" else "_" + args.split.replace("+", "_and_")) + (
+        f"_{args.judge}" if args.judge else "")
+    text = markdown(table, seeds, args.split, args.loss, args.judge)
     (out / f"label_budget{suffix}.md").write_text(text)
-    chart(table, out / f"label_budget{suffix}.png", f"label budget, {args.loss}, {args.split} prompts, seeds {args.seeds}")
+    chart(table, out / f"label_budget{suffix}.png",
+          f"label budget, {args.loss}, {args.split} prompts, {args.judge or 'gold judge'}, seeds {args.seeds}")
     print(text)
     print(f"label_budget: wrote {out / f'label_budget{suffix}.md'} and .png")
     return 0

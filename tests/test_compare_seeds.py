@@ -4,6 +4,7 @@ on a pipeline parent whose arm runs span several seeds (real MLflow server)."""
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from pathlib import Path
@@ -475,15 +476,12 @@ def test_label_budget_pairs_each_fraction_with_the_human_arm_on_shared_prompts()
 
     lb = bench_module("label_budget")
 
-    wins = {  # run id -> prompt id -> win; the human runs judged one more prompt ("p9") than the others
-        "h0": {"p1": 1.0, "p2": 0.0, "p3": 0.5, "p9": 1.0}, "h1": {"p1": 0.0, "p2": 0.0, "p3": 1.0, "p9": 1.0},
-        "cw0": {"p1": 1.0, "p2": 1.0, "p3": 0.5}, "cw1": {"p1": 1.0, "p2": 0.0, "p3": 1.0},
-        "ws0": {"p1": 0.0, "p2": 0.0, "p3": 0.0},  # seed 1 missing: ws is left out of that fraction
-    }
-    row = lambda arm, seed, run: {"arm": arm, "seed": seed, "judge": "gold", "run_id": run}  # noqa: E731
-    runs = {0.3: [row("human", "0", "h0"), row("human", "1", "h1"), row("cw", "0", "cw0"), row("cw", "1", "cw1"),
-                  row("ws", "0", "ws0")]}
-    table = lb.budget_table(runs, ["0", "1"], lambda r: {"gold": wins[r["run_id"]]}, 0.3)
+    # fraction -> seed -> arm -> prompt id -> win; the human arm judged one more prompt ("p9") than the others
+    wins = {0.3: {"0": {"human": {"p1": 1.0, "p2": 0.0, "p3": 0.5, "p9": 1.0},
+                        "cw": {"p1": 1.0, "p2": 1.0, "p3": 0.5}, "ws": {"p1": 0.0, "p2": 0.0, "p3": 0.0}},
+                  "1": {"human": {"p1": 0.0, "p2": 0.0, "p3": 1.0, "p9": 1.0},
+                        "cw": {"p1": 1.0, "p2": 0.0, "p3": 1.0}}}}  # ws misses seed 1: left out
+    table = lb.budget_table(wins, ["0", "1"], 0.3)
     assert [(r["fraction"], r["arm"]) for r in table] == [(1.0, "human"), (0.3, "cw")]
     human, cw = table
     assert human["gra_per_seed"] == pytest.approx([2.5 / 4, 2 / 4])
@@ -492,6 +490,36 @@ def test_label_budget_pairs_each_fraction_with_the_human_arm_on_shared_prompts()
     assert cw["diff_lo"] <= cw["diff"] <= cw["diff_hi"]
     text = lb.markdown(table, ["0", "1"], "test", "dpo")
     assert "| 0.3 | cw | 0.750 |" in text and "+0.333" in text
+
+
+def test_label_budget_export_keeps_each_split_and_judge_of_a_seed(tmp_path, mlflow_server):
+    """export writes one file per seed of a pipeline run, each arm's wins on every evaluated split (not the
+    first split's twice) under every judge; the table reads them back, pooled or per split."""
+    from mlflow.tracking import MlflowClient
+
+    from conftest import bench_module
+
+    lb = bench_module("label_budget")
+    client = MlflowClient(mlflow_server)
+    exp_id = client.create_experiment("cwpo-label-budget-export")
+    parent = client.create_run(exp_id, run_name="label-budget-0.3", tags={"stage": "pipeline"}).info.run_id
+    client.log_metric(parent, "seed0.annotator.gold_accuracy", 0.6)
+    client.log_metric(parent, "seed1.annotator.gold_accuracy", 0.7)
+    for arm, test_wins, unseen_wins in (("human", 40, 20), ("cw", 70, 50)):
+        run = log_arm(client, exp_id, parent, arm, 0, scores(test_wins, 0), tmp_path)
+        log_arm(client, exp_id, parent, arm, 0, scores(unseen_wins, 0), tmp_path, split="test_unseen", run_id=run)
+    (path,) = lb.export(client, "cwpo-label-budget-export", "label-budget-0.3", 0.3, ["0"], "dpo", tmp_path / "w")
+    doc = json.loads(path.read_text())
+    assert path.name == "fraction0.3-seed0.json" and doc["run"]["annotator.gold_accuracy"] == 0.6
+    assert set(doc["arms"]) == {"human", "cw"} and set(doc["arms"]["cw"]["test"]) == {"vader", "textblob"}
+    test = lb.load_wins(tmp_path / "w", "test", "dpo")[0.3]["0"]
+    unseen = lb.load_wins(tmp_path / "w", "test_unseen", "dpo")[0.3]["0"]
+    assert sum(test["cw"].values()) == 70 and sum(unseen["cw"].values()) == 50
+    both = lb.load_wins(tmp_path / "w", "test+test_unseen", "dpo")[0.3]["0"]
+    assert len(both["human"]) == 200 and sum(both["human"].values()) == 60
+    assert set(lb.load_wins(tmp_path / "w", "test", "dpo", "textblob")[0.3]["0"]["cw"].values()) == {0.5}
+    (human, cw) = lb.budget_table(lb.load_wins(tmp_path / "w", "test+test_unseen", "dpo"), ["0"], 0.3)
+    assert cw["diff"] == pytest.approx((120 - 60) / 200)
 
 
 def test_pooled_wins_keep_the_first_splits_judge_order():
