@@ -69,7 +69,7 @@ def export(client, experiment: str, run_name: str, fraction: float, seeds: list[
                    "run_name": run_name, "parent_run_id": parent.info.run_id,
                    "run": seed_metrics(parent.data.metrics, seed), "arms": arms}
             path = to / f"fraction{fraction}-seed{seed}.json"
-            path.write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
+            path.write_text(json.dumps(doc, sort_keys=True) + "\n")
             written.append(path)
     return written
 

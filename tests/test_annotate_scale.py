@@ -219,16 +219,16 @@ def test_annotate_resumes_after_the_driver_is_killed(ray_cluster, tiny_encoder, 
     """SIGKILL the `cwpo annotate` driver's process group once some units are committed; the same
     command again labels only the rest and every input id ends up exactly once."""
     annotator = save_annotator(new_annotator(ModelSource(str(tiny_encoder)), max_length=32), tmp_path / "annotator")
-    rows = pairs(52_000)
+    rows = pairs(26_000)  # 21 units of 1,250 rows and 3 output files of at most 10,000: the paths, not a scale
     data = tmp_path / "unlabeled"
-    write_jsonl(data / "part-0.jsonl", rows[:26_000], raw_lines=BAD_LINES[:2])
-    write_jsonl(data / "part-1.jsonl", rows[26_000:], raw_lines=BAD_LINES[2:])
+    write_jsonl(data / "part-0.jsonl", rows[:13_000], raw_lines=BAD_LINES[:2])
+    write_jsonl(data / "part-1.jsonl", rows[13_000:], raw_lines=BAD_LINES[2:])
     total = len(rows) + len(BAD_LINES)
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "cwpo_ray", "annotate", "--data", str(data), "--annotator", str(annotator),
-           "--out", str(out), "--num-actors", "2", "--unit-rows", "2500", "--max-rows-per-file", "20000",
+           "--out", str(out), "--num-actors", "2", "--unit-rows", "1250", "--max-rows-per-file", "10000",
            "--export-uncertain", "25", "--precision", "auto"]
-    units = len(work_units.plan_units(table_files(data), 2500))
+    units = len(work_units.plan_units(table_files(data), 1250))
     env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address,
            "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
 
@@ -262,7 +262,7 @@ def test_annotate_resumes_after_the_driver_is_killed(ray_cluster, tiny_encoder, 
     assert report["precision"] == report["settings"]["precision"] == resolve_precision("auto", "cpu")
     assert report["human_agreement"]["pairs"] == len(rows) and report["human_agreement"]["deciles_approximate"]
     files = sorted((out / "annotated.parquet").glob("*.parquet"))
-    assert all(pq.ParquetFile(f).metadata.num_rows <= 20_000 for f in files) and len(files) >= 3
+    assert all(pq.ParquetFile(f).metadata.num_rows <= 10_000 for f in files) and len(files) >= 3
     uncertain = read_table(out / "uncertain.parquet")  # the 25 least confident of all rows, both runs'
     order = np.lexsort((np.array(annotated["id"].to_pylist()), annotated["confidence"].to_numpy()))
     assert set(uncertain["id"].to_pylist()) == set(np.array(annotated["id"].to_pylist())[order[:25]])
