@@ -74,15 +74,18 @@ def export(client, experiment: str, run_name: str, fraction: float, seeds: list[
     return written
 
 
+def read_exported(folder: Path, loss: str) -> list[dict]:
+    """export's files of ``loss``, by fraction then seed."""
+    docs = [json.loads(p.read_text()) for p in folder.glob("fraction*-seed*.json")]
+    return sorted((d for d in docs if d["loss"] == loss), key=lambda d: (d["fraction"], int(d["seed"])))
+
+
 def load_wins(folder: Path, split: str, loss: str, judge: str = "") -> dict[float, dict[str, dict[str, dict]]]:
     """fraction -> seed -> arm -> prompt id -> win, from export's files: on ``split`` (a pooled split's
     ids prefixed by their set), under ``judge`` (default: each arm's main judge)."""
     parts = collect.split_parts(split)
     out: dict[float, dict[str, dict[str, dict]]] = {}
-    for path in sorted(folder.glob("fraction*-seed*.json")):
-        doc = json.loads(path.read_text())
-        if doc["loss"] != loss:
-            continue
+    for doc in read_exported(folder, loss):
         for arm, a in doc["arms"].items():
             pooled = collect.pooled_wins(parts, [a.get(p) for p in parts])
             if pooled and (judge or a["judge"]) in pooled:
@@ -169,6 +172,28 @@ def chart(table: list[dict], path: Path, title: str) -> None:
 
 
 
+def per_seed_markdown(docs: list[dict]) -> str:
+    """One row per (seed, fraction): the annotator's figures and each arm's GRA (main judge, test / test_unseen)."""
+    def f(x, fmt=".3f"):
+        return "-" if x is None else format(x, fmt)
+
+    lines = ["| seed | labeled fraction | labeled pairs | annotator: out-of-fold acc.; most confident third vs rest; p "
+             "| gold agreement (cw-weighted) | mean confidence | human | ws | cw |",
+             "|---|---:|---:|---|---|---:|---|---|---|"]
+    for d in sorted(docs, key=lambda d: (int(d["seed"]), d["fraction"])):
+        m = d["run"]
+        gra = {}
+        for arm, a in d["arms"].items():
+            gra[arm] = " / ".join(f"{sum(w.values()) / len(w):.3f}" for w in (a[s][a["judge"]] for s in SPLITS))
+        lines.append(
+            f"| {d['seed']} | {d['fraction']:.1f} | {f(m.get('pairs.labeled'), '.0f')} "
+            f"| {f(m.get('annotator.heldout_accuracy'))}; {f(m.get('annotator.heldout_confident_third_accuracy'))} vs "
+            f"{f(m.get('annotator.heldout_other_accuracy'))}; p {f(m.get('annotator.heldout_learned_p'))} "
+            f"| {f(m.get('annotator.gold_accuracy'))} ({f(m.get('annotator.gold_accuracy_cw'))}) "
+            f"| {f(m.get('annotator.mean_confidence'))} | {gra.get('human', '')} | {gra.get('ws', '')} | {gra.get('cw', '')} |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True)
@@ -207,6 +232,8 @@ def main() -> int:
     suffix = ("" if args.split == "test" else "_" + args.split.replace("+", "_and_")) + (
         f"_{args.judge}" if args.judge else "")
     text = markdown(table, seeds, args.split, args.loss, args.judge)
+    text += "\nEach run (GRA under its main judge, test / test_unseen):\n\n" + per_seed_markdown(
+        [d for d in read_exported(Path(args.wins), args.loss) if d["seed"] in seeds])
     (out / f"label_budget{suffix}.md").write_text(text)
     chart(table, out / f"label_budget{suffix}.png",
           f"label budget, {args.loss}, {args.split} prompts, {args.judge or 'gold judge'}, seeds {args.seeds}")

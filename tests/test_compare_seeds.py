@@ -520,6 +520,8 @@ def test_label_budget_export_keeps_each_split_and_judge_of_a_seed(tmp_path, mlfl
     assert set(lb.load_wins(tmp_path / "w", "test", "dpo", "textblob")[0.3]["0"]["cw"].values()) == {0.5}
     (human, cw) = lb.budget_table(lb.load_wins(tmp_path / "w", "test+test_unseen", "dpo"), ["0"], 0.3)
     assert cw["diff"] == pytest.approx((120 - 60) / 200)
+    row = line_of(lb.per_seed_markdown(lb.read_exported(tmp_path / "w", "dpo")), "| 0 | 0.3 |")
+    assert "| 0.600 (-) |" in row and row.endswith("| 0.400 / 0.200 |  | 0.700 / 0.500 |")  # no ws arm
 
 
 def test_pooled_wins_keep_the_first_splits_judge_order():
