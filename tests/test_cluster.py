@@ -238,7 +238,7 @@ def _submit(env: dict, runtime_env: Path, args: list[str], timeout: int = 420) -
 def test_tiny_pipeline_job_on_a_two_node_cluster(local_cluster, mlflow_script_server, tiny_encoder, tiny_decoder,
                                                   tmp_path, monkeypatch):
     """The main job as a user runs it: `ray job submit` of the pipeline (tiny models, two arms) to a
-    2-node cluster on loopback, results read back from the MLflow server over HTTP, then resumed.
+    2-node cluster on loopback, results read back from the MLflow server over HTTP.
     Two arms, not every one: an arm is a table and a weighting (tests/test_pipeline.py checks each
     arm's; the two-seed test there runs the human arm end to end), and each Ray Train run costs ~40 s
     on this cluster; these two take every stage of the pipeline (annotator, annotate, the shared SFT
