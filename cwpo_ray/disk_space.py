@@ -87,6 +87,13 @@ def model_bytes(spec: str, gguf_file: str | None) -> tuple[int, bool]:
     return total or sum(f.stat().st_size for f in folder.glob("*.bin")), False
 
 
+def start_model_bytes(model: str, gguf_file: str | None) -> int:
+    """What the pipeline's start stage writes: a GGUF model dequantized to an fp32 folder; nothing for a
+    model that is already a folder (it is used where it is)."""
+    size, gguf = model_bytes(model, gguf_file)
+    return size if gguf else 0
+
+
 def policy_bytes(model: str, gguf_file: str | None, lora: bool, sft: bool, data: str, storage_path: str = "") -> int:
     """``training_bytes`` of a train-policy run from ``model`` on the table ``data`` (SFT saves a model too)."""
     return training_bytes(model_bytes(model, gguf_file)[0], lora, saves=1 + sft, table=input_bytes(data),

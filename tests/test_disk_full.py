@@ -395,9 +395,11 @@ def test_train_policy_on_a_full_disk_stops_in_one_line_and_completes_once_space_
 @pytest.mark.slow
 def test_the_pipeline_refuses_a_stage_that_cannot_fit(mlflow_server, tiny_decoder,
                                                                                      tmp_path):
-    """Preflight off (it would refuse the whole pipeline first). 1) The data stage fits and runs; the arm's
-    training is estimated (disk_space.policy_bytes: its checkpoints at their peak, model, table) against
-    the free space of its folder's disk and refused before its marker or any checkpoint is written. (A
+    """Preflight off (it would refuse the whole pipeline first). 1) A GGUF start model: its dequantized fp32
+    folder (disk_space.start_model_bytes) is refused before a byte of it is written. 2) The data stage fits
+    and runs; the arm's training is estimated (disk_space.policy_bytes: its checkpoints at their peak, model,
+    table) against the free space of its folder's disk and refused before its marker or any checkpoint is
+    written. (A
     stage that starts and then meets a full disk, and its rerun once space is freed: the train-policy
     test above, through the same one-line error; a rerun reusing finished stages: test_pipeline.py.)"""
     import yaml
@@ -418,6 +420,11 @@ def test_the_pipeline_refuses_a_stage_that_cannot_fit(mlflow_server, tiny_decode
                          "n_boot": 100}}))
         cmd = [sys.executable, "-m", "cwpo_ray", "pipeline", "--config", str(config)]
 
+        gguf = disk.run(cmd + ["policy.model=smollm2-135m"], command_env())
+        start_line = the_pipeline_line(gguf, "not enough space on", out / "start",
+                                       disk_space.start_model_bytes("smollm2-135m", None))
+        assert not disk.seen(out / "start").exists() or not any(disk.seen(out / "start").iterdir())
+
         disk.fill(leave=700_000)
         t0 = time.monotonic()
         refused = disk.run(cmd, command_env())
@@ -428,7 +435,8 @@ def test_the_pipeline_refuses_a_stage_that_cannot_fit(mlflow_server, tiny_decode
         assert "result" in json.loads(disk.seen(out / "data" / ".stage.json").read_text())
         assert not disk.seen(train).exists() or not any(disk.seen(train).iterdir())  # never started
 
-    print(f"\nreliability: pipeline refused the arm's training in {seconds:.1f} s (the data stage done): {line}")
+    print(f"\nreliability: pipeline refused the GGUF start model's folder: {start_line}; "
+          f"refused the arm's training in {seconds:.1f} s (the data stage done): {line}")
 
 
 def the_pipeline_line(result: subprocess.CompletedProcess, what: str, folder: Path, need: int) -> str:
@@ -436,7 +444,7 @@ def the_pipeline_line(result: subprocess.CompletedProcess, what: str, folder: Pa
     assert result.returncode == 2, (result.stdout[-3000:], result.stderr[-5000:])
     line = result.stderr.strip().splitlines()[-1]
     assert not [x for x in result.stderr.splitlines() if x.startswith("Traceback")], result.stderr[-5000:]
-    match = re.match(rf"^cwpo pipeline: error: {what} (\S+) (for human-dpo train )?\(needs (?:more than the )?~"
+    match = re.match(rf"^cwpo pipeline: error: {what} (\S+) (for (?:start|human-dpo train) )?\(needs (?:more than the )?~"
                      r"([\d.]+ [KMG]B)(?: estimated)?, ([\d.]+ [KMG]B) free\): free space or give another out$", line)
     assert match and match.group(1) == str(folder) and match.group(3) == disk_space.human(need), line
     return line

@@ -353,6 +353,12 @@ def test_gguf_start_model_is_dequantized_once_into_an_equal_folder(tmp_path):
         expected = torch.from_numpy(dequantize(raw[g].data, raw[g].tensor_type).copy()).reshape(saved[h].shape)
         assert torch.equal(saved[h], expected.to(saved[h].dtype)), h
     assert run_start_model(str(folder), tmp_path / "again") == {"model": str(folder)}  # not GGUF: used as is
+    # The stage's disk need (checked before it runs): what it wrote, give or take the tokenizer's files; 0 for a folder.
+    from cwpo_ray.disk_space import folder_bytes, start_model_bytes
+
+    written = folder_bytes(folder)
+    assert 0.9 * written <= start_model_bytes("smollm2-135m", None) <= 1.5 * written, (written, start_model_bytes("smollm2-135m", None))
+    assert start_model_bytes(str(folder), None) == 0
 
 
 def test_a_resumed_run_moves_under_its_new_parent(mlflow_server):

@@ -39,7 +39,7 @@ from pathlib import Path
 from cwpo_ray import arms as arm_registry
 from cwpo_ray.arms import reads_weak_labels
 from cwpo_ray.config import option, to_dict
-from cwpo_ray.disk_space import annotator_bytes, input_bytes, policy_bytes, tables_bytes
+from cwpo_ray.disk_space import annotator_bytes, input_bytes, policy_bytes, start_model_bytes, tables_bytes
 from cwpo_ray.fingerprints import code_version, fingerprint
 from cwpo_ray.orchestration.arm_tables import gold_table
 from cwpo_ray.orchestration.markers import source_fingerprint, stage
@@ -188,7 +188,8 @@ def run_stages(cfg: Config, out: Path) -> int:
     # The start model (a GGUF dequantized once) is the only thing the seeds share.
     fp_base = fingerprint("base", code_version(), cfg.policy.model, cfg.policy.gguf_file)
     start = stage(out / "start", fp_base, lambda: run_start_model(cfg.policy.model, out / "start",
-                                                                  cfg.policy.gguf_file))["model"]
+                                                                  cfg.policy.gguf_file),
+                  need=lambda: start_model_bytes(cfg.policy.model, cfg.policy.gguf_file))["model"]
     seeds = cfg.seed_list()
     for seed in seeds:
         if len(seeds) > 1:
