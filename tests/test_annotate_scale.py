@@ -219,7 +219,7 @@ def test_annotate_resumes_after_the_driver_is_killed(ray_cluster, tiny_encoder, 
     """SIGKILL the `cwpo annotate` driver's process group once some units are committed; the same
     command again labels only the rest and every input id ends up exactly once."""
     annotator = save_annotator(new_annotator(ModelSource(str(tiny_encoder)), max_length=32), tmp_path / "annotator")
-    rows = pairs(26_000)  # 21 units of 1,250 rows and 3 output files of at most 10,000: the paths, not a scale
+    rows = pairs(26_000)  # 22 units of 1,250 rows and 3 output files of at most 10,000: the paths, not a scale
     data = tmp_path / "unlabeled"
     write_jsonl(data / "part-0.jsonl", rows[:13_000], raw_lines=BAD_LINES[:2])
     write_jsonl(data / "part-1.jsonl", rows[13_000:], raw_lines=BAD_LINES[2:])
