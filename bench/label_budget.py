@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import tempfile
 from pathlib import Path
 
 from cwpo_ray.comparison import collect
@@ -52,12 +51,11 @@ def export(client, experiment: str, run_name: str, fraction: float, seeds: list[
             if r["loss"] == loss and r["seed"] in seeds]
     to.mkdir(parents=True, exist_ok=True)
     written = []
-    with tempfile.TemporaryDirectory() as tmp:
+    with collect.outcomes_of(client) as outcomes:
         for seed in seeds:
             arms = {}
             for r in (r for r in rows if r["seed"] == seed):
-                by_split = {s: collect.per_prompt_wins(client, r["run_id"], Path(tmp) / r["run_id"] / s, r["judge"], s)
-                            for s in SPLITS}
+                by_split = {s: outcomes({**r, "split": s}) for s in SPLITS}
                 if not all(by_split.values()):
                     raise SystemExit(f"label_budget: {r['arm']} (seed {seed}) has no responses for every split "
                                      f"of {SPLITS}: is its evaluation finished?")
@@ -80,16 +78,16 @@ def read_exported(folder: Path, loss: str) -> list[dict]:
     return sorted((d for d in docs if d["loss"] == loss), key=lambda d: (d["fraction"], int(d["seed"])))
 
 
-def load_wins(folder: Path, split: str, loss: str, judge: str = "") -> dict[float, dict[str, dict[str, dict]]]:
-    """fraction -> seed -> arm -> prompt id -> win, from export's files: on ``split`` (a pooled split's
-    ids prefixed by their set), under ``judge`` (default: each arm's main judge)."""
+def load_wins(docs: list[dict], split: str, judge: str = "") -> dict[float, dict[str, dict[str, dict]]]:
+    """fraction -> seed -> arm -> prompt id -> win, from export's files (read_exported): on ``split`` (a
+    pooled split's ids prefixed by their set), under ``judge`` (default: each arm's main judge)."""
     parts = collect.split_parts(split)
     out: dict[float, dict[str, dict[str, dict]]] = {}
-    for doc in read_exported(folder, loss):
+    for doc in docs:
         for arm, a in doc["arms"].items():
-            pooled = collect.pooled_wins(parts, [a.get(p) for p in parts])
-            if pooled and (judge or a["judge"]) in pooled:
-                out.setdefault(doc["fraction"], {}).setdefault(doc["seed"], {})[arm] = pooled[judge or a["judge"]]
+            pooled, by = collect.pooled_wins(parts, [a.get(p) for p in parts]), judge or a["judge"]
+            if pooled and by in pooled:
+                out.setdefault(doc["fraction"], {}).setdefault(doc["seed"], {})[arm] = pooled[by]
     return out
 
 
@@ -223,7 +221,8 @@ def main() -> int:
                 print(f"label_budget: wrote {path}")
         return 0
 
-    wins = load_wins(Path(args.wins), args.split, args.loss, args.judge)
+    docs = read_exported(Path(args.wins), args.loss)
+    wins = load_wins(docs, args.split, args.judge)
     if not wins:
         raise SystemExit(f"label_budget: no exported {args.loss} wins in {args.wins} (run `export` first)")
     table = budget_table(wins, seeds, args.human if args.human is not None else max(wins))
@@ -233,7 +232,7 @@ def main() -> int:
         f"_{args.judge}" if args.judge else "")
     text = markdown(table, seeds, args.split, args.loss, args.judge)
     text += "\nEach run (GRA under its main judge, test / test_unseen):\n\n" + per_seed_markdown(
-        [d for d in read_exported(Path(args.wins), args.loss) if d["seed"] in seeds])
+        [d for d in docs if d["seed"] in seeds])
     (out / f"label_budget{suffix}.md").write_text(text)
     chart(table, out / f"label_budget{suffix}.png",
           f"label budget, {args.loss}, {args.split} prompts, {args.judge or 'gold judge'}, seeds {args.seeds}")

@@ -512,15 +512,16 @@ def test_label_budget_export_keeps_each_split_and_judge_of_a_seed(tmp_path, mlfl
     doc = json.loads(path.read_text())
     assert path.name == "fraction0.3-seed0.json" and doc["run"]["annotator.gold_accuracy"] == 0.6
     assert set(doc["arms"]) == {"human", "cw"} and set(doc["arms"]["cw"]["test"]) == {"vader", "textblob"}
-    test = lb.load_wins(tmp_path / "w", "test", "dpo")[0.3]["0"]
-    unseen = lb.load_wins(tmp_path / "w", "test_unseen", "dpo")[0.3]["0"]
+    docs = lb.read_exported(tmp_path / "w", "dpo")
+    test = lb.load_wins(docs, "test")[0.3]["0"]
+    unseen = lb.load_wins(docs, "test_unseen")[0.3]["0"]
     assert sum(test["cw"].values()) == 70 and sum(unseen["cw"].values()) == 50
-    both = lb.load_wins(tmp_path / "w", "test+test_unseen", "dpo")[0.3]["0"]
+    both = lb.load_wins(docs, "test+test_unseen")[0.3]["0"]
     assert len(both["human"]) == 200 and sum(both["human"].values()) == 60
-    assert set(lb.load_wins(tmp_path / "w", "test", "dpo", "textblob")[0.3]["0"]["cw"].values()) == {0.5}
-    (human, cw) = lb.budget_table(lb.load_wins(tmp_path / "w", "test+test_unseen", "dpo"), ["0"], 0.3)
+    assert set(lb.load_wins(docs, "test", "textblob")[0.3]["0"]["cw"].values()) == {0.5}
+    (human, cw) = lb.budget_table(lb.load_wins(docs, "test+test_unseen"), ["0"], 0.3)
     assert cw["diff"] == pytest.approx((120 - 60) / 200)
-    row = line_of(lb.per_seed_markdown(lb.read_exported(tmp_path / "w", "dpo")), "| 0 | 0.3 |")
+    row = line_of(lb.per_seed_markdown(docs), "| 0 | 0.3 |")
     assert "| 0.600 (-) |" in row and row.endswith("| 0.400 / 0.200 |  | 0.700 / 0.500 |")  # no ws arm
 
 

@@ -175,15 +175,16 @@ def pooled_wins(splits: list[str], parts: list[dict | None]) -> dict | None:
 
 @contextmanager
 def outcomes_of(client) -> Iterator[Callable[[dict], dict | None]]:
-    """``outcomes(row)``: the row's run's per-prompt wins (per_prompt_wins), each run's file downloaded
-    once into a temporary folder that lasts as long as the ``with`` block."""
-    found: dict[str, dict | None] = {}
+    """``outcomes(row)``: the row's run's per-prompt wins on the row's split (per_prompt_wins), each run's
+    file of a split downloaded once into a temporary folder that lasts as long as the ``with`` block."""
+    found: dict[tuple[str, str], dict | None] = {}
     with tempfile.TemporaryDirectory() as tmp:
         def outcomes(row: dict) -> dict | None:
-            if row["run_id"] not in found:
+            key = (row["run_id"], row["split"])  # one run holds each split's evaluation
+            if key not in found:
                 parts = [per_prompt_wins(client, row["run_id"], Path(tmp) / row["run_id"] / part, row["judge"], part)
                          for part in split_parts(row["split"])]
-                found[row["run_id"]] = pooled_wins(split_parts(row["split"]), parts)
-            return found[row["run_id"]]
+                found[key] = pooled_wins(split_parts(row["split"]), parts)
+            return found[key]
 
         yield outcomes
