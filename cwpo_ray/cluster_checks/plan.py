@@ -10,7 +10,7 @@ import urllib.request
 from dataclasses import dataclass, field
 
 from cwpo_ray.arms import needs_ensemble, reads_weak_labels
-from cwpo_ray.disk_space import checkpoint_bytes, model_bytes
+from cwpo_ray.disk_space import checkpoint_bytes, model_bytes, start_model_bytes
 from cwpo_ray.orchestration import stages
 from cwpo_ray.recipes import pipeline
 
@@ -113,11 +113,11 @@ def disk_needs(cfg: pipeline.Config) -> dict[str, tuple[int, str]]:
     tables (~4x a local source a seed)."""
     from cwpo_ray.fingerprints import files_of
 
-    policy, gguf = model_bytes(cfg.policy.model, cfg.policy.gguf_file)
+    policy = model_bytes(cfg.policy.model, cfg.policy.gguf_file)[0]
     annotator = model_bytes(cfg.annotator.model, cfg.annotator.gguf_file)[0] if trains_annotator(cfg) else 0
     seeds = len(cfg.seed_list())
     runs = len(cfg.arms) * len(cfg.losses) * (2 if cfg.sft == "per-arm" else 1) + (cfg.sft == "shared")
-    saved = policy * (runs * seeds + gguf) + annotator * seeds  # gguf: the start model, dequantized once
+    saved = policy * runs * seeds + annotator * seeds + start_model_bytes(cfg.policy.model, cfg.policy.gguf_file)
     if any(needs_ensemble(arm) for arm in cfg.arms):  # keep_fold_models: k kept a seed, k x epochs at the peak
         saved += annotator * cfg.annotator.folds * (seeds + cfg.annotator.epochs)
     tables = 4 * seeds * sum(size for _, size, _ in files_of(stages.resolve_source(cfg.source).partition(":")[2]))
