@@ -52,29 +52,7 @@ free_ports() {
 # Every process whose command line names our temp dir (gcs, raylets, dashboard, agents, workers)
 # or that is a descendant of one: the cluster, and nothing else.
 cluster_pids() {  # cluster_pids [MARK]: MARK defaults to the cluster's temp dirs ($DIR/ray, $DIR/ray-wN)
-  "$PY" - "${1:-$DIR/ray}" <<'EOF'
-import os, sys
-mark = sys.argv[1].encode()
-procs = {}
-for p in os.listdir("/proc"):
-    if not p.isdigit():
-        continue
-    try:
-        cmd = open(f"/proc/{p}/cmdline", "rb").read()
-        ppid = int(open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()[1])
-    except OSError:
-        continue
-    procs[int(p)] = (mark in cmd, ppid)
-ours = {p for p, (m, _) in procs.items() if m}
-changed = True
-while changed:
-    changed = False
-    for p, (_, ppid) in procs.items():
-        if p not in ours and ppid in ours:
-            ours.add(p); changed = True
-ours.discard(os.getpid())
-print(" ".join(map(str, sorted(ours))))
-EOF
+  "$PY" "$REPO/cluster/processes.py" "${1:-$DIR/ray}"
 }
 
 load_env() {

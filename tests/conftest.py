@@ -25,9 +25,14 @@ REPO = Path(__file__).resolve().parent.parent
 
 def bench_module(name: str):
     """bench/NAME.py as a module: bench/ is scripts, not a package, and the tests share their code."""
+    return script_module(f"bench/{name}.py")
+
+
+def script_module(path: str):
+    """The script at PATH (relative to the repo) as a module, to test or share its code."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", REPO / "bench" / f"{name}.py")
+    spec = importlib.util.spec_from_file_location(path.replace("/", "_").removesuffix(".py"), REPO / path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

@@ -193,16 +193,24 @@ def local_cluster(local_cluster_starting, mlflow_script_server):
         yield env
     finally:
         subprocess.run(["bash", LOCAL_SH, "down"], env=env, capture_output=True, timeout=120)
-        # `down` stops every process of the cluster (raylets, agents, workers, the GCS) and nothing else.
-        left = [p for p in os.listdir("/proc") if p.isdigit() and _cmdline_names(p, state_dir)]
+        # `down` stops every process of the cluster (raylets, agents, workers, the GCS) and nothing else;
+        # looked for here by their command lines alone, not by the code `down` finds them with.
+        left = [p for p in os.listdir("/proc") if p.isdigit() and _names(p, state_dir)]
         assert not left, f"processes of the cluster left after `local.sh down`: {left}"
 
 
-def _cmdline_names(pid: str, folder: str) -> bool:
+def _names(pid: str, folder: str) -> bool:
     try:
         return folder.encode() in Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:  # gone meanwhile
         return False
+
+
+def _processes():
+    """cluster/processes.py: a cluster's (or a node's) processes, found as local.sh finds them."""
+    from conftest import script_module
+
+    return script_module("cluster/processes.py")
 
 
 def _runtime_env(tmp_path: Path, mlflow_uri: str) -> Path:
@@ -318,19 +326,8 @@ def _node_command(env: dict, *args: str) -> str:
 
 
 def _node_pids(env: dict, node: int) -> set[int]:
-    """Worker node ``node``'s processes, as `local.sh kill-node` finds them: those whose command line
-    names its temp dir (raylet, agents) and their descendants (Ray's workers retitle themselves)."""
-    mark = str(Path(env["CWPO_LOCAL_CLUSTER_DIR"]) / f"ray-w{node}") + "/"
-    parent = {}
-    for p in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            parent[int(p)] = int(Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):  # gone meanwhile
-            continue
-    ours = {p for p in parent if _cmdline_names(str(p), mark)}
-    while grown := {p for p, pp in parent.items() if pp in ours and p not in ours}:
-        ours |= grown
-    return ours
+    """Worker node ``node``'s processes, found as `local.sh kill-node` finds them."""
+    return _processes().tree_pids(str(Path(env["CWPO_LOCAL_CLUSTER_DIR"]) / f"ray-w{node}") + "/")
 
 
 def _live_worker_node(env: dict) -> int:
