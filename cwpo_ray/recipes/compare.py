@@ -80,7 +80,7 @@ def run(cfg: Config) -> int:
     with collect.outcomes_of(client) as outcomes:  # each arm run's per-prompt wins, downloaded once
         agg = aggregate.arm_rows(rows, outcomes)
         pairs = aggregate.paired_rows(rows, outcomes)
-        own = aggregate.each_seed(rows, outcomes)
+        own = aggregate.each_seed(rows, outcomes) if len(seeds) > 1 else []  # one seed: the tables above are it
 
     title = (f"{cfg.experiment} / {parent.info.run_name} ({parent.info.run_id[:8]})"
              + ("" if cfg.split == "test" else f", {cfg.split} prompts"))
