@@ -14,7 +14,7 @@ import sys
 
 
 def tree_pids(mark: str) -> set[int]:
-    parent, named = {}, set()
+    parent, ours = {}, set()
     for p in filter(str.isdigit, os.listdir("/proc")):
         try:
             cmdline = open(f"/proc/{p}/cmdline", "rb").read()
@@ -22,8 +22,7 @@ def tree_pids(mark: str) -> set[int]:
         except (OSError, IndexError, ValueError):  # gone meanwhile
             continue
         if mark.encode() in cmdline:
-            named.add(int(p))
-    ours = set(named)
+            ours.add(int(p))
     while grown := {p for p, pp in parent.items() if pp in ours and p not in ours}:
         ours |= grown
     ours.discard(os.getpid())  # this script, when MARK is its argument

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from conftest import script_module
 from cwpo_ray import cli, config
 
 REPO = Path(__file__).resolve().parent.parent
@@ -109,6 +110,7 @@ def test_local_sh_usage_error():
 # ----------------------------------------------------------------------------- a real multi-node cluster
 
 LOCAL_SH = str(REPO / "cluster" / "local.sh")
+PROCESSES = script_module("cluster/processes.py")  # how local.sh finds a cluster's (or a node's) processes
 
 
 def _cluster_env(state_dir: str) -> dict:
@@ -195,22 +197,15 @@ def local_cluster(local_cluster_starting, mlflow_script_server):
         subprocess.run(["bash", LOCAL_SH, "down"], env=env, capture_output=True, timeout=120)
         # `down` stops every process of the cluster (raylets, agents, workers, the GCS) and nothing else;
         # looked for here by their command lines alone, not by the code `down` finds them with.
-        left = [p for p in os.listdir("/proc") if p.isdigit() and _names(p, state_dir)]
+        left = [p for p in os.listdir("/proc") if p.isdigit() and _cmdline_names(p, state_dir)]
         assert not left, f"processes of the cluster left after `local.sh down`: {left}"
 
 
-def _names(pid: str, folder: str) -> bool:
+def _cmdline_names(pid: str, folder: str) -> bool:
     try:
         return folder.encode() in Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:  # gone meanwhile
         return False
-
-
-def _processes():
-    """cluster/processes.py: a cluster's (or a node's) processes, found as local.sh finds them."""
-    from conftest import script_module
-
-    return script_module("cluster/processes.py")
 
 
 def _runtime_env(tmp_path: Path, mlflow_uri: str) -> Path:
@@ -327,7 +322,7 @@ def _node_command(env: dict, *args: str) -> str:
 
 def _node_pids(env: dict, node: int) -> set[int]:
     """Worker node ``node``'s processes, found as `local.sh kill-node` finds them."""
-    return _processes().tree_pids(str(Path(env["CWPO_LOCAL_CLUSTER_DIR"]) / f"ray-w{node}") + "/")
+    return PROCESSES.tree_pids(str(Path(env["CWPO_LOCAL_CLUSTER_DIR"]) / f"ray-w{node}") + "/")
 
 
 def _live_worker_node(env: dict) -> int:

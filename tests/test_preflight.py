@@ -57,18 +57,18 @@ def test_the_disk_check_counts_models_as_the_stages_write_them():
     checkpoints at their peak, policy and annotator, go under out too (no storage_path)."""
     from cwpo_ray import disk_space
     from cwpo_ray.fingerprints import files_of
+    from cwpo_ray.orchestration.stages import resolve_source
 
     quick = load_config(preflight.Config, str(REPO / "cwpo_ray" / "configs" / "quick.yaml"), {}, [])
     policy = disk_space.model_bytes(quick.policy.model, quick.policy.gguf_file)[0]
     start = disk_space.start_model_bytes(quick.policy.model, quick.policy.gguf_file)
-    annotator = disk_space.model_bytes(quick.annotator.model, None)[0]
-    from cwpo_ray.orchestration.stages import resolve_source
-
+    annotator = disk_space.model_bytes(quick.annotator.model, quick.annotator.gguf_file)[0]
     tables = 4 * sum(size for _, size, _ in files_of(resolve_source("builtin").partition(":")[2]))
     assert start == policy > 0 and len(quick.arms) == 2 and quick.seed_list() == [0]
     (need, what), = [v for k, v in plan.disk_needs(quick).items() if k.endswith(quick.out)]
     checkpoints = disk_space.checkpoint_bytes(policy) + disk_space.checkpoint_bytes(annotator)  # both under out
     assert need == 2 * policy + start + annotator + tables + checkpoints, what
+
 
 def test_a_closed_port_and_a_local_store_fail_the_mlflow_check():
     from conftest import free_port
