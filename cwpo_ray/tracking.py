@@ -5,6 +5,10 @@ under ``./mlflow/store`` (git-ignored). Ray Train's rank 0 appends its metrics t
 stage's folder and the driver relays them to its run while training runs (``relay_metrics``):
 Ray Train V2 has no MLflow callback, and a worker without an MLflow client starts sooner and needs no
 route to the tracking server.
+
+A tracking server that stops answering when a stage ends (its last metrics, its run's end) is waited
+for (``when_reachable``, up to ``CWPO_TRACKING_WAIT_S`` seconds) rather than failing a command whose
+work is done: the MLflow client's own retries last a few minutes.
 """
 
 from __future__ import annotations
@@ -15,10 +19,15 @@ import os
 import subprocess
 import sys
 import threading
+import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
 DEFAULT_STORE = Path("mlflow") / "store"
+WAIT_ENV = "CWPO_TRACKING_WAIT_S"
+DEFAULT_WAIT_S = 1800.0
+RECHECK_S = 5.0
 
 
 def tracking_uri() -> str:
@@ -63,18 +72,84 @@ def git_commit() -> str:
 @contextlib.contextmanager
 def start_run(experiment: str, run_name: str | None = None, *, run_id: str | None = None,
               parent_run_id: str | None = None, tags: dict[str, str] | None = None):
-    """An MLflow run in ``experiment``; ``run_id`` resumes one (a restarted worker keeps its run)."""
+    """An MLflow run in ``experiment``; ``run_id`` resumes one (a restarted worker keeps its run).
+
+    Ended FINISHED when the body returns, waiting out a tracking server that does not answer
+    (``when_reachable``); FAILED when it raises, tried once (the body's error is what the user needs).
+    """
     import mlflow
 
     set_experiment(experiment)
     all_tags = {"git_commit": git_commit(), **(tags or {})}
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
-    with mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name,
-                          tags=None if run_id else all_tags) as run:
+    run = mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name,
+                           tags=None if run_id else all_tags)
+    try:
         if run_id and parent_run_id:  # resumed under a new parent (a pipeline rerun with other settings)
             mlflow.set_tag("mlflow.parentRunId", parent_run_id)
         yield run
+    except BaseException:
+        try:
+            _end_run(run.info.run_id, "FAILED")
+        except Exception as e:  # noqa: BLE001 - the body's error is the one to raise
+            print(f"MLflow: run {run.info.run_id} could not be marked FAILED: {type(e).__name__}: {e}",
+                  file=sys.stderr)
+        raise
+    when_reachable(lambda: _end_run(run.info.run_id, "FINISHED"), f"ending MLflow run {run.info.run_id}")
+
+
+def _end_run(run_id: str, status: str) -> None:
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    active = mlflow.active_run()
+    if active is not None and active.info.run_id == run_id:
+        mlflow.end_run(status)
+    else:
+        # mlflow.end_run forgets the run before it tells the server: after a failed attempt the
+        # server is told directly.
+        MlflowClient(tracking_uri()).set_terminated(run_id, status)
+
+
+def _server_answers(uri: str) -> bool:
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=10):
+            return True
+    except OSError:  # refused, unreachable, timed out, or an error status from it or a proxy
+        return False
+
+
+def when_reachable(call, what: str, wait_s: float | None = None):
+    """``call()``; when it fails while the tracking server does not answer, wait for the server (checked
+    every few seconds, up to ``wait_s``, default ``CWPO_TRACKING_WAIT_S`` or 30 min) and call again.
+
+    An error while the server answers is raised after one more try: it is not an outage (a deleted
+    run, a bad value). A local store (``sqlite:``, a folder) has no outage to wait for.
+    """
+    wait_s = float(os.environ.get(WAIT_ENV, DEFAULT_WAIT_S)) if wait_s is None else wait_s
+    deadline = time.monotonic() + wait_s
+    said, failed_while_up = False, False
+    while True:
+        try:
+            return call()
+        except Exception as e:
+            uri = tracking_uri()
+            if not uri.startswith(("http://", "https://")):
+                raise
+            if _server_answers(uri):
+                if failed_while_up:
+                    raise
+                failed_while_up = True
+                continue
+            failed_while_up = False
+            if time.monotonic() >= deadline:
+                raise
+            if not said:
+                print(f"MLflow: {what} failed, the tracking server at {uri} does not answer "
+                      f"({type(e).__name__}); waiting for it, up to {wait_s:g} s ({WAIT_ENV})", file=sys.stderr)
+                said = True
+            time.sleep(RECHECK_S)
 
 
 def log_config(cfg: Any, name: str = "config.yaml") -> None:
@@ -127,7 +202,10 @@ def relay_metrics(path: str | Path, run_id: str, interval_s: float = 1.0):
         stop.set()
         thread.join()
         try:
-            relay.drain()
+            if failed:  # the body's error is the one to raise: one try
+                relay.drain()
+            else:
+                when_reachable(relay.drain, "logging the last metrics")
         except Exception as e:  # noqa: BLE001
             if not failed:
                 raise

@@ -231,7 +231,9 @@ def run(cfg: Config) -> int:
                              staging.with_name(staging.name + ".failed-once"), metrics_file, fold_store,
                              tracking.relay_mark(metrics_file)):
                 shutil.rmtree(leftover, ignore_errors=True) if leftover.is_dir() else leftover.unlink(missing_ok=True)
-        log_results(out, report)
+        # Trained and published: a tracking server that is down now is waited for, not a reason to fail (a
+        # retry after a partial log logs those metrics again, a second point at the same step).
+        tracking.when_reachable(lambda: log_results(out, report), "logging the annotator's results")
     best, cal = report["best"], report["calibration"]
     where = "out-of-fold" if cfg.folds > 1 else "held-out"
     print(f"epochs {best['epoch']}: {where} BT loss {best['bt_loss']:.4f}, accuracy {best['accuracy']:.3f} "
