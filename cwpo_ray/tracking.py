@@ -20,6 +20,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -116,7 +117,9 @@ def _server_answers(uri: str) -> bool:
     try:
         with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=10):
             return True
-    except OSError:  # refused, unreachable, timed out, or an error status from it or a proxy
+    except urllib.error.HTTPError as e:  # it answers (401 behind an auth proxy), unless a proxy says it is down
+        return e.code < 500
+    except OSError:  # refused, unreachable, timed out
         return False
 
 
