@@ -204,15 +204,13 @@ def relay_metrics(path: str | Path, run_id: str, interval_s: float = 1.0):
     finally:
         stop.set()
         thread.join()
-        try:
-            if failed:  # the body's error is the one to raise: one try
+        if not failed:
+            when_reachable(relay.drain, "logging the last metrics")
+        else:  # the body's error is the one to raise: one try
+            try:
                 relay.drain()
-            else:
-                when_reachable(relay.drain, "logging the last metrics")
-        except Exception as e:  # noqa: BLE001
-            if not failed:
-                raise
-            print(f"metrics relay: the last metrics were not logged: {type(e).__name__}: {e}", file=sys.stderr)
+            except Exception as e:  # noqa: BLE001
+                print(f"metrics relay: the last metrics were not logged: {type(e).__name__}: {e}", file=sys.stderr)
 
 
 def relay_mark(path: str | Path) -> Path:
